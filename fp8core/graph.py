@@ -1,0 +1,192 @@
+"""A small graph vocabulary over ONNX protos: load, name, look up producers/consumers/constants.
+
+The rewrite in :mod:`fp8core.rewrite` is written with these verbs so that it reads as SPEC
+section 3 does. Nothing here modifies a model it was not explicitly handed to modify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# The op list (SPEC section 1): the ops that compute on FP8 inputs and weights. One place.
+FP8_OP_TYPES: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+
+# Which inputs of each FP8 op are multiplied (and so quantized). Bias inputs stay float.
+QUANTIZED_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+MIN_FP8_OPSET = 19  # FP8 element types exist in QuantizeLinear/DequantizeLinear from opset 19
+
+
+class ModelError(ValueError):
+    """The input model cannot be used; the message says why and what to do."""
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX model file, turning every failure into a one-line ModelError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"input model {path!r} does not exist; check the --input_model path")
+    if os.path.isdir(path):
+        raise ModelError(f"input model {path!r} is a directory; pass the .onnx file inside it")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"input model {path!r} is not readable; check its permissions")
+    if os.path.getsize(path) == 0:
+        raise ModelError(f"input model {path!r} is empty; re-export or re-download it")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"input model {path!r} is not a readable ONNX model ({first}); "
+            "is the file truncated or not an .onnx file?"
+        ) from None
+    if not model.graph.node:
+        raise ModelError(
+            f"input model {path!r} has no graph nodes; is the file truncated or not an .onnx file?"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"input model {path!r} fails the ONNX checker: {first}") from None
+    return model
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ModelError("the model imports no default ONNX opset; it is not a standard ONNX model")
+
+
+def assign_node_names(graph: onnx.GraphProto) -> None:
+    """Name unnamed nodes ``OpType_index`` (index = position in graph order), as old exporters did.
+
+    Named nodes keep their names. If ``OpType_index`` is taken, a suffix keeps names unique.
+    """
+    taken = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{index}"
+        k = 1
+        while name in taken:
+            name = f"{node.op_type}_{index}_{k}"
+            k += 1
+        node.name = name
+        taken.add(name)
+
+
+def set_input_shapes(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:
+    """Fix graph input dims (``--input_shape name=1,3,224,224``)."""
+    inputs = {i.name: i for i in graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            real = [i.name for i in graph_inputs(graph)]
+            raise ModelError(f"--input_shape names {name!r}, which is not a model input; inputs: {real}")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise ModelError(
+                f"--input_shape {name} has {len(dims)} dims but the model input has {len(shape.dim)}"
+            )
+        for d, v in zip(shape.dim, dims):
+            if d.HasField("dim_value") and d.dim_value != v:
+                raise ModelError(
+                    f"--input_shape {name}={','.join(map(str, dims))} conflicts with the model's "
+                    f"fixed shape {[x.dim_value or x.dim_param for x in shape.dim]}"
+                )
+            d.Clear()
+            d.dim_value = int(v)
+
+
+def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs, as IR<4 models do)."""
+    inits = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+class GraphIndex:
+    """Lookups over one graph: producer, consumers and constant value of a tensor."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.graph_outputs = {o.name for o in graph.output}
+
+    def constant_node(self, name: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == "Constant" else None
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or self.constant_node(name) is not None
+
+    def constant_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The TensorProto of a constant tensor, from an initializer or a Constant node."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.constant_node(name)
+        if node is None:
+            return None
+        for attr in node.attribute:
+            if attr.name == "value":
+                return attr.t
+            if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                arr = np.asarray(onnx.helper.get_attribute_value(attr))
+                arr = arr.astype(np.float32 if "float" in attr.name else np.int64)
+                return numpy_helper.from_array(arr, name)
+        return None
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        t = self.constant_tensor(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+
+def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type ONNX shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    types: dict[str, int] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    index = GraphIndex(g)
+    for node in g.node:
+        if node.op_type == "Constant":
+            t = index.constant_tensor(node.output[0])
+            if t is not None:
+                types[node.output[0]] = t.data_type
+    return types
+
+
+def nodes_of_type(graph: onnx.GraphProto, op_types: Iterable[str]) -> list[onnx.NodeProto]:
+    wanted = set(op_types)
+    return [n for n in graph.node if n.op_type in wanted and n.domain in ("", "ai.onnx")]

@@ -1,0 +1,151 @@
+"""Decide which ops become FP8 and which of their inputs are weights or activations.
+
+A plan is plain data (dataclasses that turn into JSON): it is what ``fp8_config.json`` records and
+what :func:`fp8core.rewrite.rewrite_to_fp8` applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Literal
+
+import onnx
+
+from fp8core.formats import get_format
+from fp8core.graph import (
+    FLOAT_TYPES,
+    FP8_OP_TYPES,
+    QUANTIZED_INPUTS,
+    GraphIndex,
+    ModelError,
+    nodes_of_type,
+    tensor_elem_types,
+)
+
+Precision = Literal["fp8", "fp8_weight"]
+PRECISIONS: tuple[str, ...] = ("fp8", "fp8_weight")
+Role = Literal["activation", "weight"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    """An FP8 format and an integer scale: real value = fp8 value * 2**scale."""
+
+    format: str
+    scale: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", get_format(self.format).name)
+        object.__setattr__(self, "scale", int(self.scale))
+
+
+@dataclasses.dataclass
+class QuantizedInput:
+    index: int  # input position on the op
+    tensor: str
+    role: Role
+    params: QuantParams | None = None
+
+
+@dataclasses.dataclass
+class OpPlan:
+    name: str
+    op_type: str
+    position: int  # index in graph order
+    fp8: bool
+    reason: str  # why FP8, or why kept in original precision
+    elem_type: int  # the op's original float type (FLOAT or FLOAT16)
+    inputs: list[QuantizedInput] = dataclasses.field(default_factory=list)
+
+    def input(self, role: Role) -> list[QuantizedInput]:
+        return [i for i in self.inputs if i.role == role]
+
+    def to_dict(self) -> dict:
+        def params(role):
+            found = [i.params for i in self.inputs if i.role == role and i.params is not None]
+            return dataclasses.asdict(found[0]) if found else None
+
+        return {
+            "name": self.name,
+            "op_type": self.op_type,
+            "position": self.position,
+            "fp8": self.fp8,
+            "reason": self.reason,
+            "dtype": onnx.TensorProto.DataType.Name(self.elem_type).lower(),
+            "input": params("activation"),
+            "weight": params("weight"),
+            "tensors": [
+                {"index": i.index, "tensor": i.tensor, "role": i.role,
+                 **({"format": i.params.format, "scale": i.params.scale} if i.params else {})}
+                for i in self.inputs
+            ],
+        }
+
+
+def close_matches(name: str, candidates: list[str]) -> str:
+    found = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(found)}?" if found else ""
+
+
+def check_skip_names(model: onnx.ModelProto, skip: list[str]) -> list[str]:
+    """Raise for names that are not nodes; return warnings for names of ops that are never FP8."""
+    by_name = {n.name: n for n in model.graph.node}
+    fp8_names = [n.name for n in nodes_of_type(model.graph, FP8_OP_TYPES)]
+    warnings = []
+    for name in skip:
+        if name not in by_name:
+            raise ModelError(
+                f"--fp8_skip_op_names: no op named {name!r} in the model{close_matches(name, fp8_names or list(by_name))}"
+            )
+        if by_name[name].op_type not in FP8_OP_TYPES:
+            warnings.append(f"--fp8_skip_op_names: {name!r} is a {by_name[name].op_type}, which is never FP8")
+    return warnings
+
+
+def plan_fp8_ops(
+    model: onnx.ModelProto,
+    precision: Precision = "fp8",
+    skip: list[str] | tuple[str, ...] = (),
+    activation_params: QuantParams | None = None,
+    weight_params: QuantParams | None = None,
+) -> list[OpPlan]:
+    """One OpPlan per Conv/MatMul/Gemm in graph order. Nodes must already be named.
+
+    An input is a *weight* when it is a constant (initializer or Constant node), else an
+    *activation*; a MatMul with two activations quantizes both as activations. With
+    ``precision="fp8_weight"`` only weights are quantized, and an op without a constant weight
+    stays in its original precision.
+    """
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    index = GraphIndex(model.graph)
+    types = tensor_elem_types(model)
+    skip = set(skip)
+    positions = {id(n): i for i, n in enumerate(model.graph.node)}
+    plans = []
+    for node in nodes_of_type(model.graph, FP8_OP_TYPES):
+        ins = []
+        for i in QUANTIZED_INPUTS[node.op_type]:
+            if i < len(node.input) and node.input[i]:
+                role = "weight" if index.is_constant(node.input[i]) else "activation"
+                ins.append(QuantizedInput(i, node.input[i], role))
+        if precision == "fp8_weight":
+            ins = [q for q in ins if q.role == "weight"]
+        elem_types = {types.get(q.tensor) for q in ins}
+        elem = next(iter(elem_types)) if len(elem_types) == 1 else None
+        plan = OpPlan(node.name, node.op_type, positions[id(node)], True, "fp8", elem or 0, ins)
+        if node.name in skip:
+            plan.fp8, plan.reason = False, "skipped: in --fp8_skip_op_names"
+        elif elem not in FLOAT_TYPES:
+            plan.fp8, plan.reason = False, "skipped: inputs are not float32/float16"
+        elif not ins:
+            plan.fp8, plan.reason = False, "skipped: no constant weight (--precision fp8_weight)"
+        if plan.fp8:
+            for q in plan.inputs:
+                q.params = weight_params if q.role == "weight" else activation_params
+        else:
+            for q in plan.inputs:
+                q.params = None
+        plans.append(plan)
+    return plans

@@ -1,0 +1,200 @@
+"""Rewrite a float model into its FP8 QDQ form (SPEC section 3).
+
+* weight of an FP8 op: FP8 initializer -> DequantizeLinear(2**s) -> op (encoded offline, once);
+* activation input of an FP8 op: QuantizeLinear(2**s, saturate=1) -> DequantizeLinear -> op;
+* op outputs keep their float type; every other op is untouched.
+
+Graph form of the activation Q/DQ, chosen for onnxruntime (see fp8core.runtime):
+opset >= 21 writes QuantizeLinear with ``output_dtype`` and no zero point, which onnxruntime's
+default optimizations compute correctly around Relu and Clip (the zero-point form trips its
+ReluQuantRewrite / ClipQuantRewrite rules). Opset 19-20 has no ``output_dtype``, so there the FP8
+zero point is written and the model must be run with :func:`fp8core.runtime.session_options`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fp8core.formats import encode, get_format, scale_value
+from fp8core.graph import (
+    MIN_FP8_OPSET,
+    GraphIndex,
+    ModelError,
+    assign_node_names,
+    default_opset,
+    set_input_shapes,
+)
+from fp8core.plan import OpPlan, QuantParams
+
+DEFAULT_OPSET = 21
+OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gained output_dtype in opset 21
+FLOAT16_SCALES = range(-24, 16)  # 2**s representable in float16
+
+
+def target_opset(model: onnx.ModelProto, requested: int | None) -> int:
+    current = default_opset(model)
+    if requested is None:
+        return max(current, DEFAULT_OPSET)
+    if requested < MIN_FP8_OPSET:
+        raise ModelError(f"--convert_version {requested}: FP8 needs opset >= {MIN_FP8_OPSET}; use 19 or higher")
+    if requested < current:
+        raise ModelError(
+            f"--convert_version {requested} is below the model's opset {current}; "
+            f"opsets can only be raised, use {max(current, MIN_FP8_OPSET)} or higher"
+        )
+    return requested
+
+
+def prepare_model(
+    model: onnx.ModelProto,
+    opset: int,
+    input_shapes: dict[str, list[int]] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with named nodes, fixed input shapes and the target opset.
+
+    Nodes are named before the opset upgrade so that ``OpType_index`` counts the user's graph,
+    not nodes the version converter adds.
+    """
+    model = copy.deepcopy(model)
+    assign_node_names(model.graph)
+    if input_shapes:
+        set_input_shapes(model.graph, input_shapes)
+    if default_opset(model) < opset:
+        names = [n.name for n in model.graph.node]
+        try:
+            model = onnx.version_converter.convert_version(model, opset)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"could not upgrade the model from opset {default_opset(model)} to {opset} ({first}); "
+                "re-export it with opset >= 19"
+            ) from None
+        if len(model.graph.node) == len(names):  # keep names if the converter dropped them
+            for node, name in zip(model.graph.node, names):
+                node.name = node.name or name
+        assign_node_names(model.graph)
+    return model
+
+
+def _scale_tensor(name: str, scale: int, elem_type: int) -> onnx.TensorProto:
+    dtype = np.float16 if elem_type == onnx.TensorProto.FLOAT16 else np.float32
+    if dtype is np.float16 and scale not in FLOAT16_SCALES:
+        raise ModelError(
+            f"scale {scale} is not representable in float16 (this op is float16); "
+            f"use a scale in {FLOAT16_SCALES.start}..{FLOAT16_SCALES.stop - 1}"
+        )
+    return numpy_helper.from_array(np.array(scale_value(scale), dtype=dtype), name)
+
+
+def _zero_point(name: str, fmt: str) -> onnx.TensorProto:
+    return helper.make_tensor(name, get_format(fmt).onnx_type, [], [0.0])
+
+
+class _Names:
+    """Fresh tensor/node names that cannot collide with the graph's."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {n.name for n in graph.node}
+        for n in graph.node:
+            self.used.update(n.output)
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(i.name for i in graph.input)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def _params_suffix(p: QuantParams) -> str:
+    return f"{p.format}_s{p.scale}".replace("-", "m")
+
+
+def rewrite_to_fp8(model: onnx.ModelProto, plans: list[OpPlan]) -> onnx.ModelProto:
+    """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); inputs untouched."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    opset = default_opset(model)
+    min_ir = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, min_ir, 9)  # IR 9 introduced the FP8 types
+    if opset < MIN_FP8_OPSET:
+        raise ModelError(f"model opset {opset} < {MIN_FP8_OPSET}: call prepare_model first")
+    use_output_dtype = opset >= OUTPUT_DTYPE_OPSET
+    index = GraphIndex(graph)
+    fresh = _Names(graph)
+    by_name = {p.name: p for p in plans if p.fp8}
+
+    new_inits: list[onnx.TensorProto] = []
+    done: dict[tuple[str, QuantParams], str] = {}  # (tensor, params) -> dequantized tensor name
+
+    def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
+        value = index.constant_value(tensor)
+        base = f"{tensor}_{_params_suffix(p)}"
+        q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
+        q = numpy_helper.from_array(encode(value, p.format, p.scale), q_name)
+        q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
+        new_inits.extend([q, _scale_tensor(s_name, p.scale, elem_type)])
+        done[(tensor, p)] = out
+        return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"))]
+
+    def activation_qdq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
+        base = f"{tensor}_{_params_suffix(p)}"
+        s_name, q_out, out = fresh(f"{base}_scale"), fresh(f"{base}_q"), fresh(f"{base}_dq")
+        new_inits.append(_scale_tensor(s_name, p.scale, elem_type))
+        done[(tensor, p)] = out
+        fmt = get_format(p.format)
+        if use_output_dtype:
+            q = helper.make_node("QuantizeLinear", [tensor, s_name], [q_out], name=fresh(f"{base}_QuantizeLinear"),
+                                 saturate=1, output_dtype=fmt.onnx_type)
+            dq = helper.make_node("DequantizeLinear", [q_out, s_name], [out], name=fresh(f"{base}_DequantizeLinear"))
+        else:
+            zp = fresh(f"{base}_zero_point")
+            new_inits.append(_zero_point(zp, p.format))
+            q = helper.make_node("QuantizeLinear", [tensor, s_name, zp], [q_out], name=fresh(f"{base}_QuantizeLinear"),
+                                 saturate=1)
+            dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp], [out], name=fresh(f"{base}_DequantizeLinear"))
+        return [q, dq]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        plan = by_name.get(node.name)
+        if plan is not None:
+            if node.op_type != plan.op_type:
+                raise ModelError(f"plan names {plan.name!r} as {plan.op_type} but the model has {node.op_type}")
+            node = copy.deepcopy(node)
+            for q in plan.inputs:
+                if q.params is None:
+                    continue
+                key = (q.tensor, q.params)
+                if key not in done:
+                    make = weight_dq if q.role == "weight" else activation_qdq
+                    nodes.extend(make(q.tensor, q.params, plan.elem_type))
+                node.input[q.index] = done[key]
+        nodes.append(node)
+
+    # Originals of weights now stored as FP8 go when nothing else reads them.
+    still_used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    kept_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] not in still_used)]
+    kept_inits = [t for t in graph.initializer if t.name in still_used]
+    graph_input_names = {t.name for t in graph.initializer}
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits + new_inits)
+    # IR<4 models list initializers as inputs too: drop the ones that are gone.
+    gone = graph_input_names - {t.name for t in graph.initializer}
+    if gone:
+        keep_inputs = [i for i in graph.input if i.name not in gone]
+        del graph.input[:]
+        graph.input.extend(keep_inputs)
+    # value_info of removed weights would be stale
+    keep_vi = [v for v in graph.value_info if v.name in still_used or v.name in index.producer]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+    return model
