@@ -116,8 +116,36 @@ def _params_suffix(p: QuantParams) -> str:
     return f"{p.format}_s{p.scale}".replace("-", "m")
 
 
-def rewrite_to_fp8(model: onnx.ModelProto, plans: list[OpPlan]) -> onnx.ModelProto:
-    """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); inputs untouched."""
+WeightKey = tuple[str, QuantParams]
+
+
+def weights_to_encode(plans: list[OpPlan]) -> list[WeightKey]:
+    """Every distinct (weight tensor, params) pair the plan stores in FP8, in graph order."""
+    keys: list[WeightKey] = []
+    for plan in plans:
+        if plan.fp8:
+            for q in plan.input("weight"):
+                if q.params is not None and (q.tensor, q.params) not in keys:
+                    keys.append((q.tensor, q.params))
+    return keys
+
+
+def encode_weights(model: onnx.ModelProto, plans: list[OpPlan]) -> dict[WeightKey, np.ndarray]:
+    """FP8 bytes (uint8) of every weight the plan quantizes, encoded once on the CPU."""
+    index = GraphIndex(model.graph)
+    return {(t, p): encode(index.constant_value(t), p.format, p.scale) for t, p in weights_to_encode(plans)}
+
+
+def rewrite_to_fp8(
+    model: onnx.ModelProto,
+    plans: list[OpPlan],
+    encoded: dict[WeightKey, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); inputs untouched.
+
+    ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded here.
+    """
+    encoded = encoded or {}
     model = copy.deepcopy(model)
     graph = model.graph
     opset = default_opset(model)
@@ -134,10 +162,12 @@ def rewrite_to_fp8(model: onnx.ModelProto, plans: list[OpPlan]) -> onnx.ModelPro
     done: dict[tuple[str, QuantParams], str] = {}  # (tensor, params) -> dequantized tensor name
 
     def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
-        value = index.constant_value(tensor)
+        data = encoded.get((tensor, p))
+        if data is None:
+            data = encode(index.constant_value(tensor), p.format, p.scale)
         base = f"{tensor}_{_params_suffix(p)}"
         q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
-        q = numpy_helper.from_array(encode(value, p.format, p.scale), q_name)
+        q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
         q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
         new_inits.extend([q, _scale_tensor(s_name, p.scale, elem_type)])
         done[(tensor, p)] = out

@@ -1,0 +1,165 @@
+"""``fp8-convert``: PopRT's FP8 flags on top of the Prefect flow.
+
+With no arguments it converts the demo model in data/ and reports its accuracy.
+Exit codes: 0 done, 2 bad input (one line on stderr says what and how to fix), 1 internal error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "data" / "demo_model.onnx"
+DEMO_CALIB = REPO / "data" / "calib.parquet"
+DEMO_EVAL = REPO / "data" / "eval.parquet"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        raise _UsageError(f"{message} (see fp8-convert --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _shape_arg(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.partition("=")
+    try:
+        values = [int(d) for d in dims.split(",")]
+        if not sep or not name or any(v <= 0 for v in values):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input_shape {text!r}: expected NAME=D1,D2,... with positive integers, e.g. input=1,3,224,224") from None
+    return name, values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fp8-convert", description="Convert an FP32/FP16 ONNX model to FP8 mixed precision (PopRT-compatible flags).")
+    p.add_argument("--input_model", help="FP32/FP16 ONNX model (default: the demo model in data/)")
+    p.add_argument("--output_model", help="where to write the FP8 model (default: <input>_fp8.onnx)")
+    p.add_argument("--input_shape", nargs="+", type=_shape_arg, default=[], metavar="NAME=D1,D2,...", help="fix dynamic input dims")
+    p.add_argument("--precision", choices=["fp8", "fp8_weight"], default="fp8")
+    p.add_argument("--fp8_skip_op_names", default="", metavar="OP1,OP2", help="ops kept in original precision, e.g. Conv_0,Gemm_121")
+    p.add_argument("--fp8_params", metavar="FMT_IN,FMT_W,S_IN,S_W", help="fast mode formats and scales (default F143,F143,0,0)")
+    p.add_argument("--convert_version", type=int, metavar="OPSET", help="output opset, >= 19 (default: max(model opset, 21))")
+    p.add_argument("--quantize", "--calibration_with_data", dest="quantize", action="store_true", help="search format and scale per op on calibration data")
+    p.add_argument("--quantize_loss_type", "--calibration_loss_type", dest="quantize_loss_type", default="kld", choices=["mse", "mae", "snr", "kld", "cos_dist"])
+    p.add_argument("--data_preprocess", metavar="PATH", help="calibration data: .parquet file or directory, .npz, .pkl")
+    p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
+    p.add_argument("--batch_size", type=int, default=16, help="calibration samples per batch")
+    p.add_argument("--task_runner", choices=["thread", "process", "dask"], default="thread")
+    p.add_argument("--dask_address", metavar="HOST:PORT", help="running dask.distributed scheduler (implies --task_runner dask)")
+    p.add_argument("--max_workers", type=int, help="parallel workers of the thread/process runner")
+    p.add_argument("--eval_data", metavar="PATH", help="labelled data (model inputs + 'label' column): report FP32 and FP8 top-1 accuracy")
+    p.add_argument("--log_dir", metavar="DIR", help="where quantize.log etc. go (default: beside the output model)")
+    p.add_argument("--mlflow_tracking_uri", metavar="URI", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment_name", default="fp8-convert", help="MLflow experiment")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug)")
+    return p
+
+
+def _params_from_args(args) -> tuple["ConvertParams", str | None]:
+    from flows.params import ConvertParams
+
+    fields = dict(
+        input_shape=dict(args.input_shape),
+        precision=args.precision,
+        fp8_skip_op_names=[s.strip() for s in args.fp8_skip_op_names.split(",") if s.strip()],
+        convert_version=args.convert_version,
+        quantize=args.quantize,
+        quantize_loss_type=args.quantize_loss_type,
+        data_preprocess=args.data_preprocess,
+        fp8_formats=args.fp8_formats,
+        batch_size=args.batch_size,
+        task_runner="dask" if args.dask_address else args.task_runner,
+        dask_address=args.dask_address,
+        max_workers=args.max_workers,
+        mlflow_tracking_uri=args.mlflow_tracking_uri,
+        experiment_name=args.experiment_name,
+        log_dir=args.log_dir,
+    )
+    if args.fp8_params:
+        fields["fp8_params"] = args.fp8_params
+    eval_data = args.eval_data
+    if args.input_model is None:  # the demo: calibrated conversion of data/demo_model.onnx
+        os.makedirs("out", exist_ok=True)
+        fields.update(input_model=str(DEMO_MODEL), output_model=args.output_model or "out/demo_model_fp8.onnx")
+        if not args.data_preprocess:
+            fields.update(quantize=True, data_preprocess=str(DEMO_CALIB))
+        eval_data = eval_data or str(DEMO_EVAL)
+    else:
+        fields.update(input_model=args.input_model, output_model=args.output_model)
+    return ConvertParams(**fields), eval_data
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"--{loc}: {msg}" if loc else msg
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from fp8core.calibration import CalibrationDataError
+    from fp8core.formats import UnknownFormatError
+    from fp8core.graph import ModelError
+    from fp8core.modelio import OutputError
+
+    return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError)
+
+
+def _configure_environment(verbose: int) -> None:
+    """Quiet, offline Prefect and MLflow; set before they are imported."""
+    env = os.environ
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", ["CRITICAL", "INFO", "DEBUG"][min(verbose, 2)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"}) + argv.count("--verbose")
+    _configure_environment(verbose)
+    try:
+        args = build_parser().parse_args(argv)
+        params, eval_data = _params_from_args(args)
+        from fp8core.modelio import check_output_path
+
+        check_output_path(params.output_model)
+        from flows.convert import fp8_convert
+        from fp8core.report import summary_lines
+
+        result = fp8_convert(params, eval_data=eval_data, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print("fp8-convert: interrupted; no output written", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"fp8-convert: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        if verbose:
+            raise
+        print(f"fp8-convert: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The typed parameters of a conversion: one source of truth for defaults and validation.
+
+The CLI maps PopRT's flags onto :class:`ConvertParams`; the Prefect deployments use the same
+model, so the Prefect UI draws its form (types, descriptions, enum choices) from it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fp8core.formats import FORMATS, get_format
+
+FormatName = Literal["F143", "F152", "E4M3FN", "E5M2"]
+LossName = Literal["mse", "mae", "snr", "kld", "cos_dist"]
+TaskRunnerName = Literal["thread", "process", "dask"]
+
+
+class FP8Params(BaseModel):
+    """``--fp8_params F143,F143,-3,-3``: input format, weight format, input scale, weight scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_format: FormatName = Field("F143", description="FP8 format of activations (op inputs)")
+    weight_format: FormatName = Field("F143", description="FP8 format of weights")
+    input_scale: int = Field(0, ge=-64, le=64, description="activation scale s: value = fp8 * 2**s")
+    weight_scale: int = Field(0, ge=-64, le=64, description="weight scale s: value = fp8 * 2**s")
+
+    @field_validator("input_format", "weight_format", mode="before")
+    @classmethod
+    def _canonical_format(cls, v):
+        return get_format(v).name if isinstance(v, str) else v
+
+    @classmethod
+    def parse(cls, text: str) -> "FP8Params":
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 4:
+            raise ValueError(
+                f"--fp8_params {text!r}: expected 4 comma-separated values "
+                "INPUT_FORMAT,WEIGHT_FORMAT,INPUT_SCALE,WEIGHT_SCALE, e.g. F143,F143,-3,-3"
+            )
+        fi, fw, si, sw = parts
+        for s in (si, sw):
+            try:
+                int(s)
+            except ValueError:
+                raise ValueError(f"--fp8_params {text!r}: scale {s!r} is not an integer") from None
+        return cls(input_format=get_format(fi).name, weight_format=get_format(fw).name,
+                   input_scale=int(si), weight_scale=int(sw))
+
+    def as_flag(self) -> str:
+        return f"{self.input_format},{self.weight_format},{self.input_scale},{self.weight_scale}"
+
+
+class ConvertParams(BaseModel):
+    """Everything one FP8 conversion needs. Field names follow PopRT's flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_model: str = Field(..., description="path of the FP32/FP16 ONNX model")
+    output_model: str | None = Field(None, description="where to write the FP8 model (default: <input>_fp8.onnx)")
+    input_shape: dict[str, list[int]] = Field(
+        default_factory=dict, description="fix dynamic input dims: {input_name: [1, 3, 224, 224]}")
+    precision: Literal["fp8", "fp8_weight"] = Field(
+        "fp8", description="fp8: FP8 inputs and weights; fp8_weight: FP8 weights only")
+    fp8_skip_op_names: list[str] = Field(
+        default_factory=list, description="ops kept in original precision, e.g. Conv_0, Gemm_121")
+    fp8_params: FP8Params = Field(default_factory=FP8Params, description="fast-mode formats and scales")
+    convert_version: int | None = Field(None, ge=19, description="output opset (>= 19; default max(model, 21))")
+
+    quantize: bool = Field(False, description="calibrated quantization: search format and scale per op")
+    quantize_loss_type: LossName = Field("kld", description="loss minimised by the search")
+    data_preprocess: str | None = Field(None, description="calibration data: .parquet file or dir, .npz, .pkl")
+    fp8_formats: list[FormatName] = Field(
+        default_factory=lambda: ["F143", "F152"], description="formats the search tries")
+    batch_size: int = Field(16, ge=1, le=4096, description="calibration samples per batch")
+
+    task_runner: TaskRunnerName = Field("thread", description="how mapped tasks run")
+    dask_address: str | None = Field(None, description="address of a running dask.distributed scheduler")
+    max_workers: int | None = Field(None, ge=1, description="parallel workers for the thread/process runner")
+
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    experiment_name: str = Field("fp8-convert", min_length=1, description="MLflow experiment")
+    log_dir: str | None = Field(None, description="where logs go (default: beside the output model)")
+
+    @field_validator("fp8_formats", mode="before")
+    @classmethod
+    def _canonical_formats(cls, v):
+        if isinstance(v, str):
+            v = [p for p in v.split(",") if p.strip()]
+        return [get_format(f).name if isinstance(f, str) else f for f in v]
+
+    @field_validator("fp8_params", mode="before")
+    @classmethod
+    def _parse_fp8_params(cls, v):
+        return FP8Params.parse(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults_and_consistency(self):
+        if self.output_model is None:
+            stem, _ = os.path.splitext(self.input_model)
+            self.output_model = f"{stem}_fp8.onnx"
+        if os.path.abspath(self.output_model) == os.path.abspath(self.input_model):
+            raise ValueError("--output_model is the same file as --input_model; the input is never overwritten")
+        if self.quantize and not self.data_preprocess:
+            raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")
+        if self.task_runner == "dask" and not self.dask_address:
+            pass  # a temporary local Dask cluster is started
+        if not self.fp8_formats:
+            raise ValueError("--fp8_formats is empty; give at least one of " + ",".join(FORMATS))
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.output_model))
+
+    @property
+    def logs_dir(self) -> str:
+        return os.path.abspath(self.log_dir) if self.log_dir else self.output_dir
+
+    def as_flags(self) -> dict[str, str]:
+        """Every parameter as a flat string dict (MLflow params)."""
+        out = {}
+        for k, v in self.model_dump().items():
+            if k == "fp8_params":
+                v = self.fp8_params.as_flag()
+            elif isinstance(v, list):
+                v = ",".join(map(str, v))
+            elif isinstance(v, dict):
+                v = " ".join(f"{n}={','.join(map(str, d))}" for n, d in v.items())
+            out[k] = "" if v is None else str(v)
+        return out

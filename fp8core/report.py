@@ -1,0 +1,49 @@
+"""What a conversion tells its user: the per-op config and the closing summary."""
+
+from __future__ import annotations
+
+from fp8core.plan import OpPlan
+
+
+def fp8_config(plans: list[OpPlan], opset: int) -> dict:
+    """``fp8_config.json``: every Conv/MatMul/Gemm, FP8 or kept and why, with formats and scales."""
+    return {
+        "opset": opset,
+        "fp8_ops": sum(p.fp8 for p in plans),
+        "skipped_ops": sum(not p.fp8 for p in plans),
+        "ops": [p.to_dict() for p in plans],
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The closing summary printed by the CLI, from the flow's result dict."""
+    lines = [
+        f"FP8 model written to {result['output_model']}",
+        f"  ops: {result['fp8_ops']} FP8, {result['skipped_ops']} kept in original precision"
+        f" (of {result['fp8_ops'] + result['skipped_ops']} Conv/MatMul/Gemm), opset {result['opset']}",
+        f"  size: {human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}"
+        f" ({100 * result['bytes_after'] / max(result['bytes_before'], 1):.0f}%)",
+    ]
+    ev = result.get("evaluation")
+    if ev:
+        lines.append(
+            f"  accuracy on {ev['samples']} labelled samples: FP32 {ev['accuracy_fp32']:.4f}, "
+            f"FP8 {ev['accuracy_fp8']:.4f} (top-1 agreement {ev['agreement']:.4f})"
+        )
+    for name in ("quantize_log", "precision_compare_log"):
+        if result.get(name):
+            lines.append(f"  {name.replace('_', ' ').replace(' log', '.log')}: {result[name]}")
+    stages = result.get("seconds", {})
+    if stages:
+        lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+    if result.get("mlflow_run_id"):
+        lines.append(f"  MLflow run {result['mlflow_run_id']} in {result['mlflow_uri']}")
+    return lines

@@ -1,0 +1,27 @@
+"""Tasks: encode the FP8 weights, rewrite the graph, validate and save the FP8 model."""
+
+from __future__ import annotations
+
+import onnx
+from prefect import task
+from prefect.cache_policies import NONE
+
+from fp8core.modelio import save_model_atomic, validate_fp8_model
+from fp8core.plan import OpPlan
+from fp8core.rewrite import encode_weights as _encode, rewrite_to_fp8
+
+
+@task(name="encode-weights", cache_policy=NONE)
+def encode_weights(model: onnx.ModelProto, plans: list[OpPlan]):
+    return _encode(model, plans)
+
+
+@task(name="rewrite-graph", cache_policy=NONE)
+def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded) -> onnx.ModelProto:
+    return rewrite_to_fp8(model, plans, encoded)
+
+
+@task(name="validate-and-save", cache_policy=NONE)
+def validate_and_save(model: onnx.ModelProto, path: str, feeds=None) -> int:
+    validate_fp8_model(model, feeds)
+    return save_model_atomic(model, path)

@@ -1,0 +1,118 @@
+"""MLflow: the one place that talks to it.
+
+Every call goes through an explicit ``MlflowClient`` and run id (no global active run), so tasks in
+worker threads, processes or Dask workers can record into the same run safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from typing import Iterator
+
+from flows.params import ConvertParams
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """--mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else a SQLite file in the working dir."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local SQLite store, keep artifacts beside the database file."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+    return None
+
+
+class Recorder:
+    """One MLflow run: params, tags, metrics, artifacts, final status."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    @property
+    def url_path(self) -> str:
+        run = self.client.get_run(self.run_id)
+        return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+    def params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, (v or "")[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def tags(self, tags: dict[str, str]) -> None:
+        for k, v in sorted(tags.items()):
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def artifact(self, path: str, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, folder)
+
+    def json_artifact(self, obj, name: str, folder: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, name)
+            with open(p, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+            self.client.log_artifact(self.run_id, p, folder)
+
+    def figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space / only
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def _quiet_mlflow(verbose: int) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> Iterator[Recorder]:
+    """Open an MLflow run for one conversion; mark it FINISHED, FAILED (with the error) or KILLED."""
+    _quiet_mlflow(verbose)
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params.mlflow_tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(params.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        params.experiment_name, artifact_location=_artifact_root(uri))
+    run = client.create_run(exp_id, run_name=run_name)
+    rec = Recorder(client, run.info.run_id)
+    rec.params(params.as_flags())
+    try:
+        yield rec
+    except KeyboardInterrupt:
+        client.set_tag(rec.run_id, "error", "interrupted (Ctrl-C)")
+        client.set_terminated(rec.run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        client.set_tag(rec.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(rec.run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(rec.run_id, "FINISHED")
