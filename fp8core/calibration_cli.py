@@ -78,8 +78,7 @@ def _info(args: argparse.Namespace) -> None:
     for name in source.columns:
         column = source.column_info(name)
         if column.readable:
-            shape = "(" + ", ".join(str(d) for d in column.sample_shape) + ")"
-            print(f"  {name:<{width}}  {str(column.dtype):<8}  {shape}")
+            print(f"  {name:<{width}}  {str(column.dtype):<8}  {column.sample_shape}")
         else:
             print(f"  {name:<{width}}  not a tensor column: {column.problem}")
 
