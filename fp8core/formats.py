@@ -8,11 +8,23 @@ Scale semantics (SPEC section 2): a scale is an integer ``s`` and the real value
 ``q`` is ``q * 2**s``. Encoding a real ``x`` is exactly ONNX ``QuantizeLinear`` with
 ``y_scale = 2**s``, the FP8 zero point and ``saturate=1``:
 
-* ``y = x / 2**s`` computed in float32 (as onnxruntime does, so results match it bit for bit);
-* rounded to the nearest FP8 value, ties to even;
-* saturated: a finite value beyond the largest finite FP8 value becomes +-max, never inf or NaN;
-* +-inf becomes +-max, except in E5M2, the one format with infinities, where it stays +-inf;
-* NaN stays NaN.
+* ``y = x / 2**s`` computed in float32 (as onnxruntime does, so results match it bit for bit;
+  ``x`` is first converted to float32, exact for float16 and bfloat16);
+* rounded to the nearest FP8 value, ties to even (a value halfway between max and the next
+  power-of-two step, ``max + ulp/2``, is a tie too, and saturation then takes it to max);
+* saturated: a value beyond the largest finite FP8 value becomes +-max, never inf or NaN. This
+  includes +-inf, in every format, E5M2 too, and it includes a finite ``x`` whose ``x / 2**s``
+  overflows float32;
+* NaN (any NaN, quiet or signalling, either sign) stays NaN: 0x80 in the FNUZ formats, S.1111.111
+  in E4M3FN, a top-exponent NaN in E5M2;
+* -0 stays -0 where the format has one (E4M3FN, E5M2); in the FNUZ formats it is +0, and so is any
+  negative value that rounds to zero (their 0x80 is NaN, not -0).
+
+The infinity rule is onnxruntime's (1.32, QuantizeLinear opsets 19 and 21, checked bit for bit
+by ``tests/test_formats.py``) and the current ONNX saturation table (Cast-24 on: "Inf -> FLT_MAX"
+for every FP8 type). An earlier version of this module kept +-inf in E5M2; neither ONNX nor
+onnxruntime does, so this one does not. The older ONNX table (Cast-19 to Cast-23) sent +-inf to
+NaN in the FNUZ formats; onnxruntime never did, and the SPEC wants no NaN from a non-NaN input.
 """
 
 from __future__ import annotations
@@ -82,6 +94,19 @@ class FP8Format:
         return float(2.0 ** (self.min_normal_exponent - self.mantissa_bits))
 
     @property
+    def nan_codes(self) -> tuple[int, ...]:
+        """Every byte that encodes NaN, ascending."""
+        if self.nan_style == "fnuz":
+            return (0x80,)
+        top_exponent = (2**self.exponent_bits - 1) << self.mantissa_bits
+        all_mantissa = 2**self.mantissa_bits - 1
+        if self.nan_style == "fn":
+            mantissas = [all_mantissa]
+        else:  # ieee: mantissa 0 is infinity, every other mantissa is NaN
+            mantissas = list(range(1, all_mantissa + 1))
+        return tuple(sorted(sign | top_exponent | m for sign in (0x00, 0x80) for m in mantissas))
+
+    @property
     def dtype(self) -> np.dtype:
         """The ml_dtypes numpy dtype holding this format."""
         return np.dtype(getattr(ml_dtypes, self.ml_dtype_name))
@@ -105,8 +130,27 @@ FORMATS: dict[str, FP8Format] = {f.name: f for f in (F143, F152, E4M3FN, E5M2)}
 ALIASES: dict[str, str] = {"E4M3FNUZ": "F143", "E5M2FNUZ": "F152"}
 
 
-class UnknownFormatError(ValueError):
-    pass
+class UnknownFormatError(ValueError, KeyError):
+    """An FP8 format name, alias or ONNX element type that is not in :data:`FORMATS`.
+
+    A ValueError (a bad parameter) and a KeyError (a failed lookup), so callers may catch either.
+    """
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would quote the message like a dictionary key.
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidScaleError(ValueError):
+    """A scale that is not an integer ``s`` with ``2**s`` a normal float32 (-126 <= s <= 127)."""
+
+
+class FormatMismatchError(TypeError):
+    """FP8 data whose dtype is a different FP8 format than the one asked to decode it."""
+
+
+# 2**s must be a normal float32: ONNX stores y_scale as float32 and onnxruntime divides by it.
+MIN_SCALE, MAX_SCALE = -126, 127
 
 
 def get_format(name: str | FP8Format) -> FP8Format:
@@ -122,23 +166,39 @@ def get_format(name: str | FP8Format) -> FP8Format:
 
 
 def format_for_onnx_type(elem_type: int) -> FP8Format:
+    """The format whose ONNX TensorProto element type is ``elem_type``."""
     for f in FORMATS.values():
         if f.onnx_type == elem_type:
             return f
-    raise KeyError(f"ONNX element type {elem_type} is not an FP8 type")
+    fp8 = ", ".join(f"{f.onnx_type_name}={f.onnx_type}" for f in FORMATS.values())
+    raise UnknownFormatError(f"ONNX element type {elem_type} is not an FP8 type; FP8 types: {fp8}")
 
 
 def scale_value(scale: int) -> float:
-    """The multiplier ``2**scale`` of an integer scale."""
-    return float(np.ldexp(1.0, int(scale)))
+    """The multiplier ``2**scale`` of an integer scale ``MIN_SCALE <= scale <= MAX_SCALE``."""
+    return float(np.ldexp(1.0, _checked_scale(scale)))
+
+
+def _checked_scale(scale) -> int:
+    try:
+        s = int(scale)
+        integral = s == scale
+    except (TypeError, ValueError, OverflowError):
+        integral = False
+    if not integral or isinstance(scale, bool) or not MIN_SCALE <= s <= MAX_SCALE:
+        raise InvalidScaleError(
+            f"FP8 scale {scale!r} is not an integer in [{MIN_SCALE}, {MAX_SCALE}]; "
+            "a scale s means value = fp8 * 2**s, give s as an integer such as -3")
+    return s
 
 
 def encode(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
     """Encode real values to FP8 bytes (uint8), ``QuantizeLinear(y_scale=2**scale, saturate=1)``.
 
-    Round to nearest, ties to even; finite values saturate to +-max; +-inf saturates to +-max
-    except in E5M2 where it stays +-inf; NaN stays NaN. float16/float64 inputs are first
-    converted to float32 (exact for float16), as onnxruntime does.
+    The rules are the module's (see its docstring): ``x / 2**scale`` in float32, round to
+    nearest, ties to even, saturate to +-max (+-inf included, in every format), NaN stays NaN.
+    float16 and bfloat16 inputs are converted to float32 exactly, as onnxruntime does; float64
+    inputs (which QuantizeLinear does not take) are rounded to float32 first.
     """
     return encode_to_dtype(x, fmt, scale).view(np.uint8)
 
@@ -146,31 +206,48 @@ def encode(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
 def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
     """As :func:`encode`, returning the ml_dtypes FP8 array instead of raw bytes."""
     f = get_format(fmt)
-    y = np.asarray(x, dtype=np.float32)
-    if scale != 0:
-        y = y / np.float32(scale_value(scale))
-    else:
-        y = y.copy()
+    s = _checked_scale(scale)
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
     lim = np.float32(f.max)
-    if f.has_inf:
-        # Clip finite values only: E5M2 keeps infinities, as ONNX specifies even with saturate.
-        finite = np.isfinite(y)
-        np.clip(y, -lim, lim, out=y, where=finite)
+    # One float32 temporary, written by the division (or the clip when s == 0) and reused in place.
+    y = np.empty(x.shape, np.float32)
+    if s:
+        # Overflow to +-inf is fine (the clip saturates it); NaN in, NaN out, no warning needed.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.divide(x, np.float32(scale_value(s)), out=y)
+        np.clip(y, -lim, lim, out=y)
     else:
-        np.clip(y, -lim, lim, out=y)  # NaN passes through np.clip unchanged
-    return y.astype(f.dtype)
+        np.clip(x, -lim, lim, out=y)  # NaN passes np.clip unchanged
+    # ml_dtypes rounds float32 to the nearest FP8 value, ties to even, in one step (no double
+    # rounding); after the clip no input is out of range, so its overflow rules never apply.
+    with np.errstate(invalid="ignore"):  # numpy flags NaN -> FP8 NaN as "invalid"
+        return y.astype(f.dtype)
 
 
 def decode(q: np.ndarray, fmt: str | FP8Format, scale: int = 0, dtype=np.float32) -> np.ndarray:
-    """Decode FP8 bytes (uint8 or the ml_dtypes dtype) to reals: ``q * 2**scale``."""
+    """Decode FP8 data to reals: ``q * 2**scale``, as ONNX ``DequantizeLinear(y_scale=2**scale)``.
+
+    ``q`` is raw bytes (uint8/int8, read as ``fmt``) or already the format's ml_dtypes dtype; an
+    array of a different FP8 dtype raises :class:`FormatMismatchError` rather than being
+    reinterpreted. The product is exact in float32 (a power-of-two scale of an FP8 value), then
+    rounded once to ``dtype`` (float16 overflows to +-inf beyond 65504, as onnxruntime does).
+    """
     f = get_format(fmt)
+    s = _checked_scale(scale)
     q = np.asarray(q)
-    if q.dtype != f.dtype:
+    if q.dtype in (np.uint8, np.int8):
         q = q.view(f.dtype)
+    elif q.dtype != f.dtype:
+        raise FormatMismatchError(
+            f"cannot decode an array of dtype {q.dtype} as {f.name}; pass the raw bytes (uint8) "
+            f"or an array of dtype {f.dtype}")
     y = q.astype(np.float32)
-    if scale != 0:
-        y = y * np.float32(scale_value(scale))
-    return y.astype(dtype, copy=False)
+    if s:
+        y *= np.float32(scale_value(s))
+    with np.errstate(over="ignore"):  # to float16: beyond 65504 is +-inf, as documented
+        return y.astype(dtype, copy=False)
 
 
 def round_trip(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
