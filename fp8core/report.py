@@ -47,3 +47,29 @@ def summary_lines(result: dict) -> list[str]:
     if result.get("mlflow_run_id"):
         lines.append(f"  MLflow run {result['mlflow_run_id']} in {result['mlflow_uri']}")
     return lines
+
+
+class ProgressLine:
+    """A one-line progress counter on stderr (only on a terminal, so logs and CI stay clean)."""
+
+    def __init__(self, label: str, enabled: bool = True, stream=None):
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.label = label
+        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        if self.enabled:
+            width = 24
+            filled = width * done // max(total, 1)
+            self.stream.write(f"\r{self.label:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False

@@ -1,0 +1,50 @@
+"""The calibrated part of the pipeline: ingest -> capture -> search (mapped) -> apply -> log.
+
+Called by :func:`flows.convert.fp8_convert` when ``--quantize`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prefect import get_run_logger, unmapped
+
+from flows.params import ConvertParams
+from flows.runners import capture_shards, map_search
+from fp8core.capture import activations_to_capture
+from fp8core.plan import OpPlan
+from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
+from tasks.ingest import ingest_calibration_data
+from tasks.search import weight_stats
+
+
+def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) -> tuple[list[OpPlan], dict]:
+    """Choose (format, scale) for every FP8 op input and weight; return updated plans and log paths."""
+    log = get_run_logger()
+    if params.fp8_params.model_fields_set:
+        log.warning("--fp8_params is ignored with --quantize: formats and scales are searched")
+        logging.getLogger("fp8").warning("--fp8_params is ignored with --quantize: formats and scales are searched")
+
+    with clock.stage("ingest"):
+        source = ingest_calibration_data(params.data_preprocess, model, params.batch_size)
+    record.tags({"calibration_fingerprint": source.fingerprint(), "calibration_samples": source.num_samples})
+
+    with clock.stage("capture"):
+        tensors = activations_to_capture(plans)
+        stats = capture_shards(model, tensors, source, params)
+        stats.update(weight_stats(model, plans))
+
+    with clock.stage("search"):
+        results = map_search(stats, params)
+
+    plans = apply_choices(plans, results)
+    report = quantize_report(plans, results, stats, params.quantize_loss_type, source)
+    paths = write_quantize_logs(report, params.logs_dir)
+    for p in paths.values():
+        record.artifact(p)
+    record.metrics({f"best_loss/{op['name']}": op["best_loss"] for op in report["ops"] if op["best_loss"] is not None})
+    chart = os.path.join(params.logs_dir, "quantize_loss.png")
+    if os.path.exists(chart):
+        record.artifact(chart)
+    return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"]}

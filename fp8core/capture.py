@@ -1,0 +1,91 @@
+"""Capture the inputs of FP8 ops on calibration data, streaming them into per-tensor statistics.
+
+The float model is run in onnxruntime with every wanted activation exposed as an extra graph
+output; each batch's tensors are folded into :class:`fp8core.stats.TensorStats` and dropped, so
+memory does not grow with the number of samples. A tensor read by several ops is captured once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from fp8core.calibration import CalibrationSource
+from fp8core.graph import graph_inputs, tensor_elem_types
+from fp8core.plan import OpPlan
+from fp8core.runtime import make_session
+from fp8core.stats import TensorStats
+
+
+class CaptureError(ValueError):
+    """A calibration batch made onnxruntime fail; the message names the samples."""
+
+
+def activations_to_capture(plans: list[OpPlan]) -> list[str]:
+    """Distinct activation tensors read by FP8 ops, in graph order."""
+    names: list[str] = []
+    for plan in plans:
+        if plan.fp8:
+            for q in plan.input("activation"):
+                if q.tensor not in names:
+                    names.append(q.tensor)
+    return names
+
+
+def capture_model(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs also include ``tensors``."""
+    model = copy.deepcopy(model)
+    types = tensor_elem_types(model)
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return model
+
+
+def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch cast to the model's input dtypes (data was validated as castable)."""
+    feeds = {}
+    for vi in graph_inputs(model.graph):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        feeds[vi.name] = np.ascontiguousarray(batch[vi.name], dtype=dtype)
+    return feeds
+
+
+def capture_stats(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    source: CalibrationSource,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, TensorStats]:
+    """Statistics of every tensor in ``tensors`` over the calibration data (or one shard of it).
+
+    ``shard=(i, n)`` takes batches i, i+n, i+2n, ...: n workers capture disjoint shards whose
+    statistics merge into the same result.
+    """
+    session = make_session(capture_model(model, tensors))
+    input_names = [vi.name for vi in graph_inputs(model.graph)]
+    stats = {name: TensorStats() for name in tensors}
+    total = -(-source.num_samples // batch_size)
+    start = 0
+    for index, batch in enumerate(source.iter_batches(batch_size, input_names)):
+        n = len(next(iter(batch.values())))
+        if shard is None or index % shard[1] == shard[0]:
+            try:
+                outputs = session.run(tensors, input_feeds(model, batch))
+            except Exception as exc:
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CaptureError(
+                    f"onnxruntime failed on calibration samples {start}..{start + n - 1}: {msg}"
+                ) from None
+            for name, value in zip(tensors, outputs):
+                stats[name].update(value)
+        start += n
+        if progress:
+            progress(index + 1, total)
+    return stats

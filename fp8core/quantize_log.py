@@ -1,0 +1,141 @@
+"""Apply searched (format, scale) choices to a plan and write quantize.log / quantize.json.
+
+quantize.log (SPEC section 6): for every FP8 op, for its input(s) and weight, the loss of every
+(format, scale) candidate tried, the chosen one marked, and the tensor's statistics
+(mean, variance, skewness, kurtosis, absmax). quantize.json holds the same, machine-readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from fp8core.modelio import write_bytes_atomic
+from fp8core.plan import OpPlan, QuantParams
+from fp8core.rewrite import FLOAT16_SCALES
+
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def _allowed(plan: OpPlan, scale: int) -> bool:
+    return plan.elem_type != FLOAT16 or scale in FLOAT16_SCALES
+
+
+def _choice(plan: OpPlan, result) -> QuantParams:
+    """The best candidate whose scale the op's float type can hold (float16 limits 2**s)."""
+    if _allowed(plan, result.scale):
+        return QuantParams(result.format, result.scale)
+    ok = [c for c in result.candidates if _allowed(plan, c.scale)]
+    best = min(ok, key=lambda c: c.loss)  # candidates are in tie-break order: min keeps the first
+    return QuantParams(best.format, best.scale)
+
+
+def apply_choices(plans: list[OpPlan], results: dict) -> list[OpPlan]:
+    """Copies of ``plans`` with every FP8 op input/weight set to its searched params."""
+    out = []
+    for plan in plans:
+        plan = dataclasses.replace(plan, inputs=[dataclasses.replace(q) for q in plan.inputs])
+        if plan.fp8:
+            for q in plan.inputs:
+                q.params = _choice(plan, results[q.tensor])
+        out.append(plan)
+    return out
+
+
+def _finite(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def _stats_dict(s) -> dict:
+    return {k: _finite(float(getattr(s, k))) for k in ("count", "mean", "variance", "skewness", "kurtosis", "absmax")}
+
+
+def quantize_report(plans: list[OpPlan], results: dict, stats: dict, loss: str, source=None) -> dict:
+    ops = []
+    for plan in plans:
+        entry = {"name": plan.name, "op_type": plan.op_type, "position": plan.position, "fp8": plan.fp8,
+                 "reason": plan.reason, "tensors": [], "best_loss": None}
+        if plan.fp8:
+            total = 0.0
+            for q in plan.inputs:
+                r = results[q.tensor]
+                entry["tensors"].append({
+                    "role": q.role, "tensor": q.tensor, "input_index": q.index,
+                    "chosen": {"format": q.params.format, "scale": q.params.scale},
+                    "loss": _finite(r.loss_of(q.params.format, q.params.scale)),
+                    "statistics": _stats_dict(stats[q.tensor]),
+                    "candidates": [{"format": c.format, "scale": c.scale, "loss": _finite(c.loss)} for c in r.candidates],
+                })
+                total += r.loss_of(q.params.format, q.params.scale)
+            entry["best_loss"] = _finite(total)
+        ops.append(entry)
+    return {
+        "loss": loss,
+        "calibration": None if source is None else {"path": str(source.path), "samples": source.num_samples,
+                                                     "fingerprint": source.fingerprint()},
+        "ops": ops,
+    }
+
+
+def format_quantize_log(report: dict) -> str:
+    lines = [f"FP8 calibrated quantization, loss {report['loss']}"]
+    if report.get("calibration"):
+        c = report["calibration"]
+        lines.append(f"calibration data: {c['path']} ({c['samples']} samples, sha256 {c['fingerprint']})")
+    for op in report["ops"]:
+        lines.append("")
+        if not op["fp8"]:
+            lines.append(f"{op['name']} ({op['op_type']}): {op['reason']}")
+            continue
+        lines.append(f"{op['name']} ({op['op_type']})")
+        for t in op["tensors"]:
+            s = t["statistics"]
+            ch = t["chosen"]
+            lines.append(f"  {t['role']} {t['tensor']}: chosen {ch['format']} scale {ch['scale']} loss {_num(t['loss'])}")
+            lines.append("    stats: " + "  ".join(f"{k} {_num(s[k])}" for k in ("mean", "variance", "skewness", "kurtosis", "absmax"))
+                         + f"  n {int(s['count'] or 0)}")
+            for c in t["candidates"]:
+                mark = " <- best" if (c["format"], c["scale"]) == (ch["format"], ch["scale"]) else ""
+                lines.append(f"    {c['format']:<6} scale {c['scale']:>4}  loss {_num(c['loss'])}{mark}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "nan" if v is None else f"{v:.6g}"
+
+
+def loss_chart(report: dict, path: str) -> None:
+    """PNG: the chosen loss of every FP8 op, in graph order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [o for o in report["ops"] if o["fp8"]]
+    names = [o["name"] for o in ops]
+    values = [o["best_loss"] if o["best_loss"] is not None else float("nan") for o in ops]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(ops) + 2), 4))
+    ax.bar(range(len(ops)), values, color="#4477aa")
+    ax.set_xticks(range(len(ops)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel(f"{report['loss']} (input + weight)")
+    ax.set_title("Chosen FP8 loss per op, graph order")
+    if values and min(v for v in values if v == v) > 0:
+        ax.set_yscale("log")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_quantize_logs(report: dict, folder: str) -> dict[str, str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = {"log": os.path.join(folder, "quantize.log"), "json": os.path.join(folder, "quantize.json"),
+             "chart": os.path.join(folder, "quantize_loss.png")}
+    write_bytes_atomic(format_quantize_log(report).encode(), paths["log"])
+    write_bytes_atomic((json.dumps(report, indent=1, sort_keys=True) + "\n").encode(), paths["json"])
+    loss_chart(report, paths["chart"])
+    return paths

@@ -1,0 +1,23 @@
+"""Task: capture FP8 op inputs on one shard of the calibration data into streaming statistics."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from fp8core.capture import capture_stats
+from fp8core.report import ProgressLine
+
+
+@task(name="capture-activations", cache_policy=NONE, retries=1, retry_delay_seconds=1)
+def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False):
+    log = get_run_logger()
+    line = ProgressLine("capture", enabled=show_progress)
+
+    def progress(done, total):
+        line.update(done, total)
+        log.debug("capture: batch %d/%d", done, total)
+
+    stats = capture_stats(model, tensors, source, batch_size, progress, shard)
+    line.close()
+    return stats

@@ -1,0 +1,30 @@
+"""Tasks: statistics of weights, and the per-tensor (format, scale) search (mapped in parallel)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from fp8core.graph import GraphIndex
+from fp8core.plan import OpPlan
+from fp8core.search import search
+from fp8core.stats import TensorStats
+
+
+@task(name="weight-statistics", cache_policy=NONE)
+def weight_stats(model, plans: list[OpPlan]) -> dict[str, TensorStats]:
+    index = GraphIndex(model.graph)
+    out: dict[str, TensorStats] = {}
+    for plan in plans:
+        if plan.fp8:
+            for q in plan.input("weight"):
+                if q.tensor not in out:
+                    s = TensorStats()
+                    s.update(index.constant_value(q.tensor))
+                    out[q.tensor] = s
+    return out
+
+
+@task(name="search-format-scale", cache_policy=NONE, task_run_name="search-{name}")
+def search_tensor(name: str, stats: TensorStats, loss: str, formats: tuple[str, ...]):
+    return search(stats, loss, formats)
