@@ -88,3 +88,114 @@ def shared_weight(seed=0, opset=21):
     x = h.make_tensor_value_info("x", T.FLOAT, [16, 16])
     y = h.make_tensor_value_info("y", T.FLOAT, [16, 16])
     return _model(nodes, [x], [y], [nh.from_array(w, "w")], opset)
+
+
+def matmul_chain(size=512, depth=3, seed=0, opset=21):
+    """x @ w0 @ w1 @ ...: a weight-dominated model (``depth`` float32 ``size x size`` weights)."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(_w(rng, (size, size), 1 / np.sqrt(size)), f"w{i}") for i in range(depth)]
+    names = ["x"] + [f"h{i}" for i in range(depth - 1)] + ["y"]
+    nodes = [h.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(depth)]
+    x = h.make_tensor_value_info("x", T.FLOAT, [4, size])
+    y = h.make_tensor_value_info("y", T.FLOAT, [4, size])
+    return _model(nodes, [x], [y], inits, opset)
+
+
+def mixed_names(seed=0, opset=17):
+    """Named and unnamed nodes; a named node already called ``MatMul_2`` (the name node 2 would get)."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(_w(rng, (8, 8)), f"w{i}") for i in range(3)]
+    nodes = [
+        h.make_node("MatMul", ["x", "w0"], ["a"]),
+        h.make_node("Relu", ["a"], ["b"], name="my_relu"),
+        h.make_node("MatMul", ["b", "w1"], ["c"]),
+        h.make_node("MatMul", ["c", "w2"], ["d"], name="MatMul_2"),
+        h.make_node("Sigmoid", ["d"], ["y"]),
+    ]
+    x = h.make_tensor_value_info("x", T.FLOAT, [4, 8])
+    y = h.make_tensor_value_info("y", T.FLOAT, [4, 8])
+    return _model(nodes, [x], [y], inits, opset)
+
+
+def if_reads_weight(seed=0, opset=21):
+    """A MatMul weight that an If branch also reads from the outer scope (so its float copy stays)."""
+    rng = np.random.default_rng(seed)
+    w = _w(rng, (8, 8))
+    then = h.make_graph([h.make_node("Add", ["a", "w"], ["t"])], "then", [],
+                        [h.make_tensor_value_info("t", T.FLOAT, [4, 8])])
+    other = h.make_graph([h.make_node("Identity", ["a"], ["e"])], "else", [],
+                         [h.make_tensor_value_info("e", T.FLOAT, [4, 8])])
+    nodes = [h.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             h.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, [4, 8]), h.make_tensor_value_info("cond", T.BOOL, [])]
+    y = h.make_tensor_value_info("y", T.FLOAT, [4, 8])
+    return _model(nodes, inputs, [y], [nh.from_array(w, "w")], opset)
+
+
+# --- exact-arithmetic graphs for comparing onnxruntime optimization levels bit for bit ----------
+#
+# Optimized kernels re-associate float sums, and a one-ulp difference before a QuantizeLinear can
+# flip an FP8 rounding. These graphs make every sum exact: inputs are small integers, weights are
+# integers in [-3, 3] (exact in every FP8 format), biases are multiples of 1/4, and with FP8 scale
+# 0 every quantized activation is a multiple of 1/4 below 2**8. Every partial sum is then a
+# multiple of 1/4 below 2**15, exact in float32 in any order, so any correct evaluation order gives
+# identical bits, and the FP8 roundings (values above 16 are rounded, above 240 saturate in F143)
+# happen on identical inputs.
+
+EXACT_ACTIVATION_SCALE = 0  # scales at which the sums above stay exact
+EXACT_WEIGHT_SCALE = 0
+
+
+def exact_input(shape, seed=0, low=-4, high=4):
+    """Integer-valued float32 input in [low, high]."""
+    return np.random.default_rng(seed).integers(low, high + 1, shape).astype(np.float32)
+
+
+def _int_weight(rng, shape):
+    return rng.integers(-3, 4, shape).astype(np.float32)
+
+
+def _quarter_bias(rng, n):
+    # odd multiples of 1/4 included, so rounding a bias to an integer changes it
+    return (rng.integers(-8, 9, n) / 4 + 0.25).astype(np.float32)
+
+
+def exact_conv_relu(seed=0, opset=17):
+    """Conv(+bias) -> Relu -> Conv(+bias): a Relu right before an FP8 op's QuantizeLinear."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(_int_weight(rng, (4, 2, 3, 3)), "w1"), nh.from_array(_quarter_bias(rng, 4), "b1"),
+             nh.from_array(_int_weight(rng, (3, 4, 3, 3)), "w2"), nh.from_array(_quarter_bias(rng, 3), "b2")]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
+    x = h.make_tensor_value_info("x", T.FLOAT, [1, 2, 6, 6])
+    y = h.make_tensor_value_info("y", T.FLOAT, [1, 3, 4, 4])
+    return _model(nodes, [x], [y], inits, opset)
+
+
+def exact_conv_clip(seed=0, opset=17):
+    """Conv(+bias) -> Clip(0, 6) (ReLU6) -> Conv(+bias): a Clip right before an FP8 op."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(_int_weight(rng, (4, 2, 3, 3)), "w1"), nh.from_array(_quarter_bias(rng, 4), "b1"),
+             nh.from_array(_int_weight(rng, (3, 4, 3, 3)), "w2"), nh.from_array(_quarter_bias(rng, 3), "b2"),
+             nh.from_array(np.array(0, np.float32), "lo"), nh.from_array(np.array(6, np.float32), "hi")]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             h.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
+    x = h.make_tensor_value_info("x", T.FLOAT, [1, 2, 6, 6])
+    y = h.make_tensor_value_info("y", T.FLOAT, [1, 3, 4, 4])
+    return _model(nodes, [x], [y], inits, opset)
+
+
+def exact_matmul_reshape(seed=0, opset=17):
+    """MatMul -> Reshape -> Gemm(transB, +bias): a Reshape between two FP8 ops."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(_int_weight(rng, (8, 8)), "w1"),
+             nh.from_array(np.array([4, 16], np.int64), "shape"),
+             nh.from_array(_int_weight(rng, (5, 16)), "w2"), nh.from_array(_quarter_bias(rng, 5), "b2")]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]),
+             h.make_node("Reshape", ["a", "shape"], ["r"]),
+             h.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    x = h.make_tensor_value_info("x", T.FLOAT, [8, 8])
+    y = h.make_tensor_value_info("y", T.FLOAT, [4, 5])
+    return _model(nodes, [x], [y], inits, opset)
