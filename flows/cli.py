@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _params_from_args(args) -> tuple["ConvertParams", str | None]:
+def _params_from_args(args) -> "ConvertParams":
     from flows.params import ConvertParams
 
     fields = dict(
@@ -82,19 +82,19 @@ def _params_from_args(args) -> tuple["ConvertParams", str | None]:
         mlflow_tracking_uri=args.mlflow_tracking_uri,
         experiment_name=args.experiment_name,
         log_dir=args.log_dir,
+        eval_data=args.eval_data,
     )
     if args.fp8_params:
         fields["fp8_params"] = args.fp8_params
-    eval_data = args.eval_data
     if args.input_model is None:  # the demo: calibrated conversion of data/demo_model.onnx
         os.makedirs("out", exist_ok=True)
         fields.update(input_model=str(DEMO_MODEL), output_model=args.output_model or "out/demo_model_fp8.onnx")
         if not args.data_preprocess:
             fields.update(quantize=True, data_preprocess=str(DEMO_CALIB))
-        eval_data = eval_data or str(DEMO_EVAL)
+        fields.update(eval_data=args.eval_data or str(DEMO_EVAL))
     else:
         fields.update(input_model=args.input_model, output_model=args.output_model)
-    return ConvertParams(**fields), eval_data
+    return ConvertParams(**fields)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -103,8 +103,9 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        return f"--{loc}: {msg}" if loc else msg
+        msg = err["msg"].removeprefix("Value error, ").strip().splitlines()[0]
+        # our own validators already name the flag; pydantic's built-in messages do not
+        return f"--{loc}: {msg}" if loc and not msg.startswith("--") else msg
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -117,6 +118,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp8core.modelio import OutputError
 
     return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError)
+
+
+def _check_paths_before_the_flow(params) -> None:
+    """Fail in milliseconds, not after the ~10 s Prefect server start, on a wrong path."""
+    from fp8core.graph import load_model
+    from fp8core.modelio import check_output_path
+
+    if not os.path.isfile(params.input_model):
+        load_model(params.input_model)  # raises the ModelError that says what is wrong
+    check_output_path(params.output_model)
 
 
 def _configure_environment(verbose: int) -> None:
@@ -136,14 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_environment(verbose)
     try:
         args = build_parser().parse_args(argv)
-        params, eval_data = _params_from_args(args)
-        from fp8core.modelio import check_output_path
-
-        check_output_path(params.output_model)
+        params = _params_from_args(args)
+        _check_paths_before_the_flow(params)
         from flows.convert import fp8_convert
         from fp8core.report import summary_lines
 
-        result = fp8_convert(params, eval_data=eval_data, verbose=args.verbose)
+        result = fp8_convert(params, eval_data=params.eval_data, verbose=args.verbose)
     except KeyboardInterrupt:
         print("fp8-convert: interrupted; no output written", file=sys.stderr)
         return 130

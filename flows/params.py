@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fp8core.formats import FORMATS, get_format
+from fp8core.graph import MIN_FP8_OPSET
 
 FormatName = Literal["F143", "F152", "E4M3FN", "E5M2"]
 LossName = Literal["mse", "mae", "snr", "kld", "cos_dist"]
@@ -68,7 +69,7 @@ class ConvertParams(BaseModel):
     fp8_skip_op_names: list[str] = Field(
         default_factory=list, description="ops kept in original precision, e.g. Conv_0, Gemm_121")
     fp8_params: FP8Params = Field(default_factory=FP8Params, description="fast-mode formats and scales")
-    convert_version: int | None = Field(None, ge=19, description="output opset (>= 19; default max(model, 21))")
+    convert_version: int | None = Field(None, ge=MIN_FP8_OPSET, description="output opset (>= 19; default max(model, 21))")
 
     quantize: bool = Field(False, description="calibrated quantization: search format and scale per op")
     quantize_loss_type: LossName = Field("kld", description="loss minimised by the search")
@@ -85,6 +86,8 @@ class ConvertParams(BaseModel):
         None, description="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     experiment_name: str = Field("fp8-convert", min_length=1, description="MLflow experiment")
     log_dir: str | None = Field(None, description="where logs go (default: beside the output model)")
+    eval_data: str | None = Field(
+        None, description="labelled data (model inputs + 'label' column): report FP32 and FP8 top-1 accuracy")
 
     @field_validator("fp8_formats", mode="before")
     @classmethod
@@ -92,6 +95,14 @@ class ConvertParams(BaseModel):
         if isinstance(v, str):
             v = [p for p in v.split(",") if p.strip()]
         return [get_format(f).name if isinstance(f, str) else f for f in v]
+
+    @field_validator("convert_version", mode="before")
+    @classmethod
+    def _fp8_opset(cls, v):
+        # before pydantic's own ge=19 check, whose message does not say why or what to do
+        if isinstance(v, int) and not isinstance(v, bool) and v < MIN_FP8_OPSET:
+            raise ValueError(f"--convert_version {v}: FP8 needs opset >= {MIN_FP8_OPSET}; use {MIN_FP8_OPSET} or higher")
+        return v
 
     @field_validator("fp8_params", mode="before")
     @classmethod

@@ -90,6 +90,21 @@ def _quiet_mlflow(verbose: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, creating it if needed; safe when two runs create it at the same time."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_root(uri))
+        except MlflowException:  # another run created it in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    return exp.experiment_id
+
+
 @contextlib.contextmanager
 def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> Iterator[Recorder]:
     """Open an MLflow run for one conversion; mark it FINISHED, FAILED (with the error) or KILLED."""
@@ -98,10 +113,7 @@ def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> It
 
     uri = tracking_uri(params.mlflow_tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(params.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        params.experiment_name, artifact_location=_artifact_root(uri))
-    run = client.create_run(exp_id, run_name=run_name)
+    run = client.create_run(_experiment_id(client, params.experiment_name, uri), run_name=run_name)
     rec = Recorder(client, run.info.run_id)
     rec.params(params.as_flags())
     try:

@@ -1,0 +1,57 @@
+"""Shared fixtures: every test runs Prefect and MLflow offline, in throwaway homes.
+
+The environment is set when this file is imported, i.e. before any test module is collected:
+Prefect reads its settings (PREFECT_HOME, the API URL) once, when it is first imported, so a
+fixture would be too late for a test module that imports ``tasks`` or ``flows.convert`` at the top.
+Child processes (the CLI run in a subprocess) inherit the same environment, so their Prefect
+temporary server writes to the same database that the tests then query.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / "data"
+
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="fp8-tests-prefect-home-"))
+# Registered before Prefect is imported, so it runs after Prefect's own atexit hook has stopped
+# its temporary server (atexit runs hooks last-in, first-out).
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+
+# Never talk to a real Prefect server or MLflow store a developer has configured.
+for _name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_API_DATABASE_CONNECTION_URL",
+              "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_name, None)
+os.environ.update(
+    PREFECT_HOME=str(_PREFECT_HOME),
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    DO_NOT_TRACK="1",
+    MLFLOW_DISABLE_TELEMETRY="true",
+)
+
+
+@pytest.fixture(scope="session")
+def prefect_home() -> Path:
+    """The session's PREFECT_HOME (a temp dir): its prefect.db holds every flow run of the tests."""
+    return _PREFECT_HOME
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    return DATA_DIR / "demo_model.onnx"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty current working directory (the CLI's defaults, e.g. sqlite:///mlflow.db, land here)."""
+    path = tmp_path / "work"
+    path.mkdir()
+    monkeypatch.chdir(path)
+    return path
