@@ -137,10 +137,10 @@ def plan_fp8_ops(
         plan = OpPlan(node.name, node.op_type, positions[id(node)], True, "fp8", elem or 0, ins)
         if node.name in skip:
             plan.fp8, plan.reason = False, "skipped: in --fp8_skip_op_names"
+        elif not ins:  # before the type check: no inputs means no element type either
+            plan.fp8, plan.reason = False, "skipped: no constant weight (--precision fp8_weight)"
         elif elem not in FLOAT_TYPES:
             plan.fp8, plan.reason = False, "skipped: inputs are not float32/float16"
-        elif not ins:
-            plan.fp8, plan.reason = False, "skipped: no constant weight (--precision fp8_weight)"
         if plan.fp8:
             for q in plan.inputs:
                 q.params = weight_params if q.role == "weight" else activation_params

@@ -8,7 +8,8 @@ Graph form of the activation Q/DQ, chosen for onnxruntime (see fp8core.runtime):
 opset >= 21 writes QuantizeLinear with ``output_dtype`` and no zero point, which onnxruntime's
 default optimizations compute correctly around Relu and Clip (the zero-point form trips its
 ReluQuantRewrite / ClipQuantRewrite rules). Opset 19-20 has no ``output_dtype``, so there the FP8
-zero point is written and the model must be run with :func:`fp8core.runtime.session_options`.
+zero point is written and the model must be run with :func:`fp8core.runtime.make_session` (which
+also disables ``WeightBiasQuantization``, wrong in both forms).
 """
 
 from __future__ import annotations
@@ -112,6 +113,18 @@ class _Names:
         return name
 
 
+def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, including reads inside their subgraphs (If, Loop, Scan)."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(i for i in node.input if i)
+        for attr in node.attribute:
+            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+            for sub in subgraphs:
+                names |= _names_read(list(sub.node)) | {o.name for o in sub.output}
+    return names
+
+
 def _params_suffix(p: QuantParams) -> str:
     return f"{p.format}_s{p.scale}".replace("-", "m")
 
@@ -208,8 +221,9 @@ def rewrite_to_fp8(
                 node.input[q.index] = done[key]
         nodes.append(node)
 
-    # Originals of weights now stored as FP8 go when nothing else reads them.
-    still_used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    # Originals of weights now stored as FP8 go when nothing else reads them, subgraphs included
+    # (an If/Loop body may read an outer-scope initializer by name).
+    still_used = _names_read(nodes) | {o.name for o in graph.output}
     kept_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] not in still_used)]
     kept_inits = [t for t in graph.initializer if t.name in still_used]
     graph_input_names = {t.name for t in graph.initializer}

@@ -76,15 +76,16 @@ def attention(seed=0, opset=17):
     return _model(nodes, [x], [y], inits, opset)
 
 
-def shared_weight(seed=0, opset=21):
-    """One weight read by two MatMuls and by an Add (which must keep the float copy)."""
+def shared_weight(seed=0, opset=21, float_reader=True):
+    """One weight read by two MatMuls and (``float_reader``) by an Add, which must keep the float copy."""
     rng = np.random.default_rng(seed)
     w = _w(rng, (16, 16))
     nodes = [
         h.make_node("MatMul", ["x", "w"], ["a"], name="mm_a"),
-        h.make_node("MatMul", ["a", "w"], ["b"], name="mm_b"),
-        h.make_node("Add", ["b", "w"], ["y"], name="add_w"),
+        h.make_node("MatMul", ["a", "w"], ["b" if float_reader else "y"], name="mm_b"),
     ]
+    if float_reader:
+        nodes.append(h.make_node("Add", ["b", "w"], ["y"], name="add_w"))
     x = h.make_tensor_value_info("x", T.FLOAT, [16, 16])
     y = h.make_tensor_value_info("y", T.FLOAT, [16, 16])
     return _model(nodes, [x], [y], [nh.from_array(w, "w")], opset)
@@ -110,10 +111,10 @@ def mixed_names(seed=0, opset=17):
         h.make_node("Relu", ["a"], ["b"], name="my_relu"),
         h.make_node("MatMul", ["b", "w1"], ["c"]),
         h.make_node("MatMul", ["c", "w2"], ["d"], name="MatMul_2"),
-        h.make_node("Sigmoid", ["d"], ["y"]),
+        h.make_node("Neg", ["d"], ["y"]),
     ]
-    x = h.make_tensor_value_info("x", T.FLOAT, [4, 8])
-    y = h.make_tensor_value_info("y", T.FLOAT, [4, 8])
+    x = h.make_tensor_value_info("x", T.FLOAT, [8, 8])
+    y = h.make_tensor_value_info("y", T.FLOAT, [8, 8])
     return _model(nodes, [x], [y], inits, opset)
 
 
@@ -122,13 +123,13 @@ def if_reads_weight(seed=0, opset=21):
     rng = np.random.default_rng(seed)
     w = _w(rng, (8, 8))
     then = h.make_graph([h.make_node("Add", ["a", "w"], ["t"])], "then", [],
-                        [h.make_tensor_value_info("t", T.FLOAT, [4, 8])])
+                        [h.make_tensor_value_info("t", T.FLOAT, [8, 8])])
     other = h.make_graph([h.make_node("Identity", ["a"], ["e"])], "else", [],
-                         [h.make_tensor_value_info("e", T.FLOAT, [4, 8])])
+                         [h.make_tensor_value_info("e", T.FLOAT, [8, 8])])
     nodes = [h.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
              h.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="branch")]
-    inputs = [h.make_tensor_value_info("x", T.FLOAT, [4, 8]), h.make_tensor_value_info("cond", T.BOOL, [])]
-    y = h.make_tensor_value_info("y", T.FLOAT, [4, 8])
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, [8, 8]), h.make_tensor_value_info("cond", T.BOOL, [])]
+    y = h.make_tensor_value_info("y", T.FLOAT, [8, 8])
     return _model(nodes, inputs, [y], [nh.from_array(w, "w")], opset)
 
 
