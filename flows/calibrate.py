@@ -22,7 +22,7 @@ from tasks.search import weight_stats
 def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) -> tuple[list[OpPlan], dict]:
     """Choose (format, scale) for every FP8 op input and weight; return updated plans and log paths."""
     log = get_run_logger()
-    if params.fp8_params.model_fields_set:
+    if "fp8_params" in params.model_fields_set:
         log.warning("--fp8_params is ignored with --quantize: formats and scales are searched")
         logging.getLogger("fp8").warning("--fp8_params is ignored with --quantize: formats and scales are searched")
 

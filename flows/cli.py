@@ -132,6 +132,15 @@ def _check_paths_before_the_flow(params) -> None:
 
 def _configure_environment(verbose: int) -> None:
     """Quiet, offline Prefect and MLflow; set before they are imported."""
+    import logging
+
+    user_log = logging.getLogger("fp8")  # warnings meant for the user, shown even when quiet
+    if not user_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fp8-convert: %(levelname)s: %(message)s"))
+        user_log.addHandler(handler)
+        user_log.propagate = False
+    user_log.setLevel(logging.INFO if verbose else logging.WARNING)
     env = os.environ
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("DO_NOT_TRACK", "1")
@@ -149,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         params = _params_from_args(args)
         _check_paths_before_the_flow(params)
-        from flows.convert import fp8_convert
+        from flows.convert import run_conversion
         from fp8core.report import summary_lines
 
-        result = fp8_convert(params, eval_data=params.eval_data, verbose=args.verbose)
+        result = run_conversion(params, verbose=args.verbose)
     except KeyboardInterrupt:
         print("fp8-convert: interrupted; no output written", file=sys.stderr)
         return 130

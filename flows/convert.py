@@ -38,8 +38,9 @@ class Stopwatch:
 
 
 @flow(name="fp8-convert", log_prints=False)
-def fp8_convert(params: ConvertParams, eval_data: str | None = None, verbose: int = 0) -> dict:
+def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
     """Convert one ONNX model to FP8 mixed precision and record the run in MLflow."""
+    eval_data = params.eval_data
     log = get_run_logger()
     clock = Stopwatch()
     run_name = f"{os.path.basename(params.input_model)} {'quantize' if params.quantize else 'fast'}"
@@ -95,3 +96,10 @@ def fp8_convert(params: ConvertParams, eval_data: str | None = None, verbose: in
         record.json_artifact(config, "fp8_config.json")
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
         return result
+
+
+def run_conversion(params: ConvertParams, verbose: int = 0) -> dict:
+    """Run the flow with the task runner the parameters ask for (thread, process or Dask)."""
+    from flows.runners import task_runner
+
+    return fp8_convert.with_options(task_runner=task_runner(params))(params, verbose=verbose)
