@@ -29,7 +29,7 @@ Runs:
   and Parquet file. Its calibrator keeps every captured tensor of every sample in memory and stacks
   each tensor's samples with ``np.asarray``, so all batches must have the same shape: it is fed
   batches of the largest divisor of N that is at most ``--batch-size``. A run whose predicted peak
-  (linear in N, from the measured 50-sample run, else from the captured tensor sizes) exceeds
+  (the largest smaller measured run's peak + the captured tensors of the extra samples) exceeds
   ``--memory-fraction`` of the machine's memory is not run and reported with that reason.
 
 Results are merged into ``benchmarks/results/resnet50.json`` (one entry per tool, mode and sample
@@ -277,14 +277,19 @@ def captured_bytes_per_sample(model_path: Path) -> int:
 
 
 def predicted_ort_peak_mb(samples: int, model_path: Path, measured: dict) -> tuple[float, str]:
-    """ORT's peak RSS at ``samples``, linear in N: from a measured run if any, else tensor sizes."""
+    """ORT's peak RSS at ``samples``: a measured run's peak plus the captured tensors of the extra samples.
+
+    The calibrator keeps every captured tensor of every sample, so memory grows at least by
+    :func:`captured_bytes_per_sample` per sample (a lower bound: it also stacks copies).
+    """
     per_sample_mb = captured_bytes_per_sample(model_path) / MB
-    runs = [r for r in measured.values() if r.get("tool") == "ort" and r.get("exit_code") == 0]
+    runs = [r for r in measured.values() if r.get("tool") == "ort" and r.get("exit_code") == 0 and r["samples"] <= samples]
     if runs:
-        base = min(runs, key=lambda r: abs(r["samples"] - samples))
-        slope = base["peak_rss_mb"] / base["samples"]  # the baseline's whole peak per sample: an upper bound
-        return slope * samples, f"{slope:.0f} MB/sample measured at {base['samples']} samples"
-    return per_sample_mb * samples, f"{per_sample_mb:.0f} MB/sample of captured tensors"
+        base = max(runs, key=lambda r: r["samples"])
+        predicted = base["peak_rss_mb"] + (samples - base["samples"]) * per_sample_mb
+        return predicted, (f"{base['peak_rss_mb'] / 1024:.1f} GB measured at {base['samples']} samples "
+                           f"+ {per_sample_mb:.0f} MB of captured tensors per extra sample")
+    return per_sample_mb * samples, f"{per_sample_mb:.0f} MB of captured tensors per sample"
 
 
 def measure_ort(model: Path, data: Path, samples: int, batch_size: int, cache_dir: Path, timeout_s: float) -> dict:
