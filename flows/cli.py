@@ -140,6 +140,7 @@ def _configure_environment(verbose: int) -> None:
         handler.setFormatter(logging.Formatter("fp8-convert: %(levelname)s: %(message)s"))
         user_log.addHandler(handler)
         user_log.propagate = False
+    user_log.handlers[0].setStream(sys.stderr)  # the current stderr, also when main() runs again
     user_log.setLevel(logging.INFO if verbose else logging.WARNING)
     env = os.environ
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
