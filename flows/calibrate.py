@@ -1,6 +1,8 @@
 """The calibrated part of the pipeline: ingest -> capture -> search (mapped) -> apply -> log.
 
-Called by :func:`flows.convert.fp8_convert` when ``--quantize`` is set.
+Called by :func:`flows.convert.fp8_convert` when ``--quantize`` is set. Captured activation
+statistics are cached on disk (fp8core.cache): a re-run that changes only the loss or the formats re-uses
+them and skips capture.
 """
 
 from __future__ import annotations
@@ -8,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 
-from prefect import get_run_logger, unmapped
+from prefect import get_run_logger
 
 from flows.params import ConvertParams
 from flows.runners import capture_shards, map_search
+from fp8core.cache import StatsKey
 from fp8core.capture import activations_to_capture
 from fp8core.plan import OpPlan
 from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
+from tasks.cache import HIT, load_cached_stats, prepared_model_sha256, store_stats
 from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats
 
@@ -32,7 +36,7 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) 
 
     with clock.stage("capture"):
         tensors = activations_to_capture(plans)
-        stats = capture_shards(model, tensors, source, params)
+        stats = captured_statistics(model, tensors, source, params, record)
         stats.update(weight_stats(model, plans))
 
     with clock.stage("search"):
@@ -47,4 +51,24 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) 
     chart = os.path.join(params.logs_dir, "quantize_loss.png")
     if os.path.exists(chart):
         record.artifact(chart)
-    return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"]}
+    best_losses = {op["name"]: op["best_loss"] for op in report["ops"] if op["best_loss"] is not None}
+    return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"], "best_loss": best_losses}
+
+
+def captured_statistics(model, tensors: list[str], source, params: ConvertParams, record) -> dict:
+    """Activation statistics from the cache when (model, data, tensors, batch size) was captured before.
+
+    Records tag ``calibration_cache`` (hit / miss / corrupt) and metric ``calibration_cache_hit`` (1/0).
+    """
+    if not tensors:
+        return {}
+    root = params.statistics_cache_dir
+    key = StatsKey.of(prepared_model_sha256(model), source.fingerprint(), tensors, params.batch_size)
+    stats, outcome = load_cached_stats(root, key)
+    if stats is None:
+        stats = capture_shards(model, tensors, source, params)
+        store_stats(root, key, stats)
+    get_run_logger().info("calibration statistics cache %s: %s", outcome, key.digest[:12])
+    record.tags({"calibration_cache": outcome, "calibration_cache_key": key.digest, "calibration_cache_dir": root})
+    record.metrics({"calibration_cache_hit": 1.0 if outcome == HIT else 0.0})
+    return dict(stats)

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_preprocess", metavar="PATH", help="calibration data: .parquet file or directory, .npz, .pkl")
     p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
     p.add_argument("--batch_size", type=int, default=16, help="calibration samples per batch")
+    p.add_argument("--cache_dir", metavar="DIR", help="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
     p.add_argument("--task_runner", choices=["thread", "process", "dask"], default="thread")
     p.add_argument("--dask_address", metavar="HOST:PORT", help="running dask.distributed scheduler (implies --task_runner dask)")
     p.add_argument("--max_workers", type=int, help="parallel workers of the thread/process runner")
@@ -76,6 +77,7 @@ def _params_from_args(args) -> "ConvertParams":
         data_preprocess=args.data_preprocess,
         fp8_formats=args.fp8_formats,
         batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
         task_runner="dask" if args.dask_address else args.task_runner,
         dask_address=args.dask_address,
         max_workers=args.max_workers,

@@ -94,8 +94,71 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             **{f"eval_{k}": v for k, v in result.get("evaluation", {}).items()},
         })
         record.json_artifact(config, "fp8_config.json")
+        result["registered_model_version"] = register_if_accurate(record, params, result)
+        publish_prefect_artifacts(record, params, result, plans)
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
         return result
+
+
+def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:
+    """Register the FP8 model in MLflow's registry when asked and every accuracy target is met."""
+    if not params.register_model:
+        return None
+    unmet = tracking.unmet_accuracy_targets(params, result.get("evaluation"))
+    if unmet:
+        get_run_logger().warning("FP8 model not registered: %s", "; ".join(unmet))
+        record.tags({"model_registry": "not registered: " + "; ".join(unmet)})
+        return None
+    version = record.register_model(result["output_model"], params.model_registry_name,
+                                    description=f"from {os.path.basename(params.input_model)}")
+    record.tags({"model_registry": f"registered {params.model_registry_name} version {version}"})
+    get_run_logger().info("registered %s version %s", params.model_registry_name, version)
+    return version
+
+
+def op_table(plans, best_loss: dict[str, float]) -> list[dict]:
+    """One row per Conv/MatMul/Gemm: what the Prefect table artifact shows."""
+    rows = []
+    for plan in plans:
+        d = plan.to_dict()
+        act, weight = d["input"] or {}, d["weight"] or {}
+        rows.append({
+            "name": plan.name, "type": plan.op_type, "precision": "fp8" if plan.fp8 else "skipped",
+            "input_format": act.get("format", "") if plan.fp8 else "",
+            "input_scale": act.get("scale", "") if plan.fp8 else "",
+            "weight_format": weight.get("format", "") if plan.fp8 else "",
+            "weight_scale": weight.get("scale", "") if plan.fp8 else "",
+            "best_loss": "" if best_loss.get(plan.name) is None else f"{best_loss[plan.name]:.6g}",
+            "reason": plan.reason,
+        })
+    return rows
+
+
+def artifact_key(input_model: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    stem = os.path.splitext(os.path.basename(input_model))[0].lower()
+    return "fp8-ops-" + ("".join(c if c.isalnum() else "-" for c in stem).strip("-") or "model")
+
+
+def publish_prefect_artifacts(record, params: ConvertParams, result: dict, plans) -> None:
+    """On the flow run: the per-op table, and where the MLflow run is (a link when it is a server)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(op_table(plans, result.get("best_loss", {})), key=artifact_key(params.input_model),
+                          description=f"FP8 ops of {os.path.basename(params.input_model)}")
+    uri = result["mlflow_uri"]
+    url = record.web_url(uri)
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run {record.run_id}", key="mlflow-run",
+                             description="the MLflow run of this conversion")
+    lines = [f"**MLflow run** `{record.run_id}` in `{uri}`" + (f": [open]({url})" if url else ""),
+             f"* FP8 model: `{result['output_model']}` ({result['fp8_ops']} FP8 ops, {result['skipped_ops']} kept)"]
+    if result.get("evaluation"):
+        ev = result["evaluation"]
+        lines.append(f"* accuracy FP32 {ev['accuracy_fp32']:.4f}, FP8 {ev['accuracy_fp8']:.4f}, agreement {ev['agreement']:.4f}")
+    if result.get("registered_model_version"):
+        lines.append(f"* registered model `{params.model_registry_name}` version {result['registered_model_version']}")
+    create_markdown_artifact("\n".join(lines), key="mlflow-run-summary", description="MLflow run of this conversion")
 
 
 def run_conversion(params: ConvertParams, verbose: int = 0) -> dict:

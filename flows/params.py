@@ -77,6 +77,8 @@ class ConvertParams(BaseModel):
     fp8_formats: list[FormatName] = Field(
         default_factory=lambda: ["F143", "F152"], description="formats the search tries")
     batch_size: int = Field(16, ge=1, le=4096, description="calibration samples per batch")
+    cache_dir: str | None = Field(
+        None, description="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
 
     task_runner: TaskRunnerName = Field("thread", description="how mapped tasks run")
     dask_address: str | None = Field(None, description="address of a running dask.distributed scheduler")
@@ -88,6 +90,14 @@ class ConvertParams(BaseModel):
     log_dir: str | None = Field(None, description="where logs go (default: beside the output model)")
     eval_data: str | None = Field(
         None, description="labelled data (model inputs + 'label' column): report FP32 and FP8 top-1 accuracy")
+    register_model: bool = Field(
+        False, description="register the FP8 model in the MLflow model registry when it meets its accuracy targets")
+    registered_model_name: str | None = Field(
+        None, description="registered model name (default: <input model file stem>-fp8)")
+    min_accuracy_fp8: float | None = Field(
+        None, ge=0, le=1, description="accuracy target: FP8 top-1 accuracy on eval_data needed to register")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="accuracy target: FP32/FP8 top-1 agreement on eval_data needed to register")
 
     @field_validator("fp8_formats", mode="before")
     @classmethod
@@ -120,6 +130,8 @@ class ConvertParams(BaseModel):
             raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")
         if self.task_runner == "dask" and not self.dask_address:
             pass  # a temporary local Dask cluster is started
+        if (self.min_accuracy_fp8 is not None or self.min_agreement is not None) and not self.eval_data:
+            raise ValueError("an accuracy target (min_accuracy_fp8, min_agreement) needs eval_data: pass labelled data")
         if not self.fp8_formats:
             raise ValueError("--fp8_formats is empty; give at least one of " + ",".join(FORMATS))
         return self
@@ -127,6 +139,17 @@ class ConvertParams(BaseModel):
     @property
     def output_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.output_model))
+
+    @property
+    def statistics_cache_dir(self) -> str:
+        from fp8core.cache import default_cache_dir
+
+        return os.path.abspath(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir()
+
+    @property
+    def model_registry_name(self) -> str:
+        stem = os.path.splitext(os.path.basename(self.input_model))[0]
+        return self.registered_model_name or f"{stem}-fp8"
 
     @property
     def logs_dir(self) -> str:

@@ -78,6 +78,49 @@ class Recorder:
     def figure(self, fig, name: str) -> None:
         self.client.log_figure(self.run_id, fig, name)
 
+    def web_url(self, uri: str) -> str | None:
+        """The run's page in the MLflow UI when the store is a tracking server, else None."""
+        if not uri.startswith(("http://", "https://")):
+            return None
+        return f"{uri.rstrip('/')}/{self.url_path}"
+
+    def register_model(self, model_path: str, name: str, description: str = "") -> str:
+        """Log ``model_path`` under artifact folder ``fp8_model`` and register it as a new version of
+        ``name`` (the registered model is created on first use); returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        self.artifact(model_path, MODEL_ARTIFACT_DIR)
+        try:
+            self.client.create_registered_model(name, description="FP8 mixed-precision ONNX models (fp8-convert)")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source=f"runs:/{self.run_id}/{MODEL_ARTIFACT_DIR}", run_id=self.run_id, description=description)
+        self.tags({"registered_model": name, "registered_model_version": version.version})
+        return str(version.version)
+
+
+MODEL_ARTIFACT_DIR = "fp8_model"
+
+
+def unmet_accuracy_targets(params: ConvertParams, evaluation: dict | None) -> list[str]:
+    """Why the run misses its accuracy targets (empty when every target given is met).
+
+    Targets: ``min_accuracy_fp8`` <= FP8 top-1 accuracy, ``min_agreement`` <= FP32/FP8 top-1
+    agreement, both measured on ``eval_data``.
+    """
+    unmet = []
+    for target, key in ((params.min_accuracy_fp8, "accuracy_fp8"), (params.min_agreement, "agreement")):
+        if target is None:
+            continue
+        value = (evaluation or {}).get(key)
+        if value is None:
+            unmet.append(f"{key} not measured (no eval_data)")
+        elif value < target:
+            unmet.append(f"{key} {value:.4f} < target {target:.4f}")
+    return unmet
+
 
 def _metric_key(key: str) -> str:
     # MLflow keys allow alphanumerics, _ - . space / only
