@@ -197,9 +197,11 @@ def kld(e: ErrorSums) -> float:
     fraction of values in bin b. Quantization merges values into groups, one per distinct FP8
     value q; like TensorRT's entropy calibration, ``Q`` spreads each group's mass evenly over the
     bins the group occupies: ``Q(b) = sum over groups g present in b of (|g| / N) / bins(g)``.
-    A group that stays in one bin costs nothing; the cost comes from merging differently filled
-    bins, i.e. values flushed to zero, saturated, or crushed into coarse subnormals. Q is positive
-    wherever P is, so no smoothing is needed. Natural log; clamped at 0 against rounding.
+    A group that stays in one bin costs nothing, and so does a group over equally filled bins;
+    the cost comes from merging differently filled bins, i.e. values flushed to zero, saturated,
+    or crushed into coarse subnormals (on a tiny tensor whose values each sit in their own bin,
+    kld is 0 everywhere and the search's mse tie-break decides). Q is positive wherever P is, so
+    no smoothing is needed. Natural log; clamped at 0 against rounding.
     Computed from integer counts only, so the binned and brute-force forms agree exactly.
     """
     j = e.joint

@@ -40,10 +40,11 @@ K = 5 every grid point is the lower edge of an even bin (5th mantissa bit 0). Th
 K = 4 would already separate the rounding points; the fifth bit buys numerical accuracy: each
 value is stored as its deviation ``d = x - r`` from its bin's **reference** ``r``, the grid
 point nearest to it (the bin's lower edge for an even bin, its upper edge for an odd bin), and
-the bins keep ``n``, ``sum d`` and ``sum d^2``. Because ``q`` is on the grid, either ``q == r``
-(then ``x - q = d`` exactly) or ``|r - q| >= 2^(e-4) >= 2|d|``, so expanding
-``sum (x - q)^2 = sum d^2 + 2 (r - q) sum d + n (r - q)^2`` never cancels by more than a factor
-of 4, even when every value sits right next to its FP8 value. Edge values have ``d = 0``.
+the bins keep ``n``, ``sum d`` and ``sum d^2``. In ``x - q = d + (r - q)`` the two terms can
+only have opposite signs when ``q`` lies beyond the bin on the side away from ``r``; ``q`` is on
+the grid, so then ``|r - q| >= 2^(e-4) >= 2|d|``. Expanding
+``sum (x - q)^2 = sum d^2 + 2 (r - q) sum d + n (r - q)^2`` therefore never cancels by more than
+a factor of 4, even when every value sits right next to its FP8 value. Edge values have ``d = 0``.
 (``r`` is computed in float64, so the top bins of float32 need no special case; ``x - r`` is exact
 in float64.)
 
@@ -162,7 +163,8 @@ class TensorStats:
         return stats
 
     def update(self, x: np.ndarray) -> TensorStats:
-        """Fold a batch of values (any shape, float32/float16/float64) in; returns self."""
+        """Fold a batch of values in (any shape; float64 is rounded to float32 first, as the
+        float32 Q node would see it); returns self."""
         values = np.asarray(x)
         if not np.issubdtype(values.dtype, np.floating):
             raise TypeError(f"TensorStats takes floating-point arrays, got dtype {values.dtype}")
@@ -279,11 +281,8 @@ class TensorStats:
         return self.count - zero_edges
 
     def smallest_nonzero_magnitude_bound(self) -> float:
-        """A lower bound of the smallest nonzero |x| (the lower edge of its bin), 0 if none.
-
-        Exact when that value is on the grid; in the bin of +-0 the bound is the smallest
-        positive float32 subnormal.
-        """
+        """A lower bound of the smallest nonzero |x|: the lower edge of its bin (the smallest
+        positive float32 if it shares the bin of 0); 0 if there is no nonzero value."""
         occupied = self.interior_count > 0
         occupied[0::2] |= self.edge_count > 0
         occupied[[0, NUM_BINS // 2]] = self.interior_count[[0, NUM_BINS // 2]] > 0  # drop +-0
