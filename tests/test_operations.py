@@ -168,17 +168,16 @@ class Processes:
         return proc, log
 
     def close(self) -> None:
-        for proc in reversed(self.procs):  # serve first, servers last
-            if proc.poll() is None:
+        """Ctrl-C, then SIGTERM, then SIGKILL, to each process group, newest first (serve before servers)."""
+        for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            alive = [p for p in reversed(self.procs) if p.poll() is None]
+            for proc in alive:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                    os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + grace
+            for proc in alive:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
 
 
 @pytest.fixture(scope="module")
