@@ -8,6 +8,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr says what and how to fix), 1
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -132,17 +133,28 @@ def _check_paths_before_the_flow(params) -> None:
     check_output_path(params.output_model)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (main() may run many times in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _configure_environment(verbose: int) -> None:
     """Quiet, offline Prefect and MLflow; set before they are imported."""
     import logging
 
     user_log = logging.getLogger("fp8")  # warnings meant for the user, shown even when quiet
     if not user_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("fp8-convert: %(levelname)s: %(message)s"))
         user_log.addHandler(handler)
         user_log.propagate = False
-    user_log.handlers[0].setStream(sys.stderr)  # the current stderr, also when main() runs again
     user_log.setLevel(logging.INFO if verbose else logging.WARNING)
     env = os.environ
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
