@@ -350,3 +350,31 @@ def test_nightly_deployment_requantizes_only_the_changed_model(stack):
     exp = client.get_experiment_by_name("ops-nightly")
     assert len(client.search_runs([exp.experiment_id])) == 3  # a, b, then a again
     assert client.get_registered_model("a-fp8").latest_versions[0].version == "2"
+
+
+def test_corrupt_cache_entry_is_recomputed_not_trusted(tmp_path, monkeypatch):
+    """CLI (in-process, the session's temporary Prefect server): miss, corrupt, hit; same FP8 bytes."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outputs = []
+    for i in range(3):
+        out = tmp_path / f"m{i}.onnx"
+        args = ["--input_model", str(DATA / "demo_model.onnx"), "--output_model", str(out), "--quantize",
+                "--data_preprocess", str(DATA / "calib.parquet"), "--cache_dir", str(cache),
+                "--mlflow_tracking_uri", uri, "--experiment_name", "cache"]
+        assert main(args) == 0
+        outputs.append(out.read_bytes())
+        if i == 0:
+            (entry,) = cache.rglob("*.fp8stats")
+            data = bytearray(entry.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            entry.write_bytes(bytes(data))
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cache").experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.tags["calibration_cache"] for r in runs] == ["miss", "corrupt", "hit"]
+    assert outputs[0] == outputs[1] == outputs[2]
