@@ -7,14 +7,13 @@ memory does not grow with the number of samples. A tensor read by several ops is
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
-from fp8core.graph import graph_inputs, tensor_elem_types
+from fp8core.graph import graph_inputs, tensor_elem_types, with_initializers, without_large_initializers
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session
 from fp8core.stats import TensorStats
@@ -36,14 +35,14 @@ def activations_to_capture(plans: list[OpPlan]) -> list[str]:
 
 
 def capture_model(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs also include ``tensors``."""
-    model = copy.deepcopy(model)
+    """A copy of ``model`` whose outputs also include ``tensors`` (weights copied once)."""
     types = tensor_elem_types(model)
+    model, large, added = without_large_initializers(model)
     existing = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    return model
+    return with_initializers(model, large, added)
 
 
 def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,7 +67,7 @@ def capture_stats(
     ``shard=(i, n)`` takes batches i, i+n, i+2n, ...: n workers capture disjoint shards whose
     statistics merge into the same result.
     """
-    session = make_session(capture_model(model, tensors))
+    session = make_session(capture_model(model, tensors).SerializeToString())  # the proto copy is freed at once
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     stats = {name: TensorStats() for name in tensors}
     total = -(-source.num_samples // batch_size)

@@ -165,10 +165,56 @@ class GraphIndex:
         return None if t is None else numpy_helper.to_array(t)
 
 
+LARGE_INITIALIZER_BYTES = 4096
+
+
+def without_large_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto], set[str]]:
+    """A copy of ``model`` whose large initializers are graph inputs instead (nothing else changes).
+
+    Returns the copy, the large initializers (not copied) and the names of the inputs added for them.
+    """
+    graph = model.graph
+    large = [t for t in graph.initializer if t.ByteSize() > LARGE_INITIALIZER_BYTES]
+    large_names = {t.name for t in large}
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    g = light.graph
+    _copy_fields(g, graph, skip="initializer")
+    g.initializer.extend(t for t in graph.initializer if t.name not in large_names)
+    listed = {i.name for i in g.input}
+    added = [t for t in large if t.name not in listed]
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
+    return light, large, {t.name for t in added}
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def with_initializers(light: onnx.ModelProto, large: list[onnx.TensorProto], added_inputs: set[str]) -> onnx.ModelProto:
+    """Put the large initializers back (one copy each) and drop the inputs that stood for them."""
+    if not large:
+        return light
+    inputs = [i for i in light.graph.input if i.name not in added_inputs]
+    del light.graph.input[:]
+    light.graph.input.extend(inputs)
+    light.graph.initializer.extend(large)
+    return light
+
+
 def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor whose type ONNX shape inference can tell."""
+    light, _, _ = without_large_initializers(model)  # inference copies the model: keep it small
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:
         inferred = model
     g = inferred.graph
