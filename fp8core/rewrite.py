@@ -162,7 +162,8 @@ def rewrite_to_fp8(
     ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded here.
     """
     encoded = encoded or {}
-    model = copy.deepcopy(model)
+    source = GraphIndex(model.graph)  # read-only: the float weights
+    model, large, added_inputs = without_large_initializers(model)  # float weights are not copied
     graph = model.graph
     opset = default_opset(model)
     min_ir = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
@@ -180,7 +181,7 @@ def rewrite_to_fp8(
     def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
         data = encoded.get((tensor, p))
         if data is None:
-            data = encode(index.constant_value(tensor), p.format, p.scale)
+            data = encode(source.constant_value(tensor), p.format, p.scale)
         base = f"{tensor}_{_params_suffix(p)}"
         q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
         q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
@@ -228,14 +229,14 @@ def rewrite_to_fp8(
     # (an If/Loop body may read an outer-scope initializer by name).
     still_used = _names_read(nodes) | {o.name for o in graph.output}
     kept_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] not in still_used)]
-    kept_inits = [t for t in graph.initializer if t.name in still_used]
-    graph_input_names = {t.name for t in graph.initializer}
+    kept_inits = [t for t in list(graph.initializer) + large if t.name in still_used]
+    graph_input_names = {t.name for t in graph.initializer} | {t.name for t in large}
     del graph.node[:]
     graph.node.extend(kept_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits + new_inits)
     # IR<4 models list initializers as inputs too: drop the ones that are gone.
-    gone = graph_input_names - {t.name for t in graph.initializer}
+    gone = (graph_input_names - {t.name for t in graph.initializer}) | added_inputs
     if gone:
         keep_inputs = [i for i in graph.input if i.name not in gone]
         del graph.input[:]
