@@ -29,8 +29,15 @@ class ModelError(ValueError):
     """The input model cannot be used; the message says why and what to do."""
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX model file, turning every failure into a one-line ModelError."""
+def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX model file, turning every failure into a one-line ModelError.
+
+    The checker runs on the file, not on the proto, so models whose weights are in external data
+    files (the only way past protobuf's 2 GiB limit) are checked without serializing them again.
+    External weights are read tensor by tensor straight into the proto (one copy in memory), or,
+    with ``load_weights=False``, left on disk as references relative to the model's directory:
+    read them with :func:`read_tensor` / ``GraphIndex(graph, weights_dir)`` when needed.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelError(f"input model {path!r} does not exist; check the --input_model path")
@@ -41,11 +48,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise ModelError(f"input model {path!r} is empty; re-export or re-download it")
     try:
-        model = onnx.load(path)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, ...
         raise ModelError(
-            f"input model {path!r} is not a readable ONNX model ({first}); "
+            f"input model {path!r} is not a readable ONNX model ({_first_line(exc)}); "
             "is the file truncated or not an .onnx file?"
         ) from None
     if not model.graph.node:
@@ -53,11 +59,112 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             f"input model {path!r} has no graph nodes; is the file truncated or not an .onnx file?"
         )
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(path)  # checks external data locations too
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"input model {path!r} fails the ONNX checker: {first}") from None
+        raise ModelError(f"input model {path!r} fails the ONNX checker: {_first_line(exc)}") from None
+    weights_dir = os.path.dirname(os.path.abspath(path))
+    for tensor in external_tensors(model):
+        check_external_tensor(tensor, weights_dir)  # a short or missing data file fails here, not mid-run
+        # small tensors (shapes, biases, scales) always come in: shape inference needs their values
+        if load_weights or tensor_nbytes(tensor) < LAZY_MIN_BYTES:
+            tensor.raw_data = read_tensor_bytes(tensor, weights_dir)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     return model
+
+
+LAZY_MIN_BYTES = 64 * 1024  # with load_weights=False, external tensors below this are still read
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- external data ----------------------------------------------------------------------------
+def uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """Initializers and Constant/attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                yield from _all_tensors(sub)
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of the model whose data lives in an external file."""
+    return [t for t in _all_tensors(model.graph) if uses_external_data(t)]
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of the tensor's data, from its type and dims (no data is read)."""
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    info = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise ModelError(f"weight {tensor.name!r}: external data offset/length are not integers; "
+                         "the model file is damaged, re-export it") from None
+    return info.get("location", ""), offset, length
+
+
+def check_external_tensor(tensor: onnx.TensorProto, weights_dir: str) -> str:
+    """The absolute data file of an external tensor, after checking it is inside ``weights_dir``
+    and long enough for the tensor's dims (a lying header never makes us allocate or read past it).
+    """
+    location, offset, length = _external_info(tensor)
+    real_dir = os.path.realpath(weights_dir)
+    full = os.path.realpath(os.path.join(real_dir, location))
+    if not location or os.path.isabs(location) or os.path.commonpath([real_dir, full]) != real_dir:
+        raise ModelError(f"weight {tensor.name!r} points to external data {location!r} outside the "
+                         "model's folder; keep the data file beside the .onnx")
+    if not os.path.isfile(full):
+        raise ModelError(f"weight {tensor.name!r}: external data file {location!r} is missing; copy it "
+                         "next to the model")
+    need = tensor_nbytes(tensor)
+    if offset < 0 or (length is not None and length != need):
+        raise ModelError(f"weight {tensor.name!r}: external data length {length} does not match its "
+                         f"shape ({need} bytes); the model is damaged, re-export it")
+    if offset + need > os.path.getsize(full):
+        raise ModelError(f"weight {tensor.name!r}: external data file {location!r} is shorter than the "
+                         "weight needs; the file is truncated, copy it again")
+    return full
+
+
+def read_tensor_bytes(tensor: onnx.TensorProto, weights_dir: str) -> bytes:
+    """The raw little-endian bytes of an external tensor, read from its data file."""
+    full = check_external_tensor(tensor, weights_dir)
+    _, offset, _ = _external_info(tensor)
+    with open(full, "rb") as f:
+        f.seek(offset)
+        return f.read(tensor_nbytes(tensor))
+
+
+def read_tensor(tensor: onnx.TensorProto, weights_dir: str | None = None) -> np.ndarray:
+    """The value of a tensor, read from its external data file when it has one (one copy)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    if weights_dir is None:
+        raise ModelError(f"weight {tensor.name!r} is in external data; pass the model's folder as "
+                         "weights_dir")
+    full = check_external_tensor(tensor, weights_dir)
+    _, offset, _ = _external_info(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    # np.fromfile reads straight into the array: no intermediate bytes object
+    return np.fromfile(full, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -124,8 +231,9 @@ def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 class GraphIndex:
     """Lookups over one graph: producer, consumers and constant value of a tensor."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, weights_dir: str | None = None):
         self.graph = graph
+        self.weights_dir = weights_dir  # where external weights live (see load_model)
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -162,7 +270,7 @@ class GraphIndex:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         t = self.constant_tensor(name)
-        return None if t is None else numpy_helper.to_array(t)
+        return None if t is None else read_tensor(t, self.weights_dir)
 
 
 LARGE_INITIALIZER_BYTES = 4096
@@ -174,7 +282,7 @@ def without_large_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
     Returns the copy, the large initializers (not copied) and the names of the inputs added for them.
     """
     graph = model.graph
-    large = [t for t in graph.initializer if t.ByteSize() > LARGE_INITIALIZER_BYTES]
+    large = [t for t in graph.initializer if t.ByteSize() > LARGE_INITIALIZER_BYTES or uses_external_data(t)]
     large_names = {t.name for t in large}
     light = onnx.ModelProto()
     _copy_fields(light, model, skip="graph")

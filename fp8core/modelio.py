@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import re
+import shutil
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from fp8core.graph import ModelError, graph_inputs
+from fp8core.graph import (
+    ModelError,
+    _copy_fields,
+    check_external_tensor,
+    graph_inputs,
+    tensor_nbytes,
+    uses_external_data,
+)
 from fp8core.runtime import make_session
 
 
@@ -37,13 +50,16 @@ def serialize(model: onnx.ModelProto) -> bytes:
 def write_bytes_atomic(data: bytes, path: str) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``.
 
-    Readers see the old file or the new one, never a mix; a crash leaves at most a
-    ``.<name>.*.tmp`` file, which the next write of the same path removes.
+    Readers see the old file or the new one, never a mix. A killed writer leaves at most a
+    ``.<name>.<pid>.<random>.tmp`` file, which the next write of the same path removes.
     """
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
-    _remove_stale_temps(folder, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    remove_stale_temps(folder, name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,33 +68,276 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"could not write {path!r}: {exc.strerror or exc}") from None
+            raise _output_error(path, exc) from None
         raise
 
 
-def _remove_stale_temps(folder: str, name: str) -> None:
+def _output_error(path: str, exc: OSError) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return OutputError(f"could not write {path!r}: the disk is full or the file size limit was hit "
+                           f"({exc.strerror}); free space or choose another output folder")
+    return OutputError(f"could not write {path!r}: {exc.strerror or exc}")
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(folder: str, name: str) -> None:
+    """Remove temp files/folders of earlier writes of ``name`` whose writer process is gone.
+
+    A temp whose name carries the pid of a live process is another writer's, and is left alone;
+    temps of unknown form are removed only when older than a minute.
+    """
     prefix = f".{name}."
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        full = os.path.join(folder, entry)
+        pid_text = entry[len(prefix):].split(".", 1)[0]
+        try:
+            if pid_text.isdigit():
+                if int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+                    continue
+            elif os.path.getmtime(full) > time.time() - 60:
+                continue
+            if os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.unlink(full)
+        except OSError:
+            pass
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- whole models: inline or with external data ------------------------------------------------
+PROTOBUF_LIMIT = 2**31 - 1
+# auto mode goes external below the hard limit: the estimate ignores proto field overhead
+INLINE_LIMIT_BYTES = int(1.9 * 2**30)
+EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inline (as onnx.save does)
+EXTERNAL_ALIGN = 4096  # page-aligned offsets let onnxruntime map the data file
+EXTERNAL_DATA_MODES = ("auto", "always", "never")
+
+
+def model_tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializer data (inline or external), from dtypes and dims."""
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
+
+
+def wants_external_data(model: onnx.ModelProto, mode: str = "auto") -> bool:
+    """``always``/``never`` as asked; ``auto``: external when the data would pass ~1.9 GiB.
+
+    ``never`` with a model past protobuf's 2 GiB limit is an OutputError (it cannot be written).
+    """
+    if mode not in EXTERNAL_DATA_MODES:
+        raise OutputError(f"--external_data {mode!r}: use one of {', '.join(EXTERNAL_DATA_MODES)}")
+    size = model_tensor_bytes(model)
+    if mode == "never" and size > INLINE_LIMIT_BYTES:
+        raise OutputError(f"the FP8 model holds {size / 2**30:.2f} GiB of weights, past protobuf's 2 GiB "
+                          "limit for one file; use --external_data auto or always")
+    return mode == "always" or (mode == "auto" and size > INLINE_LIMIT_BYTES)
+
+
+def external_data_name(model_name: str, digest: str) -> str:
+    """``<model file>.<first 16 hex of the data's sha256>.data``: a new file per content, so the
+    rename of the .onnx switches old model+data to new model+data in one atomic step."""
+    return f"{model_name}.{digest[:16]}.data"
+
+
+def save_model_atomic(
+    model: onnx.ModelProto,
+    path: str,
+    external_data: str = "auto",
+    weights_dir: str | None = None,
+    check: Callable[[str], None] | None = None,
+) -> int:
+    """Write ``model`` to ``path`` atomically; returns the bytes written (model + data file).
+
+    Inline (one ``.onnx``) or with its tensors >= 1 KiB in ``<name>.<sha256[:16]>.data`` beside
+    it (see :func:`wants_external_data`), 4 KiB-aligned, in initializer order. Tensors of
+    ``model`` that are still external references are copied from ``weights_dir`` in chunks.
+    Everything is written into a temp folder beside ``path``, ``check(temp_model_path)`` runs
+    there (e.g. :func:`validate_fp8_model`), then the data file is renamed into place and the
+    ``.onnx`` last: a reader or a crash sees the old model with its data or the new one with
+    its data. Data files of the previous version are removed after the switch. ``model`` is not
+    modified. Same model, same bytes.
+    """
+    path = os.path.abspath(path)
+    folder, name = os.path.split(path)
+    external = wants_external_data(model, external_data)
+    remove_stale_temps(folder, name)
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    try:
+        if external:
+            data_name, data_bytes, light = _write_external(model, tmpdir, name, weights_dir)
+        else:
+            data_name, data_bytes, light = None, 0, _inlined(model, weights_dir)
+        tmp_model = os.path.join(tmpdir, name)
+        model_bytes = serialize(light)
+        del light
+        _write_file(tmp_model, [model_bytes])
+        size = len(model_bytes) + data_bytes
+        del model_bytes
+        if check is not None:
+            check(tmp_model)
+        if data_name is not None:
+            os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
+        os.replace(tmp_model, path)  # the switch
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    finally:
+        _remove(tmpdir)
+    _remove_old_data_files(folder, name, keep=data_name)
+    return size
+
+
+def _write_file(path: str, chunks) -> None:
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_old_data_files(folder: str, name: str, keep: str | None) -> None:
+    pattern = re.compile(re.escape(name) + r"\.[0-9a-f]{16}\.data")
     for entry in os.listdir(folder):
-        if entry.startswith(prefix) and entry.endswith(".tmp"):
-            full = os.path.join(folder, entry)
-            try:
-                # only temps no live writer holds: older than a minute
-                if os.path.getmtime(full) < time.time() - 60:
-                    os.unlink(full)
-            except OSError:
-                pass
+        if entry != keep and pattern.fullmatch(entry):
+            _remove(os.path.join(folder, entry))
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str) -> int:
-    """Serialize deterministically and write atomically; returns the file size in bytes."""
-    data = serialize(model)
-    write_bytes_atomic(data, path)
-    return len(data)
+def _tensor_chunks(tensor: onnx.TensorProto, weights_dir: str | None, chunk: int = 64 << 20):
+    """The tensor's raw little-endian bytes, in chunks (external data is streamed from disk)."""
+    if uses_external_data(tensor):
+        if weights_dir is None:
+            raise ModelError(f"weight {tensor.name!r} is in external data; pass weights_dir")
+        full = check_external_tensor(tensor, weights_dir)
+        offset = int({e.key: e.value for e in tensor.external_data}.get("offset", 0) or 0)
+        remaining = tensor_nbytes(tensor)
+        with open(full, "rb") as f:
+            f.seek(offset)
+            while remaining:
+                block = f.read(min(chunk, remaining))
+                if not block:
+                    raise ModelError(f"weight {tensor.name!r}: external data file ended early; copy it again")
+                remaining -= len(block)
+                yield block
+    elif tensor.HasField("raw_data"):
+        yield tensor.raw_data
+    else:
+        array = numpy_helper.to_array(tensor)  # typed fields (float_data, ...): ONNX raw is little-endian
+        yield array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _light_copy(model: onnx.ModelProto, move, weights_dir: str | None) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
+    """A copy of ``model`` whose initializers for which ``move(t)`` is true are data-less stubs
+    (name, type, dims), and whose other external references are read in; returns it and the
+    (original, stub) pairs of the moved ones, in initializer order. ``model`` is not modified."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, model.graph, skip="initializer")
+    pairs = []
+    for t in model.graph.initializer:
+        moved = move(t)
+        if not moved and not uses_external_data(t):
+            light.graph.initializer.append(t)
+            continue
+        stub = light.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        if t.HasField("doc_string"):
+            stub.doc_string = t.doc_string
+        if moved:
+            pairs.append((t, stub))
+        else:
+            stub.raw_data = b"".join(_tensor_chunks(t, weights_dir))
+    return light, pairs
+
+
+def _inlined(model: onnx.ModelProto, weights_dir: str | None) -> onnx.ModelProto:
+    """The model with every external reference read into the proto (a copy only if needed)."""
+    if not any(uses_external_data(t) for t in model.graph.initializer):
+        return model
+    light, _ = _light_copy(model, lambda t: False, weights_dir)
+    return light
+
+
+def _write_external(model, tmpdir: str, name: str, weights_dir: str | None):
+    """Write the data file (temp name, then its content name) and return (data file name,
+    data bytes, the model copy that points into it)."""
+    light, pairs = _light_copy(model, lambda t: tensor_nbytes(t) >= EXTERNAL_MIN_BYTES, weights_dir)
+    if not pairs:  # nothing big enough to move out
+        return None, 0, light
+    digest = hashlib.sha256()
+    offsets = []
+    tmp_data = os.path.join(tmpdir, "data.tmp")
+    with open(tmp_data, "wb") as f:
+        position = 0
+        for original, _ in pairs:
+            pad = -position % EXTERNAL_ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+                digest.update(b"\0" * pad)
+                position += pad
+            start = position
+            for block in _tensor_chunks(original, weights_dir):
+                f.write(block)
+                digest.update(block)
+                position += len(block)
+            offsets.append((start, position - start))
+        f.flush()
+        os.fsync(f.fileno())
+    data_name = external_data_name(name, digest.hexdigest())
+    os.replace(tmp_data, os.path.join(tmpdir, data_name))
+    for (_, stub), (offset, length) in zip(pairs, offsets):
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+    return data_name, position, light
 
 
 def example_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -96,14 +355,22 @@ def example_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
     return feeds
 
 
-def validate_fp8_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> None:
-    """The FP8 model passes the full ONNX checker, loads in onnxruntime CPU and runs once."""
+def validate_fp8_model(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray] | None = None) -> None:
+    """The FP8 model passes the full ONNX checker, loads in onnxruntime CPU and runs once.
+
+    ``model`` is a proto or a path; a path is checked on disk (``check_model(path, full_check=True)``),
+    the only way for models with external data or past 2 GiB.
+    """
+    target = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(target, full_check=True)
     except Exception as exc:
         raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     try:
-        session = make_session(model)
-        session.run(None, feeds if feeds is not None else example_feeds(model))
+        session = make_session(target)
+        if feeds is None:
+            proto = onnx.load(target, load_external_data=False) if isinstance(target, str) else target
+            feeds = example_feeds(proto)
+        session.run(None, feeds)
     except Exception as exc:
         raise ModelError(f"the FP8 model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None

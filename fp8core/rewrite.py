@@ -146,23 +146,39 @@ def weights_to_encode(plans: list[OpPlan]) -> list[WeightKey]:
     return keys
 
 
-def encode_weights(model: onnx.ModelProto, plans: list[OpPlan]) -> dict[WeightKey, np.ndarray]:
-    """FP8 bytes (uint8) of every weight the plan quantizes, encoded once on the CPU."""
-    index = GraphIndex(model.graph)
-    return {(t, p): encode(index.constant_value(t), p.format, p.scale) for t, p in weights_to_encode(plans)}
+def encode_weights(
+    model: onnx.ModelProto, plans: list[OpPlan], weights_dir: str | None = None
+) -> dict[WeightKey, np.ndarray]:
+    """FP8 bytes (uint8) of every weight the plan quantizes, encoded once on the CPU.
+
+    Streaming: one weight at a time is read (from the proto, or from its external data file in
+    ``weights_dir``), encoded and dropped, so memory holds the FP8 result plus one float weight.
+    """
+    index = GraphIndex(model.graph, weights_dir)
+    encoded: dict[WeightKey, np.ndarray] = {}
+    for tensor, params in weights_to_encode(plans):
+        value = index.constant_value(tensor)
+        encoded[(tensor, params)] = encode(value, params.format, params.scale)
+        del value  # free the float copy before reading the next weight
+    return encoded
 
 
 def rewrite_to_fp8(
     model: onnx.ModelProto,
     plans: list[OpPlan],
     encoded: dict[WeightKey, np.ndarray] | None = None,
+    weights_dir: str | None = None,
 ) -> onnx.ModelProto:
-    """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); inputs untouched.
+    """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); the model is untouched.
 
-    ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded here.
+    ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded
+    here (read from ``weights_dir`` when external). Each entry is removed from ``encoded`` once it
+    is copied into the new model, so the FP8 bytes are held once, not twice. Weights kept in float
+    that live in external data stay references to ``weights_dir``: save with
+    :func:`fp8core.modelio.save_model_atomic` and the same ``weights_dir``.
     """
-    encoded = encoded or {}
-    source = GraphIndex(model.graph)  # read-only: the float weights
+    encoded = {} if encoded is None else encoded
+    source = GraphIndex(model.graph, weights_dir)  # read-only: the float weights
     model, large, added_inputs = without_large_initializers(model)  # float weights are not copied
     graph = model.graph
     opset = default_opset(model)
@@ -179,12 +195,13 @@ def rewrite_to_fp8(
     done: dict[tuple[str, QuantParams], str] = {}  # (tensor, params) -> dequantized tensor name
 
     def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
-        data = encoded.get((tensor, p))
+        data = encoded.pop((tensor, p), None)
         if data is None:
             data = encode(source.constant_value(tensor), p.format, p.scale)
         base = f"{tensor}_{_params_suffix(p)}"
         q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
         q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
+        del data
         q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
         new_inits.extend([q, _scale_tensor(s_name, p.scale, elem_type)])
         done[(tensor, p)] = out

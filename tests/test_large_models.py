@@ -1,0 +1,153 @@
+"""Models with external data (the form every model past 2 GiB has), on small models forced to it.
+
+* input: a model saved with ``save_as_external_data`` loads (weights read into the proto, or left
+  on disk and read one at a time while encoding) and converts to the same FP8 bytes as the
+  inline model;
+* output: ``external_data="always"`` writes ``<name>.<sha256[:16]>.data`` beside the model, which
+  passes ``check_model(path, full_check=True)`` and runs in onnxruntime with the same outputs as
+  the inline FP8 model; ``auto`` decides by size; ``never`` refuses what cannot fit in one file;
+* damaged external data (missing, truncated, pointing outside the folder) is a ModelError.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import fp8core.modelio as modelio
+from fp8core.graph import ModelError, external_tensors, load_model
+from fp8core.modelio import OutputError, save_model_atomic, validate_fp8_model, wants_external_data
+from fp8core.plan import QuantParams, plan_fp8_ops
+from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, target_opset
+from fp8core.runtime import make_session
+from models import cnn, matmul_chain
+
+P = QuantParams("F143", -3)
+
+
+def _save_external(model: onnx.ModelProto, path) -> None:
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+
+def _convert(path, load_weights=True, external_data="never", out=None):
+    folder = os.path.dirname(os.path.abspath(path))
+    model = load_model(path, load_weights=load_weights)
+    prepared = prepare_model(model, target_opset(model, None))
+    plans = plan_fp8_ops(prepared, "fp8", [], P, P)
+    encoded = encode_weights(prepared, plans, weights_dir=folder)
+    fp8 = rewrite_to_fp8(prepared, plans, encoded, weights_dir=folder)
+    assert not encoded, "rewrite consumes the encoded weights (held once)"
+    if out is not None:
+        save_model_atomic(fp8, str(out), external_data=external_data, weights_dir=folder, check=validate_fp8_model)
+    return fp8
+
+
+@pytest.fixture
+def chain_paths(tmp_path):
+    model = matmul_chain(size=256, depth=3)  # 256 KiB weights: past LAZY_MIN_BYTES
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, str(inline))
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    external = ext_dir / "chain.onnx"
+    _save_external(onnx.load(str(inline)), external)
+    assert external_tensors(onnx.load(str(external), load_external_data=False))
+    return inline, external
+
+
+@pytest.mark.parametrize("load_weights", [True, False])
+def test_external_data_input_gives_the_inline_models_fp8_bytes(chain_paths, tmp_path, load_weights):
+    inline, external = chain_paths
+    _convert(inline, out=tmp_path / "a.onnx")
+    _convert(external, load_weights=load_weights, out=tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_lazy_load_keeps_weights_on_disk(chain_paths):
+    _, external = chain_paths
+    lazy = load_model(external, load_weights=False)
+    loaded = load_model(external)
+    assert external_tensors(lazy) and not external_tensors(loaded)
+    assert lazy.ByteSize() < loaded.ByteSize() / 4  # the float weights are not in memory
+
+
+@pytest.mark.parametrize("load_weights", [True, False])
+def test_external_data_output_checks_runs_and_matches_inline(chain_paths, tmp_path, load_weights):
+    inline, external = chain_paths
+    out_inline, out_ext = tmp_path / "fp8_inline.onnx", tmp_path / "fp8_ext.onnx"
+    _convert(inline, out=out_inline, external_data="never")
+    _convert(external, load_weights=load_weights, out=out_ext, external_data="always")
+    data_files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fp8_ext.onnx."))
+    assert len(data_files) == 1 and data_files[0].endswith(".data")
+    saved = onnx.load(str(out_ext), load_external_data=False)
+    assert {e.value for t in external_tensors(saved) for e in t.external_data if e.key == "location"} == {data_files[0]}
+    onnx.checker.check_model(str(out_ext), full_check=True)
+    feeds = {"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)}
+    a = make_session(str(out_inline)).run(None, feeds)
+    b = make_session(str(out_ext)).run(None, feeds)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert out_ext.stat().st_size < out_inline.stat().st_size / 4
+
+
+def test_external_output_is_deterministic_and_replaces_old_data(chain_paths, tmp_path):
+    _, external = chain_paths
+    out = tmp_path / "m.onnx"
+    _convert(external, out=out, external_data="always")
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")}
+    _convert(external, out=out, external_data="always")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")} == first
+    _convert(external, out=out, external_data="never")  # now inline: the old data file goes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.onnx")) == ["m.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]  # no temps
+
+
+def test_auto_goes_external_past_the_inline_limit(monkeypatch):
+    model = matmul_chain(size=64, depth=2)
+    weights = modelio.model_tensor_bytes(model)
+    assert not wants_external_data(model, "auto")
+    assert wants_external_data(model, "always")
+    monkeypatch.setattr(modelio, "INLINE_LIMIT_BYTES", weights - 1)
+    assert wants_external_data(model, "auto")
+    with pytest.raises(OutputError, match="2 GiB"):
+        wants_external_data(model, "never")
+    with pytest.raises(OutputError, match="external_data"):
+        wants_external_data(model, "sometimes")
+
+
+def test_conv_model_with_external_data_round_trips(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    _save_external(cnn(opset=17), path)
+    out = tmp_path / "cnn_fp8.onnx"
+    _convert(path, load_weights=False, out=out, external_data="always")
+    validate_fp8_model(str(out))
+
+
+def _damage(external, how):
+    data = external.parent / (external.name + ".data")
+    if how == "missing":
+        data.unlink()
+    elif how == "truncated":
+        data.write_bytes(data.read_bytes()[:100])
+    elif how == "outside":
+        model = onnx.load(str(external), load_external_data=False)
+        for t in external_tensors(model):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "../inline.onnx"
+        onnx.save(model, str(external))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "missing|does not exist|checker"),
+    ("truncated", "truncated|shorter|checker"),
+    ("outside", "outside|checker"),
+])
+@pytest.mark.parametrize("load_weights", [True, False])
+def test_damaged_external_data_is_a_model_error(chain_paths, how, message, load_weights):
+    _, external = chain_paths
+    _damage(external, how)
+    with pytest.raises(ModelError, match=message):
+        load_model(external, load_weights=load_weights)
