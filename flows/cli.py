@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_skip_op_names", default="", metavar="OP1,OP2", help="ops kept in original precision, e.g. Conv_0,Gemm_121")
     p.add_argument("--fp8_params", metavar="FMT_IN,FMT_W,S_IN,S_W", help="fast mode formats and scales (default F143,F143,0,0)")
     p.add_argument("--convert_version", type=int, metavar="OPSET", help="output opset, >= 19 (default: max(model opset, 21))")
+    p.add_argument("--external_data", choices=["auto", "always", "never"], default="auto",
+                   help="weights in a <output>.<hash>.data file beside the model: auto (when past ~1.9 GiB), always, never")
     p.add_argument("--quantize", "--calibration_with_data", dest="quantize", action="store_true", help="search format and scale per op on calibration data")
     p.add_argument("--quantize_loss_type", "--calibration_loss_type", dest="quantize_loss_type", default="kld", choices=["mse", "mae", "snr", "kld", "cos_dist"])
     p.add_argument("--data_preprocess", metavar="PATH", help="calibration data: .parquet file or directory, .npz, .pkl")
@@ -73,6 +75,7 @@ def _params_from_args(args) -> "ConvertParams":
         precision=args.precision,
         fp8_skip_op_names=[s.strip() for s in args.fp8_skip_op_names.split(",") if s.strip()],
         convert_version=args.convert_version,
+        external_data=args.external_data,
         quantize=args.quantize,
         quantize_loss_type=args.quantize_loss_type,
         data_preprocess=args.data_preprocess,

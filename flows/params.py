@@ -70,6 +70,8 @@ class ConvertParams(BaseModel):
         default_factory=list, description="ops kept in original precision, e.g. Conv_0, Gemm_121")
     fp8_params: FP8Params = Field(default_factory=FP8Params, description="fast-mode formats and scales")
     convert_version: int | None = Field(None, ge=MIN_FP8_OPSET, description="output opset (>= 19; default max(model, 21))")
+    external_data: Literal["auto", "always", "never"] = Field(
+        "auto", description="write weights to a data file beside the model: auto (when past ~1.9 GiB), always, never")
 
     quantize: bool = Field(False, description="calibrated quantization: search format and scale per op")
     quantize_loss_type: LossName = Field("kld", description="loss minimised by the search")
