@@ -33,8 +33,15 @@ rules (``histogram_range``):
 * ``"first_batch"``: one pass; the range is the first batch's ``[min, max]`` widened by 50% of its
   width on each side, and values outside it are counted in ``underflow`` / ``overflow``.
 
-Results are in graph order (op outputs by their op's position, then the model outputs). The
-worst ops are those with the largest ``snr`` (the least signal left).
+Results are in graph order (op outputs by their op's position, then the model outputs).
+
+An op's output error also carries every error made upstream, so a per-op ranking by ``snr``
+blames every op after a bad one. Each op row therefore also records ``input_snr``, the largest
+``snr`` of its activation inputs (the tensors as they reach the op in both models, before the FP8
+op's own QuantizeLinear; 0 for a graph input), and ``added_snr = max(0, snr - input_snr)``: the
+noise-to-signal the op adds itself. (Independent noises add in power, and a linear op carries
+its input's relative noise through roughly unchanged, so the difference estimates the op's own
+part.) The **worst ops** are those with the largest ``added_snr``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.capture import capture_model, input_feeds
-from fp8core.graph import graph_inputs
+from fp8core.graph import GraphIndex, graph_inputs
 from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan
@@ -181,6 +188,8 @@ class TensorComparison:
     original: ValueSummary = dataclasses.field(default_factory=ValueSummary)
     fp8: ValueSummary = dataclasses.field(default_factory=ValueSummary)
     error: ValueSummary = dataclasses.field(default_factory=ValueSummary)
+    input_tensors: tuple[str, ...] = ()  # activation inputs of the op (op rows only)
+    input_snr: float | None = None  # largest snr of those inputs, set after the run
 
     def pairs(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The finite (x, y) pairs of a batch as float64, and e = y - x."""
@@ -243,6 +252,11 @@ class TensorComparison:
         return snr_db(self.snr)
 
     @property
+    def added_snr(self) -> float:
+        """``max(0, snr - input_snr)``: the noise-to-signal this op adds (module docstring)."""
+        return self.snr if self.input_snr is None else max(0.0, self.snr - self.input_snr)
+
+    @property
     def cos_dist(self) -> float:
         """``1 - cos(x, y)``, without cancellation (see the module docstring)."""
         if self.x_sq == 0.0 or self.y_sq == 0.0:
@@ -252,8 +266,8 @@ class TensorComparison:
         return min(2.0, max(0.0, (self.sq_err - radial * radial) / (2.0 * nx * ny)))
 
     def metric(self, name: str) -> float:
-        if name not in METRICS:
-            raise CompareError(f"unknown comparison metric {name!r}; use one of {', '.join(METRICS)}")
+        if name not in METRICS + ("added_snr",):
+            raise CompareError(f"unknown comparison metric {name!r}; use one of {', '.join(METRICS)}, added_snr")
         return getattr(self, name)
 
     def to_dict(self) -> dict:
@@ -261,6 +275,8 @@ class TensorComparison:
             "label": self.label, "tensor": self.tensor, "kind": self.kind, "op_type": self.op_type,
             "position": self.position, "count": self.count, "nonfinite": self.nonfinite,
             **{m: _json_float(self.metric(m)) for m in METRICS},
+            "input_snr": None if self.input_snr is None else _json_float(self.input_snr),
+            "added_snr": _json_float(self.added_snr),
             "original": _json_floats(self.original.to_dict()),
             "fp8": _json_floats(self.fp8.to_dict()),
             "error": _json_floats(self.error.to_dict()),
@@ -285,8 +301,8 @@ class ComparisonReport:
         return [r for r in self.rows if r.kind == "model_output"]
 
     def worst_ops(self, k: int = WORST_MARKED) -> list[TensorComparison]:
-        """The k op outputs with the largest snr (noise-to-signal), worst first."""
-        return sorted(self.op_rows, key=lambda r: (-_nan_low(r.snr), r.position))[:k]
+        """The k ops that add the most noise (largest ``added_snr``), worst first."""
+        return sorted(self.op_rows, key=lambda r: (-_nan_low(r.added_snr), r.position))[:k]
 
     def output_metric(self, name: str) -> float:
         """A metric over the model outputs: the worst output's value (max; min for snr_db)."""
@@ -326,12 +342,16 @@ def _json_floats(d: dict) -> dict:
 def comparison_targets(float_model: onnx.ModelProto, plans: list[OpPlan]) -> list[TensorComparison]:
     """Empty accumulators for every FP8 op's output and every model output, in graph order."""
     nodes = {n.name: n for n in float_model.graph.node}
+    index = GraphIndex(float_model.graph)
+    fed = {vi.name for vi in graph_inputs(float_model.graph)}  # identical in both models: snr 0
     rows = []
     for plan in sorted((p for p in plans if p.fp8), key=lambda p: p.position):
         node = nodes.get(plan.name)
         if node is None:
             raise CompareError(f"plan names op {plan.name!r}, which is not in the model; plan the same model")
-        rows.append(TensorComparison(plan.name, node.output[0], "op_output", plan.op_type, plan.position))
+        inputs = tuple(t for t in node.input if t and t not in fed and not index.is_constant(t))
+        rows.append(TensorComparison(plan.name, node.output[0], "op_output", plan.op_type, plan.position,
+                                     input_tensors=inputs))
     end = len(float_model.graph.node)
     for out in float_model.graph.output:
         rows.append(TensorComparison(out.name, out.name, "model_output", None, end))
@@ -398,7 +418,8 @@ def compare_models(
     if batch_size < 1:
         raise CompareError(f"batch_size {batch_size} must be >= 1")
     rows = comparison_targets(float_model, plans)
-    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows])
+    op_inputs = {t: TensorComparison(t, t, "op_output", None, -1) for r in rows for t in r.input_tensors}
+    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs))
     samples = source.num_samples if max_samples is None else min(max_samples, source.num_samples)
     if samples == 0:
         raise CompareError(f"comparison data {source.path} has no samples; give data with at least one sample")
@@ -407,6 +428,8 @@ def compare_models(
     done = 0
     for start, feeds in sample_batches(source, float_model, batch_size, max_samples):
         xs, ys = sessions.run(start, feeds)
+        for name, acc in op_inputs.items():
+            acc.update(xs[name], ys[name])
         for row in rows:
             row.update(xs[row.tensor], ys[row.tensor])
             if histogram_range == "first_batch" and row.original.histogram is None:
@@ -415,6 +438,9 @@ def compare_models(
         done += 1
         if progress:
             progress(done, total)
+    for row in rows:
+        if row.kind == "op_output":
+            row.input_snr = max((op_inputs[t].snr for t in row.input_tensors), default=0.0)
     if passes == 2:
         for row in rows:
             row.start_histograms()
@@ -441,16 +467,18 @@ def format_compare_log(report: ComparisonReport) -> str:
     lines = [f"FP8 precision comparison on {report.samples} samples"
              + (f" of {report.data}" if report.data else ""),
              f"x = original, y = FP8, e = y - x; snr = sum e^2 / sum x^2 (noise/signal), "
-             f"snr_db = -10 log10(snr); histograms: {HISTOGRAM_BINS} bins, range {report.histogram_range}",
+             f"snr_db = -10 log10(snr); added_snr = snr - snr of the op's input (the op's own part); histograms: {HISTOGRAM_BINS} bins, range {report.histogram_range}",
              ""]
-    header = f"{'#':>3}  {'tensor':<28} {'kind':<12} {'mse':>10} {'mae':>10} {'snr':>10} {'snr_db':>8} {'cos_dist':>10}  "
+    header = (f"{'#':>3}  {'tensor':<28} {'kind':<12} {'mse':>10} {'mae':>10} {'snr':>10} {'snr_db':>8} "
+              f"{'cos_dist':>10} {'added_snr':>10}  ")
     lines.append(header)
     lines.append("-" * len(header))
     for i, r in enumerate(report.rows):
         mark = f"<- worst #{worst[r.label]}" if r.kind == "op_output" and r.label in worst else ""
         kind = r.op_type if r.kind == "op_output" else "output"
+        added = _num(r.added_snr) if r.kind == "op_output" else ""
         lines.append(f"{i:>3}  {r.label:<28} {kind:<12} {_num(r.mse):>10} {_num(r.mae):>10} {_num(r.snr):>10} "
-                     f"{_num(r.snr_db):>8} {_num(r.cos_dist):>10}  {mark}".rstrip())
+                     f"{_num(r.snr_db):>8} {_num(r.cos_dist):>10} {added:>10}  {mark}".rstrip())
     lines.append("")
     lines.append("statistics (mean, std, min, max, skewness, kurtosis; histogram counts low..high)")
     for r in report.rows:

@@ -1,0 +1,159 @@
+"""fp8core.fallback: K worst ops and the greedy accuracy target pick the op that is known to be bad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from fp8core.calibration import ArraySource
+from fp8core.compare import compare_models
+from fp8core.fallback import (
+    AccuracyTarget,
+    FallbackError,
+    OutputProbe,
+    fallback_for_target,
+    keep_ops,
+    keep_worst_ops,
+    op_losses_from_comparison,
+    worst_ops,
+)
+from fp8core.plan import QuantParams, plan_fp8_ops
+from fp8core.rewrite import prepare_model, rewrite_to_fp8
+
+BAD_OP = "mm_2"
+SIZE = 16
+
+
+def chain_with_outlier(depth=4, bad=2, seed=0):
+    """x -> (MatMul -> Relu) * depth: weights ~ N(0, 1/sqrt(16)) except one entry of 40 in op ``bad``.
+
+    At weight scale -4 (F143 max 240 * 2^-4 = 15) every ordinary weight fits with 3 mantissa bits
+    (activations at scale 0: max 240, so the large activations after the outlier still fit)
+    but the outlier saturates to 15: that op's output is off by 25 * x_i on one column.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    prev = "x"
+    for i in range(depth):
+        w = (rng.standard_normal((SIZE, SIZE)) / np.sqrt(SIZE)).astype(np.float32)
+        if i == bad:
+            w[3, 5] = 40.0
+        inits.append(nh.from_array(w, f"w{i}"))
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm_{i}"))
+        out = "y" if i == depth - 1 else f"r{i}"
+        nodes.append(h.make_node("Relu", [f"m{i}"], [out], name=f"relu_{i}"))
+        prev = out
+    graph = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["N", SIZE])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", SIZE])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def setup(samples=24):
+    model = prepare_model(chain_with_outlier(), 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    x = np.random.default_rng(1).standard_normal((samples, SIZE)).astype(np.float32)
+    return model, plans, ArraySource(Path("x.npz"), {"x": x})
+
+
+def test_keep_k_worst_by_comparison_keeps_the_op_with_the_outlier():
+    model, plans, source = setup()
+    report = compare_models(model, rewrite_to_fp8(model, plans), plans, source, batch_size=8)
+    losses = op_losses_from_comparison(report)
+    others = [v for k, v in losses.items() if k != BAD_OP]
+    assert losses[BAD_OP] > 10 * max(others)  # the model is built so: one op much worse
+    # the raw output snr would blame the op after it too (errors propagate): added_snr does not
+    raw = op_losses_from_comparison(report, "snr")
+    assert raw["mm_3"] > raw[BAD_OP] and worst_ops(plans, raw, 1) == ["mm_3"]
+    kept_plans, kept = keep_worst_ops(plans, losses, 1, "precision_compare snr")
+    assert kept == [BAD_OP]
+    by_name = {p.name: p for p in kept_plans}
+    assert not by_name[BAD_OP].fp8 and "num_of_layers_keep_fp16" in by_name[BAD_OP].reason
+    assert all(q.params is None for q in by_name[BAD_OP].inputs)
+    assert sum(p.fp8 for p in kept_plans) == 3
+    assert plans[2].fp8  # the input plans are not modified
+    # keeping it really removes most of the output error
+    after = compare_models(model, rewrite_to_fp8(model, kept_plans), kept_plans, source, batch_size=8)
+    assert after.output_metric("snr") < report.output_metric("snr") / 10
+
+
+def test_worst_ops_order_ties_and_bounds():
+    model, plans, _ = setup()
+    losses = {"mm_0": 1.0, "mm_1": 3.0, "mm_2": 3.0, "mm_3": float("nan")}
+    assert worst_ops(plans, losses, 3) == ["mm_3", "mm_1", "mm_2"]  # NaN worst, ties by graph order
+    assert worst_ops(plans, losses, 0) == []
+    assert worst_ops(plans, losses, 10) == ["mm_3", "mm_1", "mm_2", "mm_0"]
+    with pytest.raises(FallbackError, match="whole number >= 0"):
+        worst_ops(plans, losses, -1)
+    with pytest.raises(FallbackError, match="no loss for FP8 op"):
+        worst_ops(plans, {"mm_0": 1.0}, 1)
+    with pytest.raises(FallbackError, match="not an FP8 op"):
+        keep_ops(plans, ["relu_0"], "x")
+
+
+def test_accuracy_target_keeps_the_bad_op_first_and_stops_when_met():
+    model, plans, source = setup()
+    probe = OutputProbe(model, source, batch_size=8, max_samples=16)
+    all_fp8 = probe.measure(rewrite_to_fp8(model, plans))["cos_dist"]
+    without_bad = probe.measure(rewrite_to_fp8(model, keep_ops(plans, [BAD_OP], "t")))["cos_dist"]
+    target = (all_fp8 * without_bad) ** 0.5  # between the two: one op is enough, none is not
+    steps = []
+    result = fallback_for_target(model, plans, source, f"cos_dist={target}", batch_size=8, max_samples=16,
+                                 progress=steps.append)
+    assert result.met and result.kept == [BAD_OP]
+    assert [s.step for s in steps] == [0, 1] and steps[0].metric == pytest.approx(all_fp8)
+    assert steps[1].metric == pytest.approx(without_bad) and steps[1].met
+    assert set(steps[1].tried) == {"mm_0", "mm_1", "mm_2", "mm_3"}
+    assert min(steps[1].tried.values()) == steps[1].tried[BAD_OP]
+    assert [p.name for p in result.plans if not p.fp8] == [BAD_OP]
+    assert "met keeping 1 op" in result.message and BAD_OP in result.format_log()
+    assert result.to_dict()["kept"] == [BAD_OP]
+
+
+def test_accuracy_target_met_by_all_fp8_keeps_nothing_and_a_strict_one_keeps_more():
+    model, plans, source = setup()
+    loose = fallback_for_target(model, plans, source, "cos_dist=0.5", max_samples=8)
+    assert loose.met and loose.kept == [] and len(loose.steps) == 1
+    strict = fallback_for_target(model, plans, source, "snr_db=200", max_samples=8)
+    assert strict.met and strict.kept[0] == BAD_OP and len(strict.kept) == 4  # only all-float is exact
+    assert strict.steps[-1].metric == float("inf")
+
+
+def test_accuracy_target_that_cannot_be_met_says_so_and_keeps_nothing():
+    model, plans, source = setup()
+    result = fallback_for_target(model, plans, source, "cos_dist=0", max_samples=8, candidates=["mm_0", "mm_1"])
+    assert not result.met and result.kept == []
+    assert "cannot be met: even with all 2 candidate ops in original precision" in result.message
+    assert all(p.fp8 for p in result.plans)
+    capped = fallback_for_target(model, plans, source, "cos_dist=0", max_samples=8, max_keep=2)
+    assert not capped.met and len(capped.kept) == 2 and capped.kept[0] == BAD_OP
+    assert "not met after keeping 2 op(s)" in capped.message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cos_dist", "expected METRIC=VALUE"),
+    ("=0.1", "expected METRIC=VALUE"),
+    ("accuracy=0.9", "unknown metric 'accuracy'"),
+    ("cos_dist=abc", "'abc' is not a number"),
+    ("mse=-1", "never negative"),
+    ("top1_agreement=1.5", "fraction"),
+    ("snr_db=inf", "finite number"),
+])
+def test_bad_accuracy_targets_give_one_line_errors(text, message):
+    with pytest.raises(FallbackError, match=message) as info:
+        AccuracyTarget.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_target_parsing_and_direction():
+    t = AccuracyTarget.parse(" COS_DIST = 1e-3 ")
+    assert (t.metric, t.value, t.met(0.001), t.met(0.0011)) == ("cos_dist", 0.001, True, False)
+    a = AccuracyTarget.parse("top1_agreement=0.99")
+    assert a.higher_is_better and a.met(0.995) and not a.met(float("nan"))
