@@ -154,3 +154,22 @@ def dequantize_node(weight: PerChannelWeight, base: str, elem_type: int = onnx.T
     node = helper.make_node("DequantizeLinear", [q.name, s.name], [out], name=f"{base}_DequantizeLinear",
                             axis=weight.axis)
     return [q, s], node, out
+
+
+def corrected_bias(w: np.ndarray, w_quantized: np.ndarray, bias: np.ndarray | None,
+                   input_mean: np.ndarray) -> np.ndarray:
+    """Bias correction for a ``y = x @ W + b`` layer (MatMul, or Gemm with B as ``[K, N]``).
+
+    Quantizing W shifts the layer's mean output by ``E[x] @ (Wq - W)``; the corrected bias
+    ``b - E[x] @ (Wq - W)`` makes the mean output on the calibration data what it was in float.
+    ``input_mean`` is ``E[x]`` per input feature (length K), e.g. streamed over calibration
+    batches. Conv (where padding makes the shift position-dependent) is not covered.
+    """
+    w64 = np.asarray(w, np.float64)
+    if w64.ndim != 2 or np.shape(input_mean) != (w64.shape[0],):
+        raise WeightQuantizationError(
+            f"bias correction needs a [K, N] weight and a length-K input mean; got {list(w64.shape)} "
+            f"and {list(np.shape(input_mean))}")
+    shift = np.asarray(input_mean, np.float64) @ (np.asarray(w_quantized, np.float64) - w64)
+    b = np.zeros(w64.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return (b - shift).astype(np.float32)

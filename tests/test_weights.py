@@ -16,6 +16,7 @@ from fp8core.weights import (
     SCALE_STEPS,
     STEPS_PER_OCTAVE,
     WeightQuantizationError,
+    corrected_bias,
     dequantize_node,
     output_channel_axis,
     quantize_per_channel,
@@ -121,3 +122,20 @@ def test_output_channel_axis_and_errors():
         quantize_per_channel(np.ones((2, 2), np.float32), 2)
     with pytest.raises(WeightQuantizationError, match="NaN or inf"):
         quantize_per_channel(np.array([[1.0, np.nan]], np.float32), 0)
+
+
+def test_bias_correction_restores_the_mean_output_and_lowers_the_output_error():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((64, 32)) * 0.2).astype(np.float32)
+    b = (rng.standard_normal(32) * 0.1).astype(np.float32)
+    x = (rng.standard_normal((4000, 64)) * 0.5 + 2.0).astype(np.float32)  # inputs with a large mean
+    wq = round_trip(w, "E5M2", -8)  # 2 mantissa bits: a visible systematic shift
+    calib, held_out = x[:2000], x[2000:]
+    b_corr = corrected_bias(w, wq, b, calib.astype(np.float64).mean(axis=0))
+    ref = held_out @ w + b
+    plain, corrected = held_out @ wq + b, held_out @ wq + b_corr
+    np.testing.assert_allclose((calib @ wq + b_corr).mean(axis=0), (calib @ w + b).mean(axis=0), atol=1e-4)
+    assert np.abs((corrected - ref).mean(axis=0)).max() < 0.2 * np.abs((plain - ref).mean(axis=0)).max()
+    assert np.mean((corrected - ref) ** 2) < 0.8 * np.mean((plain - ref) ** 2)
+    with pytest.raises(WeightQuantizationError, match="length-K input mean"):
+        corrected_bias(w, wq, b, np.zeros(3))
