@@ -38,6 +38,7 @@ import os
 import pickle
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,11 @@ class CalibrationSource(abc.ABC):
         """
         _check_batch_size(batch_size)
         selected = list(self._infos) if names is None else list(names)
+        batch_bytes = 0
         for name in selected:
-            self._readable_info(name)
+            info = self._readable_info(name)
+            batch_bytes += math.prod(info.sample_shape) * info.dtype.itemsize * min(batch_size, max(self.num_samples, 1))
+        _refuse_if_too_big(f"a batch of {batch_size} samples of {self.path}", batch_bytes, "lower --batch_size")
         return _rebatch(self._iter_chunks(selected, batch_size), selected, batch_size)
 
     def fingerprint(self) -> str:
@@ -201,7 +205,7 @@ class ParquetSource(CalibrationSource):
                             for name in names
                         }
                         first_row += batch.num_rows
-            except (pa.ArrowException, OSError) as error:
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # damaged metadata text too
                 raise CalibrationDataError(
                     f"cannot read Parquet file {file}: {_one_line(error)}; the file is damaged, "
                     "write it again"
@@ -259,7 +263,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         )
     try:
         with np.load(path, allow_pickle=False) as archive:
+            for name in archive.files:
+                _check_npz_member(path, archive.zip, name)
             return {name: archive[name] for name in archive.files}
+    except CalibrationDataError:
+        raise
     except ValueError as error:
         if "allow_pickle" in str(error):
             raise CalibrationDataError(
@@ -267,8 +275,50 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 "is refused; save numeric arrays only"
             ) from None
         raise _damaged(path, error) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
         raise _damaged(path, error) from None
+
+
+def _check_npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> None:
+    """Read one member's .npy header and refuse, before anything is allocated, an array larger
+    than the member's declared uncompressed size (damage) or than the free memory (a zip bomb)."""
+    member = name if name in archive.namelist() else f"{name}.npy"
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > archive.getinfo(member).file_size:
+        raise CalibrationDataError(
+            f"calibration data {path} array {name!r} declares {nbytes} bytes but holds "
+            f"{archive.getinfo(member).file_size}; the file is damaged, write it again"
+        )
+    _refuse_if_too_big(f"calibration data {path} array {name!r}", nbytes, "split the data into smaller files")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages; 2**63 if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
+def _refuse_if_too_big(what: str, nbytes: int, fix: str) -> None:
+    """Untrusted sizes (npz headers, Parquet metadata) are checked against free memory first."""
+    available = available_memory_bytes()
+    if nbytes > available:
+        raise CalibrationDataError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory "
+            f"is free; {fix}"
+        )
 
 
 def _damaged(path: Path, error: BaseException) -> CalibrationDataError:
@@ -323,10 +373,15 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except KeyError:
-            raise _RefusedGlobal(f"{module}.{name}") from None
+            raise _RefusedGlobal(_printable(f"{module}.{name}")) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise _RefusedGlobal(f"persistent id {pid!r}")
+        raise _RefusedGlobal(f"a persistent id ({type(pid).__name__})")
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    """Names read from an untrusted pickle, safe for a one-line message."""
+    return text if text.isprintable() and len(text) <= limit else repr(text[:limit])
 
 
 def _load_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -433,11 +488,15 @@ def _read_parquet_layout(path: Path, files: list[Path]) -> tuple[list[_ParquetCo
         try:
             with pq.ParquetFile(file) as parquet:
                 schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
-        except (pa.ArrowException, OSError) as error:
+                largest_group = max((parquet.metadata.row_group(i).total_byte_size
+                                     for i in range(parquet.metadata.num_row_groups)), default=0)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # damaged metadata text too
             raise CalibrationDataError(
                 f"cannot read Parquet file {file}: {_one_line(error)}; the file is damaged or not "
                 "Parquet, write it again"
             ) from None
+        _refuse_if_too_big(f"a row group of Parquet file {file}", largest_group,
+                           "write the file with smaller row groups (fp8-data to-parquet does)")
         file_layout = [_parquet_column(field, schema.metadata or {}) for field in schema]
         if layout is not None and file_layout != layout:
             raise CalibrationDataError(
