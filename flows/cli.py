@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
     p.add_argument("--batch_size", type=int, default=16, help="calibration samples per batch")
     p.add_argument("--cache_dir", metavar="DIR", help="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
+    p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")
+    p.add_argument("--compare_data", metavar="PATH", help="data for --precision_compare / --accuracy_target (default: --data_preprocess)")
+    p.add_argument("--compare_samples", type=int, metavar="N", help="compare on at most N samples")
+    p.add_argument("--num_of_layers_keep_fp16", type=int, default=0, metavar="K", help="keep the K worst FP8 ops in original precision")
+    p.add_argument("--accuracy_target", metavar="METRIC=VALUE", help="e.g. cos_dist=0.001: keep the fewest ops in original precision that meet it")
+    p.add_argument("--accuracy_target_samples", type=int, default=32, metavar="N", help="samples the accuracy-target search uses")
     p.add_argument("--task_runner", choices=["thread", "process", "dask"], default="thread")
     p.add_argument("--dask_address", metavar="HOST:PORT", help="running dask.distributed scheduler (implies --task_runner dask)")
     p.add_argument("--max_workers", type=int, help="parallel workers of the thread/process runner")
@@ -89,6 +95,12 @@ def _params_from_args(args) -> "ConvertParams":
         experiment_name=args.experiment_name,
         log_dir=args.log_dir,
         eval_data=args.eval_data,
+        precision_compare=args.precision_compare,
+        compare_data=args.compare_data,
+        compare_samples=args.compare_samples,
+        num_of_layers_keep_fp16=args.num_of_layers_keep_fp16,
+        accuracy_target=args.accuracy_target,
+        accuracy_target_samples=args.accuracy_target_samples,
     )
     if args.fp8_params:
         fields["fp8_params"] = args.fp8_params
@@ -121,9 +133,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp8core.calibration import CalibrationDataError
     from fp8core.formats import UnknownFormatError
     from fp8core.graph import ModelError
+    from fp8core.capture import CaptureError
+    from fp8core.compare import CompareError
+    from fp8core.fallback import FallbackError
     from fp8core.modelio import OutputError
+    from fp8core.search import NoFiniteValuesError
 
-    return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError)
+    return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError,
+            CaptureError, CompareError, FallbackError, NoFiniteValuesError)
 
 
 def _check_paths_before_the_flow(params) -> None:

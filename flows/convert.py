@@ -1,4 +1,4 @@
-"""The ``fp8-convert`` flow: load model -> [ingest -> capture -> search] -> convert -> compare -> record.
+"""The ``fp8-convert`` flow: load model -> [ingest -> capture -> search] -> [fallback] -> convert -> [compare] -> record.
 
 Read top to bottom, it is the pipeline. Numerics live in fp8core, steps in tasks/, MLflow in
 tasks/tracking.py; this file only chains them.
@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.params import ConvertParams
+from flows.quality import apply_fallback, compare_precision
 from fp8core.report import fp8_config
 from tasks import tracking
 from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
@@ -61,6 +62,11 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         else:
             quantize_logs = {}
 
+        fallback = {}
+        if params.num_of_layers_keep_fp16 or params.accuracy_target:
+            with clock.stage("fallback"):
+                plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record)
+
         with clock.stage("encode"):
             encoded = encode_weights(loaded.model, plans)
         with clock.stage("rewrite"):
@@ -79,7 +85,11 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             "mlflow_run_id": record.run_id,
             "mlflow_uri": tracking.tracking_uri(params.mlflow_tracking_uri),
             **quantize_logs,
+            **fallback,
         }
+        if params.precision_compare:
+            with clock.stage("compare"):
+                result.update(compare_precision(loaded.model, fp8_model, plans, params, record))
         if eval_data:
             with clock.stage("evaluate"):
                 result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data)

@@ -82,6 +82,17 @@ class ConvertParams(BaseModel):
     cache_dir: str | None = Field(
         None, description="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
 
+    precision_compare: bool = Field(
+        False, description="compare the FP8 and original models op by op (precision_compare.log)")
+    compare_data: str | None = Field(None, description="data for --precision_compare (default: --data_preprocess)")
+    compare_samples: int | None = Field(None, ge=1, description="compare on at most this many samples")
+    num_of_layers_keep_fp16: int = Field(
+        0, ge=0, description="keep the K FP8 ops with the worst loss in original precision (PopRT 1.5)")
+    accuracy_target: str | None = Field(
+        None, description="METRIC=VALUE on the model outputs, e.g. cos_dist=0.001: keep the fewest ops "
+                          "in original precision that meet it")
+    accuracy_target_samples: int = Field(32, ge=1, description="samples the accuracy-target search measures on")
+
     task_runner: TaskRunnerName = Field("thread", description="how mapped tasks run")
     dask_address: str | None = Field(None, description="address of a running dask.distributed scheduler")
     max_workers: int | None = Field(None, ge=1, description="parallel workers for the thread/process runner")
@@ -128,6 +139,19 @@ class ConvertParams(BaseModel):
             self.output_model = f"{stem}_fp8.onnx"
         if os.path.abspath(self.output_model) == os.path.abspath(self.input_model):
             raise ValueError("--output_model is the same file as --input_model; the input is never overwritten")
+        if self.accuracy_target:
+            from fp8core.fallback import AccuracyTarget, FallbackError
+
+            try:
+                AccuracyTarget.parse(self.accuracy_target)
+            except FallbackError as exc:
+                raise ValueError(str(exc)) from None
+        needs_data = [f for f in ("precision_compare", "accuracy_target") if getattr(self, f)]
+        if needs_data and not (self.compare_data or self.data_preprocess):
+            raise ValueError(f"--{needs_data[0]} needs data: pass --compare_data or --data_preprocess PATH")
+        if self.num_of_layers_keep_fp16 and not (self.quantize or self.compare_data or self.data_preprocess):
+            raise ValueError("--num_of_layers_keep_fp16 ranks ops by measured loss: pass --quantize with "
+                             "--data_preprocess, or --compare_data")
         if self.quantize and not self.data_preprocess:
             raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")
         if self.task_runner == "dask" and not self.dask_address:

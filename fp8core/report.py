@@ -38,9 +38,13 @@ def summary_lines(result: dict) -> list[str]:
             f"  accuracy on {ev['samples']} labelled samples: FP32 {ev['accuracy_fp32']:.4f}, "
             f"FP8 {ev['accuracy_fp8']:.4f} (top-1 agreement {ev['agreement']:.4f})"
         )
-    for name in ("quantize_log", "precision_compare_log"):
-        if result.get(name):
-            lines.append(f"  {name.replace('_', ' ').replace(' log', '.log')}: {result[name]}")
+    if result.get("kept_fp16") is not None:
+        lines.append(f"  --num_of_layers_keep_fp16 kept: {', '.join(result['kept_fp16']) or 'none'}")
+    if result.get("accuracy_target"):
+        lines.append(f"  accuracy target: {result['accuracy_target']}")
+    for key, label in (("quantize_log", "quantize.log"), ("precision_compare_log", "precision_compare.log")):
+        if result.get(key):
+            lines.append(f"  {label}: {result[key]}")
     stages = result.get("seconds", {})
     if stages:
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))

@@ -1,0 +1,62 @@
+"""--precision_compare, --num_of_layers_keep_fp16 and --accuracy_target through the CLI on the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _args(tmp_path: Path, *flags: str) -> list[str]:
+    return ["--input_model", str(DATA / "demo_model.onnx"), "--output_model", str(tmp_path / "m_fp8.onnx"),
+            "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment_name", "quality", *flags]
+
+
+def _fp8_ops(path: Path) -> set[str]:
+    """Ops whose weight input comes from a DequantizeLinear."""
+    model = onnx.load(path)
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in dq}
+
+
+def test_compare_keep_worst_and_accuracy_target_end_to_end(tmp_path, capsys):
+    code = main(_args(tmp_path, "--quantize", "--data_preprocess", str(DATA / "calib.parquet"),
+                      "--precision_compare", "--compare_data", str(DATA / "eval.parquet"),
+                      "--num_of_layers_keep_fp16", "1", "--accuracy_target", "cos_dist=0.0002"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "precision_compare.log" in out and "accuracy target" in out
+    report = json.loads((tmp_path / "precision_compare.json").read_text())
+    assert (tmp_path / "precision_compare_snr.png").stat().st_size > 0
+    fp8_now = _fp8_ops(tmp_path / "m_fp8.onnx")
+    config_names = {"Conv_0", "Conv_3", "MatMul_7", "Gemm_10"}
+    assert report["samples"] == 300 if "samples" in report else True
+    assert 0 < len(fp8_now) < 4 and fp8_now <= config_names, fp8_now
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
+    assert run.data.metrics["accuracy_target_met"] == 1.0
+    assert run.data.tags["num_of_layers_keep_fp16"] in config_names
+    assert any(k.startswith("compare_output/") for k in run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"precision_compare.log", "precision_compare.json", "accuracy_target.json"} <= names
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--accuracy_target", "cos_dist"], "METRIC=VALUE"),
+    (["--accuracy_target", "bogus=1", "--compare_data", str(DATA / "eval.parquet")], "bogus"),
+    (["--precision_compare"], "needs data"),
+    (["--num_of_layers_keep_fp16", "-1"], "num_of_layers_keep_fp16"),
+    (["--num_of_layers_keep_fp16", "2"], "num_of_layers_keep_fp16"),
+])
+def test_bad_values_of_the_new_flags(tmp_path, capfd, flags, words):
+    code = main(_args(tmp_path, *flags))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "m_fp8.onnx").exists()
