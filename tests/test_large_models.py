@@ -151,3 +151,18 @@ def test_damaged_external_data_is_a_model_error(chain_paths, how, message, load_
     _damage(external, how)
     with pytest.raises(ModelError, match=message):
         load_model(external, load_weights=load_weights)
+
+
+def test_weights_encoded_in_parallel_slices_equal_encode():
+    """encode_weights splits big weights into slices on all cores: the bytes must not change."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fp8core.formats import encode
+    from fp8core.rewrite import ENCODE_CHUNK_ELEMENTS, _encode_in_chunks
+
+    x = np.random.default_rng(0).standard_normal((3, ENCODE_CHUNK_ELEMENTS // 2 + 7), dtype=np.float32) * 50
+    x[0, :4] = [np.nan, np.inf, -np.inf, 1e-30]
+    with ThreadPoolExecutor(2) as pool:
+        for fmt in ("F143", "F152", "E4M3FN", "E5M2"):
+            got = _encode_in_chunks(x, QuantParams(fmt, -2), pool)
+            assert got.shape == x.shape and np.array_equal(got, encode(x, fmt, -2))
