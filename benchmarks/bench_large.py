@@ -108,7 +108,7 @@ prepared = prepare_model(model, target_opset(model, None)); t = stage("prepare",
 plans = plan_fp8_ops(prepared, "fp8", [], QuantParams("F143", -3), QuantParams("F143", -3)); t = stage("plan", t)
 encoded = encode_weights(prepared, plans, weights_dir=folder); t = stage("encode", t)
 fp8 = rewrite_to_fp8(prepared, plans, encoded, weights_dir=folder); t = stage("rewrite", t)
-size = save_model_atomic(fp8, out, external_data="auto", weights_dir=folder, check=validate_fp8_model); t = stage("save_validate", t)
+size = save_model_atomic(fp8, out, external_data="auto", weights_dir=folder, check=validate_fp8_model, release=True); t = stage("save_validate", t)
 print(json.dumps({"seconds": seconds, "bytes_after": size}))
 """
 
@@ -135,6 +135,7 @@ def measure(way: str, size_gb: float, workdir: Path, quantize: bool = False) -> 
             if not calib.exists():
                 np.savez(calib, x=np.random.default_rng(1).standard_normal((32, SEQ, HIDDEN)).astype(np.float32))
             command += ["--quantize", "--data_preprocess", str(calib), "--batch_size", "8"]
+    load_before = round(os.getloadavg()[0], 2)  # the machine is shared: context for the numbers
     # a fresh Python per measurement, so ru_maxrss of RUSAGE_CHILDREN is this conversion's alone
     wrapper = ("import resource, subprocess, sys, json, time; t=time.perf_counter(); "
                "p=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -156,6 +157,7 @@ def measure(way: str, size_gb: float, workdir: Path, quantize: bool = False) -> 
         "peak_rss_bytes": info["peak"],
         "peak_rss_over_model": round(info["peak"] / weights, 3),
         "external_data_output": any(p.suffix == ".data" for p in out_dir.iterdir()),
+        "load_average_1min_before": load_before,
     }
     if way == "engine":
         row["stages"] = json.loads(info["stdout"].strip().splitlines()[-1])["seconds"]
@@ -172,13 +174,13 @@ def write_results(rows: list[dict]) -> None:
     merged = sorted(keyed.values(), key=lambda r: (r["way"], r["size_gb"]))
     meta = {"cpus": os.cpu_count(), "hidden": HIDDEN, "targets": {"mb_per_s": 150, "peak_rss_over_model": 1.5}}
     path.write_text(json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
-    lines = ["| way | FP32 weights | FP8 output | time | MB/s | peak RSS | RSS / model | stages (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| way | FP32 weights | FP8 output | time | MB/s | peak RSS | RSS / model | stages (s) | load before |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
         stages = ", ".join(f"{k} {v}" for k, v in r.get("stages", {}).items())
         lines.append(f"| {r['way']} | {r['fp32_weight_bytes'] / 1e9:.2f} GB | {r['fp8_output_bytes'] / 1e9:.2f} GB"
                      f"{' (external)' if r['external_data_output'] else ''} | {r['wall_seconds']} s | {r['mb_per_s']} "
-                     f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_over_model']} | {stages} |")
+                     f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_over_model']} | {stages} | {r.get('load_average_1min_before', '')} |")
     (RESULTS / "large.md").write_text("\n".join(lines) + "\n")
 
 

@@ -98,8 +98,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(folder: str, name: str) -> None:
     """Remove temp files/folders of earlier writes of ``name`` whose writer process is gone.
 
-    A temp whose name carries the pid of a live process is another writer's, and is left alone;
-    temps of unknown form are removed only when older than a minute.
+    A temp whose name carries the pid of another live process is that writer's, and is left
+    alone; one of this process is removed only when older than an hour (another thread may be
+    writing it); temps of unknown form only when older than a minute.
     """
     prefix = f".{name}."
     try:
@@ -112,10 +113,12 @@ def remove_stale_temps(folder: str, name: str) -> None:
         full = os.path.join(folder, entry)
         pid_text = entry[len(prefix):].split(".", 1)[0]
         try:
+            age = time.time() - os.path.getmtime(full)
             if pid_text.isdigit():
-                if int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+                pid = int(pid_text)
+                if (pid == os.getpid() and age < 3600) or (pid != os.getpid() and _pid_alive(pid)):
                     continue
-            elif os.path.getmtime(full) > time.time() - 60:
+            elif age < 60:
                 continue
             if os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
@@ -175,6 +178,7 @@ def save_model_atomic(
     external_data: str = "auto",
     weights_dir: str | None = None,
     check: Callable[[str], None] | None = None,
+    release: bool = False,
 ) -> int:
     """Write ``model`` to ``path`` atomically; returns the bytes written (model + data file).
 
@@ -184,8 +188,10 @@ def save_model_atomic(
     Everything is written into a temp folder beside ``path``, ``check(temp_model_path)`` runs
     there (e.g. :func:`validate_fp8_model`), then the data file is renamed into place and the
     ``.onnx`` last: a reader or a crash sees the old model with its data or the new one with
-    its data. Data files of the previous version are removed after the switch. ``model`` is not
-    modified. Same model, same bytes.
+    its data. Data files of the previous version are removed after the switch. Same model, same
+    bytes. ``model`` is not modified, unless ``release=True``: then its initializers are cleared
+    once written, before ``check`` runs, so the check (an onnxruntime session) does not run beside
+    a second in-memory copy of the weights - for callers that are done with the model.
     """
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
@@ -206,6 +212,8 @@ def save_model_atomic(
         _write_file(tmp_model, [model_bytes])
         size = len(model_bytes) + data_bytes
         del model_bytes
+        if release:
+            del model.graph.initializer[:]
         if check is not None:
             check(tmp_model)
         if data_name is not None:

@@ -166,3 +166,13 @@ def test_weights_encoded_in_parallel_slices_equal_encode():
         for fmt in ("F143", "F152", "E4M3FN", "E5M2"):
             got = _encode_in_chunks(x, QuantParams(fmt, -2), pool)
             assert got.shape == x.shape and np.array_equal(got, encode(x, fmt, -2))
+
+
+def test_release_frees_the_models_weights_after_writing(chain_paths, tmp_path):
+    inline, _ = chain_paths
+    fp8 = _convert(inline)
+    seen = []
+    save_model_atomic(fp8, str(tmp_path / "r.onnx"), check=lambda p: seen.append(len(fp8.graph.initializer)),
+                      release=True)
+    assert seen == [0] and not fp8.graph.initializer
+    validate_fp8_model(str(tmp_path / "r.onnx"))
