@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Literal
 
 import onnx
@@ -39,6 +40,33 @@ class QuantParams:
         object.__setattr__(self, "format", get_format(self.format).name)
         object.__setattr__(self, "scale", int(self.scale))
 
+    def describe(self) -> dict:
+        """What fp8_config.json and the logs show for these params."""
+        return {"format": self.format, "scale": self.scale}
+
+
+@dataclasses.dataclass(frozen=True)
+class RealScaleParams(QuantParams):
+    """An FP8 weight with real-valued scales (``--weight_granularity per_channel``, ``--scale_kind float``).
+
+    Real value = fp8 value * ``scales[c]`` along ``axis`` (per_channel), or * ``scales[0]``
+    (per_tensor, ``axis`` None). ``scale`` holds ``round(log2(geometric mean of scales))``, for
+    names only; ``loss`` is the whole weight's loss with these scales (not part of equality).
+    """
+
+    granularity: str = "per_channel"
+    axis: int | None = None
+    scales: tuple[float, ...] = ()
+    loss: float | None = dataclasses.field(default=None, compare=False)
+
+    def describe(self) -> dict:
+        s = [float(v) for v in self.scales]
+        geomean = float(2 ** (sum(math.log2(v) for v in s) / len(s))) if s else None
+        return {"format": self.format, "scale": "per_channel" if self.granularity == "per_channel" else "float",
+                "axis": self.axis, "loss": self.loss,
+                "scales": {"count": len(s), "min": min(s, default=None), "max": max(s, default=None),
+                           "geomean": geomean, **({"value": s[0]} if len(s) == 1 else {})}}
+
 
 @dataclasses.dataclass
 class QuantizedInput:
@@ -64,7 +92,7 @@ class OpPlan:
     def to_dict(self) -> dict:
         def params(role):
             found = [i.params for i in self.inputs if i.role == role and i.params is not None]
-            return dataclasses.asdict(found[0]) if found else None
+            return found[0].describe() if found else None
 
         return {
             "name": self.name,
@@ -77,7 +105,7 @@ class OpPlan:
             "weight": params("weight"),
             "tensors": [
                 {"index": i.index, "tensor": i.tensor, "role": i.role,
-                 **({"format": i.params.format, "scale": i.params.scale} if i.params else {})}
+                 **(i.params.describe() if i.params else {})}
                 for i in self.inputs
             ],
         }
