@@ -33,7 +33,8 @@ from fp8core.graph import (
     default_opset,
     set_input_shapes,
 )
-from fp8core.plan import OpPlan, QuantParams
+from fp8core.plan import OpPlan, QuantParams, RealScaleParams
+from fp8core.weight_options import encode_real_scaled, scale_initializer
 
 DEFAULT_OPSET = 21
 OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gained output_dtype in opset 21
@@ -172,6 +173,8 @@ ENCODE_CHUNK_ELEMENTS = 1 << 20
 def _encode_in_chunks(value: np.ndarray, p: QuantParams, pool: ThreadPoolExecutor) -> np.ndarray:
     """``encode(value)``, element by element the same, computed in 1M-element slices on all cores
     (numpy and ml_dtypes release the GIL), each slice's float32 temporary freed as it finishes."""
+    if isinstance(p, RealScaleParams):  # per-channel / real scales: one pass
+        return encode_real_scaled(value, p)
     flat = np.ascontiguousarray(value).reshape(-1)
     if flat.size <= ENCODE_CHUNK_ELEMENTS:
         return encode(value, p.format, p.scale)
@@ -218,16 +221,22 @@ def rewrite_to_fp8(
 
     def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
         data = encoded.pop((tensor, p), None)
+        real = isinstance(p, RealScaleParams)
         if data is None:
-            data = encode(source.constant_value(tensor), p.format, p.scale)
+            value = source.constant_value(tensor)
+            data = encode_real_scaled(value, p) if real else encode(value, p.format, p.scale)
+            del value
         base = f"{tensor}_{_params_suffix(p)}"
         q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
         q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
         del data
         q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
-        new_inits.extend([q, _scale_tensor(s_name, p.scale, elem_type)])
+        scale = scale_initializer(s_name, p, elem_type) if real else _scale_tensor(s_name, p.scale, elem_type)
+        new_inits.extend([q, scale])
         done[(tensor, p)] = out
-        return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"))]
+        axis = {"axis": p.axis} if real and p.axis is not None else {}  # per-channel: 1-D scale along axis
+        return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"),
+                                 **axis)]
 
     def activation_qdq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
         base = f"{tensor}_{_params_suffix(p)}"
