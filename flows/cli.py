@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
     p.add_argument("--batch_size", type=int, default=16, help="calibration samples per batch")
     p.add_argument("--cache_dir", metavar="DIR", help="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
+    p.add_argument("--weight_granularity", choices=["per_tensor", "per_channel"], default="per_tensor",
+                   help="FP8 weight scales: per tensor, or one real scale per output channel")
+    p.add_argument("--scale_kind", choices=["pow2", "float"], default="pow2",
+                   help="per-tensor weight scales: power of two (PopRT) or a searched real number")
+    p.add_argument("--weight_rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="FP8 weight rounding: nearest, or GPTQ on the captured inputs (MatMul/Gemm; needs --quantize)")
+    p.add_argument("--bias_correction", action="store_true",
+                   help="keep the mean output of MatMul+Add / Gemm on the calibration data (needs --quantize)")
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")
     p.add_argument("--compare_data", metavar="PATH", help="data for --precision_compare / --accuracy_target (default: --data_preprocess)")
     p.add_argument("--compare_samples", type=int, metavar="N", help="compare on at most N samples")
@@ -88,6 +96,10 @@ def _params_from_args(args) -> "ConvertParams":
         fp8_formats=args.fp8_formats,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
+        weight_granularity=args.weight_granularity,
+        scale_kind=args.scale_kind,
+        weight_rounding=args.weight_rounding,
+        bias_correction=args.bias_correction,
         task_runner="dask" if args.dask_address else args.task_runner,
         dask_address=args.dask_address,
         max_workers=args.max_workers,

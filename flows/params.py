@@ -81,6 +81,14 @@ class ConvertParams(BaseModel):
     batch_size: int = Field(16, ge=1, le=4096, description="calibration samples per batch")
     cache_dir: str | None = Field(
         None, description="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
+    weight_granularity: Literal["per_tensor", "per_channel"] = Field(
+        "per_tensor", description="FP8 weight scales: one per tensor, or one real scale per output channel")
+    scale_kind: Literal["pow2", "float"] = Field(
+        "pow2", description="per-tensor weight scales: power of two (PopRT) or a searched real number")
+    weight_rounding: Literal["nearest", "gptq"] = Field(
+        "nearest", description="FP8 weight rounding: to nearest, or GPTQ on the captured inputs (MatMul/Gemm; needs --quantize)")
+    bias_correction: bool = Field(
+        False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
 
     precision_compare: bool = Field(
         False, description="compare the FP8 and original models op by op (precision_compare.log)")
@@ -152,6 +160,9 @@ class ConvertParams(BaseModel):
         if self.num_of_layers_keep_fp16 and not (self.quantize or self.compare_data or self.data_preprocess):
             raise ValueError("--num_of_layers_keep_fp16 ranks ops by measured loss: pass --quantize with "
                              "--data_preprocess, or --compare_data")
+        for flag, on in (("weight_rounding gptq", self.weight_rounding == "gptq"), ("bias_correction", self.bias_correction)):
+            if on and not self.quantize:
+                raise ValueError(f"--{flag} uses the captured inputs of each op: add --quantize --data_preprocess PATH")
         if self.quantize and not self.data_preprocess:
             raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")
         if self.task_runner == "dask" and not self.dask_address:
