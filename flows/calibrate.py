@@ -18,6 +18,7 @@ from fp8core.cache import StatsKey
 from fp8core.capture import activations_to_capture
 from fp8core.plan import OpPlan
 from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
+from fp8core.weight_options import choose_weight_params
 from tasks.cache import HIT, load_cached_stats, prepared_model_sha256, store_stats
 from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats
@@ -43,6 +44,9 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) 
         results = map_search(stats, params)
 
     plans = apply_choices(plans, results)
+    with clock.stage("weight_scales"):  # per_channel / float: real scales searched on the weights by the same loss
+        plans = choose_weight_params(model, plans, params.weight_granularity, params.scale_kind,
+                                     params.fp8_formats, params.quantize_loss_type)
     report = quantize_report(plans, results, stats, params.quantize_loss_type, source)
     paths = write_quantize_logs(report, params.logs_dir)
     for p in paths.values():

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows.params import ConvertParams
 from flows.quality import apply_fallback, compare_precision
 from fp8core.report import fp8_config
+from fp8core.weight_options import choose_weight_params
 from tasks import tracking
 from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
 from tasks.evaluate import evaluate_accuracy
@@ -61,6 +62,10 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock)
         else:
             quantize_logs = {}
+            # fast mode: the weights are known, so real scales (per_channel / float) are searched
+            # on them by mse in the --fp8_params weight format
+            plans = choose_weight_params(loaded.model, plans, params.weight_granularity, params.scale_kind,
+                                         [params.fp8_params.weight_format], "mse")
 
         fallback = {}
         if params.num_of_layers_keep_fp16 or params.accuracy_target:

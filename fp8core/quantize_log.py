@@ -13,7 +13,7 @@ import math
 import os
 
 from fp8core.modelio import write_bytes_atomic
-from fp8core.plan import OpPlan, QuantParams
+from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.rewrite import FLOAT16_SCALES
 
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
@@ -61,14 +61,16 @@ def quantize_report(plans: list[OpPlan], results: dict, stats: dict, loss: str, 
             total = 0.0
             for q in plan.inputs:
                 r = results[q.tensor]
+                # real scales (per_channel / float) were searched on the weight itself, not in the bins
+                loss = q.params.loss if isinstance(q.params, RealScaleParams) else r.loss_of(q.params.format, q.params.scale)
                 entry["tensors"].append({
                     "role": q.role, "tensor": q.tensor, "input_index": q.index,
-                    "chosen": {"format": q.params.format, "scale": q.params.scale},
-                    "loss": _finite(r.loss_of(q.params.format, q.params.scale)),
+                    "chosen": q.params.describe(),
+                    "loss": _finite(loss),
                     "statistics": _stats_dict(stats[q.tensor]),
                     "candidates": [{"format": c.format, "scale": c.scale, "loss": _finite(c.loss)} for c in r.candidates],
                 })
-                total += r.loss_of(q.params.format, q.params.scale)
+                total += loss
             entry["best_loss"] = _finite(total)
         ops.append(entry)
     return {
@@ -94,6 +96,10 @@ def format_quantize_log(report: dict) -> str:
             s = t["statistics"]
             ch = t["chosen"]
             lines.append(f"  {t['role']} {t['tensor']}: chosen {ch['format']} scale {ch['scale']} loss {_num(t['loss'])}")
+            if "scales" in ch:  # real-valued scales: a summary, the values are in the model
+                r = ch["scales"]
+                lines.append(f"    real scales (axis {ch['axis']}): count {r['count']}  min {_num(r['min'])}  "
+                             f"max {_num(r['max'])}  geomean {_num(r['geomean'])}")
             lines.append("    stats: " + "  ".join(f"{k} {_num(s[k])}" for k in ("mean", "variance", "skewness", "kurtosis", "absmax"))
                          + f"  n {int(s['count'] or 0)}")
             for c in t["candidates"]:
