@@ -1,0 +1,72 @@
+"""GPTQ rounding of an FP8 weight (``--weight_rounding gptq``).
+
+For a layer ``y = x @ W`` with ``W`` as ``[K, N]`` (K input features) and the inputs' second
+moment ``H = sum x x^T`` (``[K, K]``), the output error of a rounded weight ``Q`` summed over the
+calibration rows is ``tr((W - Q)^T H (W - Q))``. GPTQ (Frantar et al., 2023) rounds one input
+feature (one row of W) at a time to the FP8 grid and spreads its rounding error over the rows
+not rounded yet, weighted by the inverse Hessian:
+
+* ``H += damp * mean(diag H) * I`` (``damp`` = 0.01); a feature that is always zero gets
+  ``H[k, k] = 1`` and its row of W is set to 0 (it never reaches the output);
+* ``U`` = the upper Cholesky factor of ``H^-1``;
+* for k = 0..K-1: ``q_k = grid(w_k)``, ``e = (w_k - q_k) / U[k, k]``, ``w_j -= U[k, j] e`` for j > k
+  (applied in blocks of :data:`BLOCK` rows, the lazy batch update of the paper: same result).
+
+``grid`` is round to nearest FP8 (ties to even, saturating) at the weight's scale(s): a power of
+two, one real scale, or one real scale per output channel (per column of ``W`` as ``[K, N]``).
+The result is ``Q`` in float32, every value exactly ``fp8 * scale``, so encoding it again to
+nearest gives back the same FP8 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fp8core.formats import round_trip
+
+DAMP = 0.01
+BLOCK = 128
+
+
+def fp8_grid(fmt: str, scales: np.ndarray | float) -> callable:
+    """Round rows of ``[., N]`` to nearest FP8 at ``scales`` (scalar, or one per column)."""
+    s = np.asarray(scales, np.float32)
+
+    def grid(rows: np.ndarray) -> np.ndarray:
+        return round_trip(np.asarray(rows, np.float32) / s, fmt, 0) * s
+
+    return grid
+
+
+def gptq_round(w_kn: np.ndarray, h: np.ndarray, grid, damp: float = DAMP, block: int = BLOCK) -> np.ndarray:
+    """``Q`` (float32, ``[K, N]``) for ``W`` = ``w_kn`` and ``H`` = ``h`` (module docstring)."""
+    w = np.array(w_kn, np.float64)
+    k = w.shape[0]
+    if h.shape != (k, k):
+        raise ValueError(f"H is {list(h.shape)} but the weight has {k} input features")
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    q = np.zeros_like(w, dtype=np.float32)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            qi = grid(w1[i:i + 1])[0]
+            q[i1 + i] = qi
+            e = (w1[i] - qi) / u1[i, i]
+            w1[i + 1:] -= np.outer(u1[i, i + 1:], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    return q
+
+
+def output_error(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
+    """``tr((W - Q)^T H (W - Q))``: the summed squared output error over the rows behind ``H``."""
+    d = np.asarray(w_kn, np.float64) - np.asarray(q_kn, np.float64)
+    return float(np.sum(d * (np.asarray(h, np.float64) @ d)))
