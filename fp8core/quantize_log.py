@@ -62,15 +62,16 @@ def quantize_report(plans: list[OpPlan], results: dict, stats: dict, loss: str, 
             for q in plan.inputs:
                 r = results[q.tensor]
                 # real scales (per_channel / float) were searched on the weight itself, not in the bins
-                loss = q.params.loss if isinstance(q.params, RealScaleParams) else r.loss_of(q.params.format, q.params.scale)
+                chosen_loss = (q.params.loss if isinstance(q.params, RealScaleParams)
+                               else r.loss_of(q.params.format, q.params.scale))
                 entry["tensors"].append({
                     "role": q.role, "tensor": q.tensor, "input_index": q.index,
                     "chosen": q.params.describe(),
-                    "loss": _finite(loss),
+                    "loss": _finite(chosen_loss),
                     "statistics": _stats_dict(stats[q.tensor]),
                     "candidates": [{"format": c.format, "scale": c.scale, "loss": _finite(c.loss)} for c in r.candidates],
                 })
-                total += loss
+                total += chosen_loss
             entry["best_loss"] = _finite(total)
         ops.append(entry)
     return {
