@@ -1,0 +1,33 @@
+"""``--weight_rounding gptq`` / ``--bias_correction``: capture the FP8 linear ops' input moments on
+the calibration data, then return a float model whose weights/biases the encoder turns into FP8.
+
+Runs after the fallback step: the fallback trials measure round-to-nearest weights.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from flows.params import ConvertParams
+from fp8core.feature_moments import capture_feature_moments
+from fp8core.plan import OpPlan
+from fp8core.weight_adjust import adjust_weights, linear_ops, moment_requests
+from tasks.ingest import ingest_calibration_data
+
+
+def adjusted_model(model, plans: list[OpPlan], params: ConvertParams, record):
+    """The float model to encode (a copy with GPTQ weights / corrected biases) and a per-op report."""
+    gptq = params.weight_rounding == "gptq"
+    ops = linear_ops(model, plans)
+    source = ingest_calibration_data(params.data_preprocess, model, params.batch_size)
+    moments = capture_feature_moments(model, moment_requests(ops, gptq, params.bias_correction), source,
+                                      params.batch_size)
+    new_model, report = adjust_weights(model, plans, moments, gptq, params.bias_correction)
+    for row in report:
+        for key in ("output_sq_error_nearest", "output_sq_error_gptq", "bias_max_shift"):
+            if key in row:
+                record.metrics({f"{key}/{row['op']}": row[key]})
+    record.json_artifact({"weight_rounding": params.weight_rounding, "bias_correction": params.bias_correction,
+                          "ops": report}, "weight_adjust.json")
+    get_run_logger().info("weight adjustments: %d MatMul/Gemm ops (Conv not covered)", len(report))
+    return new_model, report
