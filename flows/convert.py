@@ -72,10 +72,17 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             with clock.stage("fallback"):
                 plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record)
 
+        to_encode, weight_adjust = loaded.model, []
+        if params.weight_rounding == "gptq" or params.bias_correction:
+            from flows.weight_adjust import adjusted_model
+
+            with clock.stage("adjust_weights"):
+                to_encode, weight_adjust = adjusted_model(loaded.model, plans, params, record)
         with clock.stage("encode"):
-            encoded = encode_weights(loaded.model, plans)
+            encoded = encode_weights(to_encode, plans)
         with clock.stage("rewrite"):
-            fp8_model = rewrite_graph(loaded.model, plans, encoded)
+            fp8_model = rewrite_graph(to_encode, plans, encoded)
+        del to_encode
         with clock.stage("save"):
             bytes_after = validate_and_save(fp8_model, params.output_model)
 
@@ -91,6 +98,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             "mlflow_uri": tracking.tracking_uri(params.mlflow_tracking_uri),
             **quantize_logs,
             **fallback,
+            **({"weight_adjust": weight_adjust} if weight_adjust else {}),
         }
         if params.precision_compare:
             with clock.stage("compare"):
