@@ -24,7 +24,7 @@ from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats
 
 
-def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) -> tuple[list[OpPlan], dict]:
+def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, log_folder: str) -> tuple[list[OpPlan], dict]:
     """Choose (format, scale) for every FP8 op input and weight; return updated plans and log paths."""
     log = get_run_logger()
     if "fp8_params" in params.model_fields_set:
@@ -48,13 +48,10 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock) 
         plans = choose_weight_params(model, plans, params.weight_granularity, params.scale_kind,
                                      params.fp8_formats, params.quantize_loss_type)
     report = quantize_report(plans, results, stats, params.quantize_loss_type, source)
-    paths = write_quantize_logs(report, params.logs_dir)
+    paths = write_quantize_logs(report, log_folder)
     for p in paths.values():
         record.artifact(p)
     record.metrics({f"best_loss/{op['name']}": op["best_loss"] for op in report["ops"] if op["best_loss"] is not None})
-    chart = os.path.join(params.logs_dir, "quantize_loss.png")
-    if os.path.exists(chart):
-        record.artifact(chart)
     best_losses = {op["name"]: op["best_loss"] for op in report["ops"] if op["best_loss"] is not None}
     return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"], "best_loss": best_losses}
 

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows.params import ConvertParams
 from flows.quality import apply_fallback, compare_precision
 from fp8core.report import fp8_config
+from fp8core.staging import StagedOutputs
 from fp8core.weight_options import choose_weight_params
 from tasks import tracking
 from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
@@ -46,7 +47,8 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
     log = get_run_logger()
     clock = Stopwatch()
     run_name = f"{os.path.basename(params.input_model)} {'quantize' if params.quantize else 'fast'}"
-    with tracking.conversion_run(params, run_name, verbose) as record:
+    # logs are staged and appear only if the run succeeds; the MLflow run records either outcome
+    with StagedOutputs(params.logs_dir) as staging, tracking.conversion_run(params, run_name, verbose) as record:
         record.tags({"prefect_flow_run_id": str(flow_run.get_id() or ""), "mode": "quantize" if params.quantize else "fast"})
 
         with clock.stage("load"):
@@ -59,7 +61,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         if params.quantize:
             from flows.calibrate import calibrate
 
-            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock)
+            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path)
         else:
             quantize_logs = {}
             # fast mode: the weights are known, so real scales (per_channel / float) are searched
@@ -102,7 +104,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         }
         if params.precision_compare:
             with clock.stage("compare"):
-                result.update(compare_precision(loaded.model, fp8_model, plans, params, record))
+                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path))
         if eval_data:
             with clock.stage("evaluate"):
                 result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data)
@@ -120,7 +122,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         result["registered_model_version"] = register_if_accurate(record, params, result)
         publish_prefect_artifacts(record, params, result, plans)
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
-        return result
+        return staging.final_path(result)
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

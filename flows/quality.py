@@ -52,9 +52,9 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
     return plans, out
 
 
-def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record) -> dict:
+def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record, log_folder: str) -> dict:
     """Run the comparison, log its files and metrics to the run; returns the summary entries."""
-    cmp = precision_compare(model, fp8_model, plans, comparison_data(params), params.batch_size, params.logs_dir,
+    cmp = precision_compare(model, fp8_model, plans, comparison_data(params), params.batch_size, log_folder,
                             params.compare_samples, show_progress=True)
     for path in cmp["paths"].values():
         record.artifact(path)
