@@ -86,7 +86,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             fp8_model = rewrite_graph(to_encode, plans, encoded)
         del to_encode
         with clock.stage("save"):
-            bytes_after = validate_and_save(fp8_model, params.output_model)
+            bytes_after = validate_and_save(fp8_model, params.output_model, params.external_data)
 
         config = fp8_config(plans, loaded.opset)
         result = {

@@ -244,9 +244,9 @@ def decode(q: np.ndarray, fmt: str | FP8Format, scale: int = 0, dtype=np.float32
             f"cannot decode an array of dtype {q.dtype} as {f.name}; pass the raw bytes (uint8) "
             f"or an array of dtype {f.dtype}")
     y = q.astype(np.float32)
-    if s:
-        y *= np.float32(scale_value(s))
-    with np.errstate(over="ignore"):  # to float16: beyond 65504 is +-inf, as documented
+    with np.errstate(over="ignore"):  # large scales overflow to +-inf, as onnxruntime does
+        if s:
+            y *= np.float32(scale_value(s))
         return y.astype(dtype, copy=False)
 
 

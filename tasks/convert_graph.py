@@ -22,6 +22,6 @@ def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded) -> onnx.
 
 
 @task(name="validate-and-save", cache_policy=NONE)
-def validate_and_save(model: onnx.ModelProto, path: str, feeds=None) -> int:
-    validate_fp8_model(model, feeds)
-    return save_model_atomic(model, path)
+def validate_and_save(model: onnx.ModelProto, path: str, external_data: str = "auto", feeds=None) -> int:
+    """Write atomically (external data past 2 GB), validating the written copy before it replaces ``path``."""
+    return save_model_atomic(model, path, external_data, check=lambda written: validate_fp8_model(written, feeds))
