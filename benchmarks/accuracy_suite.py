@@ -1,0 +1,632 @@
+"""How close FP8 models stay to FP32 on real pretrained models: every fp8-convert technique and
+onnxruntime's own FP8 quantizer, scored against the FP32 model on real data.
+
+One command runs it all (not in CI; about 30-60 minutes on 2 shared cores):
+
+    pip install -e ".[bench]"
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py
+
+    # a part of it, e.g. one model, or some runs (results merge into the same files):
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py --models minilm --runs fast,quantize_kld,ort_fp8
+
+Models, data and preprocessing: ``accuracy_models.py`` (EfficientNet-Lite0 on 32 calibration /
+340 evaluation crops of disjoint photos; all-MiniLM-L6-v2 on 64 calibration / 200 evaluation
+sentences of disjoint documents). Everything is exported and cached in ``--cache-dir``
+(default /tmp/fp8_acc), never in the repository; nothing is downloaded.
+
+Runs, for each model (each one ``fp8-convert`` subprocess, timed from spawn to exit, Prefect and
+MLflow start-up included; a cold statistics cache per run; MLflow store
+``sqlite:////tmp/fp8_acc/mlflow.db``):
+
+* ``fast``: ``--precision fp8``, fast mode defaults (``--fp8_params F143,F143,0,0``, no data).
+* ``weights_only``: ``--precision fp8_weight --quantize`` (kld): FP8 weights, float activations.
+* ``quantize_<loss>``: ``--precision fp8 --quantize --quantize_loss_type <loss>`` for mse, mae,
+  snr, kld, cos_dist. The loss whose run scores best (EfficientNet: top-1 agreement, then KL;
+  MiniLM: mean cosine) is the *base* of every run below.
+* ``keep_1..3``: base + ``--num_of_layers_keep_fp16 K``.
+* ``target``: base + ``--accuracy_target METRIC=VALUE --compare_data <calibration data>``
+  (the search sees calibration data only, never the evaluation set).
+* ``per_channel``, ``scale_float``, ``gptq``, ``bias_correction``: base + one of
+  ``--weight_granularity per_channel``, ``--scale_kind float``, ``--weight_rounding gptq``,
+  ``--bias_correction``; ``combined``: base + all of them that exist; ``combined_keep_3``:
+  combined + ``--num_of_layers_keep_fp16 3``. A flag missing from ``fp8-convert --help`` makes
+  its run "not available".
+* ``ort_fp8``: onnxruntime ``quantize_static(QuantFormat.QDQ, activation_type=weight_type=
+  QFLOAT8E4M3FN, calibrate_method=Distribution, op_types_to_quantize=[Conv, MatMul, Gemm])`` on
+  the same calibration samples (a subprocess, timed the same way).
+
+Every FP8 model is run with ``fp8core.runtime.make_session``, the FP32 model too. Scores vs FP32:
+
+* EfficientNet-Lite0 (logits -> softmax): top-1 agreement (same argmax); top-5 agreement
+  (FP32's top-1 class is among FP8's five highest); mean KL(p_fp32 || p_fp8) in nats; top-1
+  agreement on the samples where FP32's top probability is > 0.5.
+* MiniLM (unit embeddings): mean and min cosine(e_fp32, e_fp8); nearest-neighbour agreement:
+  the fraction of evaluation sentences whose nearest other evaluation sentence (by cosine) is the
+  same with FP8 embeddings as with FP32 ones.
+
+Targets (issue 6; full FP8, at most 3 ops kept in high precision): EfficientNet-Lite0 top-1
+>= 0.75, top-5 >= 0.95, mean KL <= 0.15, confident top-1 >= 0.98; MiniLM mean cosine >= 0.999,
+NN agreement >= 0.99. Results: ``benchmarks/results/accuracy.json`` and ``accuracy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import accuracy_models  # noqa: E402  (a sibling module, not a package)
+
+RESULTS_JSON = HERE / "results" / "accuracy.json"
+RESULTS_MD = HERE / "results" / "accuracy.md"
+ORT_CHILD_MARKER = "ORT_CHILD_RESULT "
+LOSSES = ("mse", "mae", "snr", "kld", "cos_dist")
+MAX_KEPT_OPS = 3
+EVAL_BATCH = 20
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and scores
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+    metric: str
+    bound: float
+    higher_is_better: bool
+
+    def met(self, value: float | None) -> bool:
+        if value is None or not np.isfinite(value):
+            return False
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.bound:g}"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classifier_scores(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Scores of FP8 logits against FP32 logits (see the module docstring)."""
+    p, q = softmax(reference), softmax(candidate)
+    top1_ref = p.argmax(axis=1)
+    top5_cand = np.argsort(-q, axis=1)[:, :5]
+    agree = top1_ref == q.argmax(axis=1)
+    confident = p.max(axis=1) > 0.5
+    eps = 1e-12
+    kl = np.sum(p * (np.log(p + eps) - np.log(q + eps)), axis=1)
+    return {
+        "top1_agreement": float(agree.mean()),
+        "top5_agreement": float((top5_cand == top1_ref[:, None]).any(axis=1).mean()),
+        "mean_kl": float(kl.mean()),
+        "confident_top1_agreement": float(agree[confident].mean()) if confident.any() else float("nan"),
+        "confident_samples": int(confident.sum()),
+    }
+
+
+def nearest_other(embeddings: np.ndarray) -> np.ndarray:
+    """Index of each row's most cosine-similar other row."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
+def embedding_scores(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Scores of FP8 sentence embeddings against FP32 ones (see the module docstring)."""
+    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cand = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
+    cosine = np.sum(ref * cand, axis=1)
+    return {
+        "mean_cosine": float(cosine.mean()),
+        "min_cosine": float(cosine.min()),
+        "nn_agreement": float((nearest_other(reference) == nearest_other(candidate)).mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The two models
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelCase:
+    """A model, its calibration data (Parquet and arrays), evaluation feeds, and how to score."""
+
+    key: str
+    title: str
+    model: Path
+    calibration_parquet: Path
+    calibration: dict[str, np.ndarray]
+    evaluation: dict[str, np.ndarray]
+    score: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metrics: tuple[str, ...]
+    targets: tuple[Target, ...]
+    accuracy_target: str             # the --accuracy_target of the ``target`` run
+    rank: Callable[[dict], tuple]     # larger is better: picks the base loss
+    data_note: str
+
+
+def _classifier_rank(scores: dict) -> tuple:
+    return (scores["top1_agreement"], -scores["mean_kl"])
+
+
+def _embedding_rank(scores: dict) -> tuple:
+    return (scores["mean_cosine"], scores["nn_agreement"])
+
+
+def efficientnet_case(cache: Path) -> ModelCase:
+    from fp8core.calibration import write_parquet
+
+    model = accuracy_models.export_efficientnet(cache)
+    data = accuracy_models.image_data()
+    calibration = {accuracy_models.IMAGE_INPUT: data["calibration"][0]}
+    evaluation = {accuracy_models.IMAGE_INPUT: data["evaluation"][0]}
+    parquet = write_parquet(calibration, cache / "efficientnet_calibration.parquet")
+    n_eval_photos = len({label.split()[0] for label in data["evaluation"][1]})
+    return ModelCase(
+        key="efficientnet_lite0", title="EfficientNet-Lite0 (ImageNet classifier)", model=model,
+        calibration_parquet=parquet, calibration=calibration, evaluation=evaluation,
+        score=classifier_scores,
+        metrics=("top1_agreement", "top5_agreement", "mean_kl", "confident_top1_agreement"),
+        targets=(Target("top1_agreement", 0.75, True), Target("top5_agreement", 0.95, True),
+                 Target("mean_kl", 0.15, False), Target("confident_top1_agreement", 0.98, True)),
+        accuracy_target="top1_agreement=0.95", rank=_classifier_rank,
+        data_note=(f"{len(data['calibration'][1])} calibration crops of {len(accuracy_models.CALIBRATION_PHOTOS)} "
+                   f"photos ({', '.join(accuracy_models.CALIBRATION_PHOTOS)}); {len(data['evaluation'][1])} "
+                   f"evaluation crops of {n_eval_photos} other photos"),
+    )
+
+
+def minilm_case(cache: Path) -> ModelCase:
+    from fp8core.calibration import write_parquet
+
+    model = accuracy_models.export_minilm(cache)
+    sentences = accuracy_models.text_data()
+    calibration = accuracy_models.tokenize(sentences["calibration"])
+    evaluation = accuracy_models.tokenize(sentences["evaluation"])
+    parquet = write_parquet(calibration, cache / "minilm_calibration.parquet")
+    return ModelCase(
+        key="all_minilm_l6_v2", title="all-MiniLM-L6-v2 (sentence embedder)", model=model,
+        calibration_parquet=parquet, calibration=calibration, evaluation=evaluation,
+        score=embedding_scores, metrics=("mean_cosine", "min_cosine", "nn_agreement"),
+        targets=(Target("mean_cosine", 0.999, True), Target("nn_agreement", 0.99, True)),
+        accuracy_target="cos_dist=0.001", rank=_embedding_rank,
+        data_note=(f"{len(sentences['calibration'])} calibration / {len(sentences['evaluation'])} evaluation "
+                   f"sentences of disjoint documents (scikit-learn data-set descriptions, Python reference "
+                   f"topics), {accuracy_models.SEQ_LEN} tokens padded"),
+    )
+
+
+CASES = {"efficientnet": efficientnet_case, "minilm": minilm_case}
+
+
+def run_model(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output on ``feeds``, in batches, with the project's safe session."""
+    from fp8core.runtime import make_session
+
+    session = make_session(str(path))
+    n = len(next(iter(feeds.values())))
+    outputs = [session.run(None, {k: v[i:i + EVAL_BATCH] for k, v in feeds.items()})[0]
+               for i in range(0, n, EVAL_BATCH)]
+    return np.concatenate(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunSpec:
+    name: str
+    settings: str
+    args: list[str]                  # fp8-convert flags (empty for ort_fp8)
+    needs: tuple[str, ...] = ()      # flags that must appear in fp8-convert --help
+    full_fp8: bool = True            # FP8 weights and activations (the targets' condition)
+
+
+def fp8_convert_executable() -> str:
+    beside_python = Path(sys.executable).parent / "fp8-convert"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("fp8-convert")
+    if found is None:
+        raise SystemExit("fp8-convert not found: pip install -e . in the repository first")
+    return found
+
+
+def available_flags() -> set[str]:
+    text = subprocess.run([fp8_convert_executable(), "--help"], capture_output=True, text=True).stdout
+    return set(re.findall(r"--[a-z0-9_]+", text))
+
+
+def quantize_args(case: ModelCase, loss: str) -> list[str]:
+    return ["--quantize", "--quantize_loss_type", loss, "--data_preprocess", str(case.calibration_parquet),
+            "--batch_size", "8"]
+
+
+def first_runs(case: ModelCase) -> list[RunSpec]:
+    runs = [
+        RunSpec("fast", "--precision fp8, --fp8_params F143,F143,0,0 (defaults, no data)", ["--precision", "fp8"]),
+        RunSpec("weights_only", "--precision fp8_weight --quantize (kld)",
+                ["--precision", "fp8_weight", *quantize_args(case, "kld")], full_fp8=False),
+    ]
+    runs += [RunSpec(f"quantize_{loss}", f"--quantize --quantize_loss_type {loss}",
+                     ["--precision", "fp8", *quantize_args(case, loss)]) for loss in LOSSES]
+    return runs
+
+
+TECHNIQUES = (  # (run name, flags, settings text)
+    ("per_channel", ["--weight_granularity", "per_channel"], "--weight_granularity per_channel"),
+    ("scale_float", ["--scale_kind", "float"], "--scale_kind float"),
+    ("gptq", ["--weight_rounding", "gptq"], "--weight_rounding gptq"),
+    ("bias_correction", ["--bias_correction"], "--bias_correction"),
+)
+
+
+def base_runs(case: ModelCase, loss: str, flags: set[str]) -> list[RunSpec]:
+    """Runs on top of the best loss's --quantize run."""
+    base = ["--precision", "fp8", *quantize_args(case, loss)]
+    text = f"--quantize {loss}"
+    runs = [RunSpec(f"keep_{k}", f"{text} + --num_of_layers_keep_fp16 {k}", [*base, "--num_of_layers_keep_fp16", str(k)],
+                    needs=("--num_of_layers_keep_fp16",)) for k in (1, 2, 3)]
+    runs.append(RunSpec("target", f"{text} + --accuracy_target {case.accuracy_target} (on the calibration data, 16 samples)",
+                        [*base, "--accuracy_target", case.accuracy_target, "--compare_data", str(case.calibration_parquet),
+                         "--accuracy_target_samples", "16"], needs=("--accuracy_target",)))
+    for name, extra, settings in TECHNIQUES:
+        runs.append(RunSpec(name, f"{text} + {settings}", [*base, *extra], needs=(extra[0],)))
+    present = [(extra, settings) for _, extra, settings in TECHNIQUES if extra[0] in flags]
+    if present:
+        combined = [flag for extra, _ in present for flag in extra]
+        settings = " + ".join(s for _, s in present)
+        runs.append(RunSpec("combined", f"{text} + {settings}", [*base, *combined]))
+        runs.append(RunSpec("combined_keep_3", f"{text} + {settings} + --num_of_layers_keep_fp16 3",
+                            [*base, *combined, "--num_of_layers_keep_fp16", "3"], needs=("--num_of_layers_keep_fp16",)))
+        runs.append(RunSpec("combined_weights_only", f"--precision fp8_weight --quantize {loss} + {settings}",
+                            ["--precision", "fp8_weight", *quantize_args(case, loss), *combined], full_fp8=False))
+    runs.append(RunSpec("ort_fp8", "onnxruntime quantize_static QFLOAT8E4M3FN, Distribution, QDQ, Conv/MatMul/Gemm", []))
+    return runs
+
+
+_OPS = re.compile(r"ops:\s*(\d+)\s*FP8,\s*(\d+)\s*kept")
+_STAGE = re.compile(r"([A-Za-z_][\w ]*?)\s+([0-9]+(?:\.[0-9]+)?)s\b")
+
+
+def parse_summary(stdout: str) -> dict:
+    """FP8/kept op counts and stage seconds from fp8-convert's summary."""
+    found: dict = {}
+    for line in stdout.splitlines():
+        text = line.strip()
+        match = _OPS.search(text)
+        if match and "fp8_ops" not in found:
+            found["fp8_ops"], found["kept_ops"] = int(match.group(1)), int(match.group(2))
+        if text.startswith("time:"):
+            found["stage_s"] = {k.strip(): float(v) for k, v in _STAGE.findall(text[len("time:"):])}
+    return found
+
+
+def timed(command: list[str], work: Path, timeout_s: float) -> dict:
+    """Run ``command`` in ``work``; wall seconds, exit code, output kept in files and returned."""
+    out_path, err_path = work / "run.out", work / "run.err"
+    start = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        try:
+            code = subprocess.run(command, cwd=work, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    return {"seconds": round(time.perf_counter() - start, 1), "exit_code": code,
+            "stdout": out_path.read_text(errors="replace"), "stderr": err_path.read_text(errors="replace")}
+
+
+def convert(case: ModelCase, spec: RunSpec, cache: Path, timeout_s: float) -> tuple[dict, Path]:
+    work = cache / "runs" / case.key / spec.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    output = work / f"{case.key}_fp8.onnx"
+    if spec.name == "ort_fp8":
+        npz = work / "calibration.npz"
+        np.savez(npz, **case.calibration)
+        command = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", str(case.model), str(npz), str(output)]
+    else:
+        command = [fp8_convert_executable(), "--input_model", str(case.model), "--output_model", str(output),
+                   *spec.args, "--cache_dir", str(work / "statistics_cache"), "--log_dir", str(work / "logs"),
+                   "--mlflow_tracking_uri", f"sqlite:///{cache / 'mlflow.db'}", "--experiment_name", "accuracy-suite"]
+    result = timed(command, work, timeout_s)
+    result["command"] = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command))
+    result.update(parse_summary(result["stdout"]))
+    if spec.name == "ort_fp8":
+        for line in result["stdout"].splitlines():
+            if line.startswith(ORT_CHILD_MARKER):
+                result.update(json.loads(line[len(ORT_CHILD_MARKER):]))
+    return result, output
+
+
+def _ort_child(model: str, npz: str, output: str) -> None:
+    """Body of the ORT child process: quantize_static on the calibration arrays, 8 per batch."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    )
+
+    arrays = dict(np.load(npz))
+    n = len(next(iter(arrays.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v[i:i + 8] for k, v in arrays.items()} for i in range(0, n, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    start = time.perf_counter()
+    quantize_static(model, output, Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
+                    calibrate_method=CalibrationMethod.Distribution, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    import onnx
+
+    quantized = onnx.load(output)
+    ops = ("Conv", "MatMul", "Gemm")
+    dq_outputs = {o for node in quantized.graph.node if node.op_type == "DequantizeLinear" for o in node.output}
+    total = sum(node.op_type in ops for node in quantized.graph.node)
+    fp8 = sum(node.op_type in ops and any(i in dq_outputs for i in node.input) for node in quantized.graph.node)
+    print(ORT_CHILD_MARKER + json.dumps({"tool_s": round(time.perf_counter() - start, 2),
+                                         "fp8_ops": fp8, "kept_ops": total - fp8}), flush=True)
+
+
+def _trimmed(result: dict) -> dict:
+    kept = {k: v for k, v in result.items() if k not in ("stdout", "stderr")}
+    kept["stdout_tail"] = result.get("stdout", "")[-2500:]
+    kept["stderr_tail"] = result.get("stderr", "")[-1500:]
+    return kept
+
+
+def measure(case: ModelCase, spec: RunSpec, reference: np.ndarray, flags: set[str], cache: Path,
+            timeout_s: float) -> dict:
+    entry = {"settings": spec.settings, "full_fp8": spec.full_fp8}
+    missing = [flag for flag in spec.needs if flag not in flags]
+    if missing:
+        return {**entry, "status": f"not available ({', '.join(missing)} not in fp8-convert --help)"}
+    result, output = convert(case, spec, cache, timeout_s)
+    entry.update(_trimmed(result))
+    if result["exit_code"] != 0 or not output.exists():
+        last = (result["stderr"].strip().splitlines() or ["no output"])[-1]
+        entry["status"] = f"failed (exit {result['exit_code']}): {last[:300]}"
+        return entry
+    start = time.perf_counter()
+    entry["scores"] = case.score(reference, run_model(output, case.evaluation))
+    entry["scoring_seconds"] = round(time.perf_counter() - start, 1)
+    entry["status"] = "ok"
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+def load_results() -> dict:
+    if RESULTS_JSON.exists():
+        return json.loads(RESULTS_JSON.read_text())
+    return {"models": {}}
+
+
+def environment() -> dict:
+    import platform
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    uncommitted = git("status", "--porcelain", "--", "../fp8core", "../flows", "../tasks").splitlines()
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "git_commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_engine_files": [line[3:] for line in uncommitted]}
+
+
+def eligible(run: dict) -> bool:
+    """Counts for the targets: full FP8, scored, at most MAX_KEPT_OPS ops kept in high precision."""
+    return (run.get("status") == "ok" and run.get("full_fp8", True)
+            and run.get("kept_ops") is not None and run["kept_ops"] <= MAX_KEPT_OPS)
+
+
+def targets_met(model: dict, run: dict) -> int:
+    return sum(Target(**t).met(run["scores"].get(t["metric"])) for t in model["targets"])
+
+
+def best_eligible(model: dict) -> tuple[str, dict] | None:
+    runs = [(name, run) for name, run in model["runs"].items() if eligible(run)]
+    if not runs:
+        return None
+    primary = model["targets"][0]["metric"]
+    return max(runs, key=lambda item: (targets_met(model, item[1]), item[1]["scores"][primary]))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if not np.isfinite(value) else f"{value:.4f}"
+    return str(value)
+
+
+# (technique run, the run it is compared with, what it is)
+CONTRIBUTIONS = (
+    ("weights_only", "fp32", "FP8 weights only (activations float)"),
+    ("quantize_{base}", "weights_only", "FP8 activations on top of FP8 weights"),
+    ("quantize_{base}", "fast", "calibration search vs fast-mode defaults"),
+    ("per_channel", "quantize_{base}", "per-channel real weight scales"),
+    ("scale_float", "quantize_{base}", "real per-tensor weight scales"),
+    ("gptq", "quantize_{base}", "GPTQ weight rounding"),
+    ("bias_correction", "quantize_{base}", "bias correction"),
+    ("combined", "quantize_{base}", "all weight techniques together"),
+    ("keep_1", "quantize_{base}", "1 worst op kept in high precision"),
+    ("keep_3", "quantize_{base}", "3 worst ops kept in high precision"),
+    ("combined_keep_3", "combined", "3 worst ops kept, on top of the weight techniques"),
+    ("target", "quantize_{base}", "--accuracy_target fallback"),
+    ("ort_fp8", "quantize_{base}", "onnxruntime's FP8 quantizer instead of fp8-convert"),
+)
+
+
+def contribution_lines(model: dict) -> list[str]:
+    base = model.get("base_loss", "kld")
+    primary = [t["metric"] for t in model["targets"]]
+    runs = model["runs"]
+    lines = []
+    for technique, reference, what in CONTRIBUTIONS:
+        a, b = technique.format(base=base), reference.format(base=base)
+        if b == "fp32":
+            run = runs.get(a)
+            if run and run.get("status") == "ok":
+                lines.append(f"* {what} (`{a}` vs FP32): " + ", ".join(f"{m} {_fmt(run['scores'][m])}" for m in primary))
+            continue
+        ra, rb = runs.get(a), runs.get(b)
+        if not ra or not rb:
+            continue
+        if ra.get("status") != "ok" or rb.get("status") != "ok":
+            lines.append(f"* {what} (`{a}`): {ra.get('status', '?') if ra.get('status') != 'ok' else 'reference ' + rb.get('status', '?')}")
+            continue
+        deltas = ", ".join(f"{m} {_fmt(rb['scores'][m])} -> {_fmt(ra['scores'][m])} ({ra['scores'][m] - rb['scores'][m]:+.4f})"
+                           for m in primary)
+        lines.append(f"* {what} (`{a}` vs `{b}`): {deltas}")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    env = results.get("environment", {})
+    lines = [
+        "# FP8 accuracy on real pretrained models",
+        "",
+        "Generated by `HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py` (its docstring defines every run and",
+        f"score). Commit {env.get('git_commit', '?')}, onnxruntime {env.get('onnxruntime', '?')}, torch "
+        f"{env.get('torch', '?')} (export only), {env.get('cpus', '?')} shared CPUs. Scores compare each FP8 model",
+        "with the FP32 model on the evaluation data; seconds are the wall time of the conversion process",
+        "(Prefect/MLflow start-up included, cold statistics cache), not of the scoring.",
+        "",
+    ]
+    for key, model in results["models"].items():
+        metrics = model["metrics"]
+        lines += [f"## {model['title']}", "", f"Data: {model['data_note']}. Base loss for the later runs: "
+                  f"`{model.get('base_loss', '?')}` (best `quantize_*` run).", ""]
+        header = ["run", "settings", "FP8 / kept ops", *metrics, "targets met", "seconds", "status"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(metrics) + 2) + ["---"]) + "|"]
+        for name, run in model["runs"].items():
+            scores = run.get("scores", {})
+            ops = f"{run['fp8_ops']} / {run['kept_ops']}" if run.get("fp8_ops") is not None else "-"
+            met = f"{targets_met(model, run)}/{len(model['targets'])}" if scores else "-"
+            if scores and not eligible(run):
+                met += " (not eligible)"
+            status = run.get("status", "?")
+            lines.append("| " + " | ".join([f"`{name}`", run["settings"], ops, *(_fmt(scores.get(m)) for m in metrics),
+                                           met, _fmt(run.get("seconds")), status.replace("|", "/")]) + " |")
+        best = best_eligible(model)
+        lines += ["", f"Targets (full FP8, at most {MAX_KEPT_OPS} ops kept in high precision):", ""]
+        if best is None:
+            lines.append("* no eligible run")
+        else:
+            name, run = best
+            lines.append(f"Best eligible run: `{name}` ({run['settings']}; {run['kept_ops']} ops kept).")
+            lines.append("")
+            for t in model["targets"]:
+                target = Target(**t)
+                value = run["scores"].get(target.metric)
+                lines.append(f"* {target}: {_fmt(value)} -> {'met' if target.met(value) else 'MISSED'}")
+        lines += ["", "What each technique contributes:", "", *contribution_lines(model), ""]
+        if model.get("target_report"):
+            lines += ["`--accuracy_target` report (from fp8-convert's output):", "", "```", model["target_report"], "```", ""]
+    return "\n".join(lines)
+
+
+def target_report(stdout: str) -> str:
+    """fp8-convert's lines about the accuracy-target search (what it kept, metric per step)."""
+    keep = [line for line in stdout.splitlines()
+            if re.search(r"accuracy|target|step|kept|keep", line, re.IGNORECASE)]
+    return "\n".join(keep[-30:])
+
+
+def save(results: dict) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    RESULTS_MD.write_text(markdown(results))
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="efficientnet,minilm", help=f"comma separated: {', '.join(CASES)}")
+    p.add_argument("--runs", default="", help="comma separated run names (default: all)")
+    p.add_argument("--base-loss", default="", help="skip choosing: use this loss as the base")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FP8_ACC_DIR", "/tmp/fp8_acc")))
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per conversion before it is killed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_ort-child"]:
+        _ort_child(*argv[1:4])
+        return 0
+    args = parse_args(argv)
+    cache = args.cache_dir.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = {r for r in args.runs.split(",") if r}
+    flags = available_flags()
+    results = load_results()
+    results["environment"] = environment()
+    now = lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+
+    for model_key in [m for m in args.models.split(",") if m]:
+        case = CASES[model_key](cache)
+        reference = run_model(case.model, case.evaluation)
+        entry = results["models"].setdefault(case.key, {"runs": {}})
+        entry.update({"title": case.title, "metrics": list(case.metrics), "data_note": case.data_note,
+                      "targets": [dataclasses.asdict(t) for t in case.targets],
+                      "evaluation_samples": len(reference)})
+        if case.score is classifier_scores:
+            entry["fp32_confident_samples"] = int((softmax(reference).max(axis=1) > 0.5).sum())
+
+        def record(spec: RunSpec) -> None:
+            if wanted and spec.name not in wanted:
+                return
+            print(f"[{now()}] {case.key} {spec.name}: {spec.settings}", flush=True)
+            run = measure(case, spec, reference, flags, cache, args.timeout)
+            run["measured_at"] = now()
+            entry["runs"][spec.name] = run
+            if spec.name == "target" and run.get("stdout_tail"):
+                entry["target_report"] = target_report(run["stdout_tail"])
+            save(results)
+            print(f"    {run['status']}, {run.get('seconds', '-')} s, scores {run.get('scores', {})}", flush=True)
+
+        for spec in first_runs(case):
+            record(spec)
+        scored = {loss: entry["runs"].get(f"quantize_{loss}", {}).get("scores") for loss in LOSSES}
+        scored = {loss: s for loss, s in scored.items() if s}
+        base = args.base_loss or (max(scored, key=lambda loss: case.rank(scored[loss])) if scored else "kld")
+        entry["base_loss"] = base
+        for spec in base_runs(case, base, flags):
+            record(spec)
+        save(results)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
