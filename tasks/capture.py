@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from tasks.retry import IO_RETRIES
+
 from fp8core.capture import capture_stats
 from fp8core.report import ProgressLine
 
 
-@task(name="capture-activations", cache_policy=NONE, retries=1, retry_delay_seconds=1)
+@task(name="capture-activations", cache_policy=NONE, **IO_RETRIES)
 def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False):
     log = get_run_logger()
     line = ProgressLine("capture", enabled=show_progress)

@@ -6,6 +6,8 @@ import onnx
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks.retry import IO_RETRIES
+
 from fp8core.modelio import save_model_atomic, validate_fp8_model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import encode_weights as _encode, rewrite_to_fp8
@@ -21,7 +23,7 @@ def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded) -> onnx.
     return rewrite_to_fp8(model, plans, encoded)
 
 
-@task(name="validate-and-save", cache_policy=NONE)
+@task(name="validate-and-save", cache_policy=NONE, **IO_RETRIES)
 def validate_and_save(model: onnx.ModelProto, path: str, external_data: str = "auto", feeds=None) -> int:
     """Write atomically (external data past 2 GB), validating the written copy before it replaces ``path``."""
     return save_model_atomic(model, path, external_data, check=lambda written: validate_fp8_model(written, feeds))

@@ -9,6 +9,8 @@ import onnx
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks.retry import IO_RETRIES
+
 from fp8core.graph import file_sha256, load_model as _load
 from fp8core.rewrite import prepare_model, target_opset
 
@@ -23,7 +25,7 @@ class LoadedModel:
     model: onnx.ModelProto  # prepared: named nodes, fixed input shapes, target opset
 
 
-@task(name="load-model", cache_policy=NONE, retries=0)
+@task(name="load-model", cache_policy=NONE, **IO_RETRIES)
 def load_model(path: str, input_shape: dict[str, list[int]], convert_version: int | None) -> LoadedModel:
     original = _load(path)
     from fp8core.graph import default_opset

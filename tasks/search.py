@@ -5,6 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks.retry import IO_RETRIES
+
 from fp8core.graph import GraphIndex
 from fp8core.plan import OpPlan
 from fp8core.search import search
@@ -25,6 +27,6 @@ def weight_stats(model, plans: list[OpPlan]) -> dict[str, TensorStats]:
     return out
 
 
-@task(name="search-format-scale", cache_policy=NONE, task_run_name="search-{name}")
+@task(name="search-format-scale", cache_policy=NONE, task_run_name="search-{name}", **IO_RETRIES)
 def search_tensor(name: str, stats: TensorStats, loss: str, formats: tuple[str, ...]):
     return search(stats, loss, formats)
