@@ -52,7 +52,8 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         record.tags({"prefect_flow_run_id": str(flow_run.get_id() or ""), "mode": "quantize" if params.quantize else "fast"})
 
         with clock.stage("load"):
-            loaded = load_model(params.input_model, params.input_shape, params.convert_version)
+            loaded = load_model(params.input_model, params.input_shape, params.convert_version,
+                                stream_weights=only_encodes_weights(params))
         record.tags({"input_model_sha256": loaded.sha256, "input_opset": loaded.source_opset})
 
         with clock.stage("plan"):
@@ -81,12 +82,14 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             with clock.stage("adjust_weights"):
                 to_encode, weight_adjust = adjusted_model(loaded.model, plans, params, record)
         with clock.stage("encode"):
-            encoded = encode_weights(to_encode, plans)
+            encoded = encode_weights(to_encode, plans, loaded.weights_dir)
         with clock.stage("rewrite"):
-            fp8_model = rewrite_graph(to_encode, plans, encoded)
-        del to_encode
+            fp8_model = rewrite_graph(to_encode, plans, encoded, loaded.weights_dir)
+        del to_encode, encoded
         with clock.stage("save"):
-            bytes_after = validate_and_save(fp8_model, params.output_model, params.external_data)
+            streamed = loaded.weights_dir is not None  # then nothing below needs the FP8 model's weights
+            bytes_after = validate_and_save(fp8_model, params.output_model, params.external_data,
+                                            loaded.weights_dir, release=streamed)
 
         config = fp8_config(plans, loaded.opset)
         result = {
@@ -123,6 +126,13 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         publish_prefect_artifacts(record, params, result, plans)
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
         return staging.final_path(result)
+
+
+def only_encodes_weights(params: ConvertParams) -> bool:
+    """No step needs float weights in memory (no calibration, evaluation, comparison, fallback or
+    weight search): large external weights can then stay on disk and be encoded one at a time."""
+    return not (params.quantize or params.eval_data or params.precision_compare or params.num_of_layers_keep_fp16
+                or params.accuracy_target or params.weight_granularity != "per_tensor" or params.scale_kind != "pow2")
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

@@ -168,11 +168,29 @@ def read_tensor(tensor: onnx.TensorProto, weights_dir: str | None = None) -> np.
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    return files_sha256([path])
+
+
+def files_sha256(paths: Iterable[str | os.PathLike], chunk: int = 1 << 20) -> str:
+    """sha256 over the files' contents, concatenated in the order given (one file: its sha256)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def model_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[str]:
+    """The model file and the external data files its tensors reference (``model`` loaded with
+    ``load_weights=False``, before anything was read in), in a stable order."""
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = set()
+    for tensor in external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(os.path.normpath(os.path.join(folder, entry.value)))
+    return [os.path.abspath(path)] + sorted(locations)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -14,16 +14,21 @@ from fp8core.rewrite import encode_weights as _encode, rewrite_to_fp8
 
 
 @task(name="encode-weights", cache_policy=NONE)
-def encode_weights(model: onnx.ModelProto, plans: list[OpPlan]):
-    return _encode(model, plans)
+def encode_weights(model: onnx.ModelProto, plans: list[OpPlan], weights_dir: str | None = None):
+    return _encode(model, plans, weights_dir)
 
 
 @task(name="rewrite-graph", cache_policy=NONE)
-def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded) -> onnx.ModelProto:
-    return rewrite_to_fp8(model, plans, encoded)
+def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded, weights_dir: str | None = None) -> onnx.ModelProto:
+    return rewrite_to_fp8(model, plans, encoded, weights_dir)
 
 
 @task(name="validate-and-save", cache_policy=NONE, **IO_RETRIES)
-def validate_and_save(model: onnx.ModelProto, path: str, external_data: str = "auto", feeds=None) -> int:
-    """Write atomically (external data past 2 GB), validating the written copy before it replaces ``path``."""
-    return save_model_atomic(model, path, external_data, check=lambda written: validate_fp8_model(written, feeds))
+def validate_and_save(model: onnx.ModelProto, path: str, external_data: str = "auto", weights_dir: str | None = None,
+                      release: bool = False, feeds=None) -> int:
+    """Write atomically (external data past 2 GB), validating the written copy before it replaces ``path``.
+
+    ``release``: the caller is done with ``model``; its weights are dropped once written.
+    """
+    return save_model_atomic(model, path, external_data, weights_dir=weights_dir,
+                             check=lambda written: validate_fp8_model(written, feeds), release=release)

@@ -176,3 +176,34 @@ def test_release_frees_the_models_weights_after_writing(chain_paths, tmp_path):
                       release=True)
     assert seen == [0] and not fp8.graph.initializer
     validate_fp8_model(str(tmp_path / "r.onnx"))
+
+
+def test_cli_streams_external_weights_and_fingerprints_the_data_file(tmp_path):
+    """Fast mode on a model with external data: weights stay on disk, the sha256 tag covers them,
+    and the FP8 model equals the one converted from the same model stored inline."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+    from fp8core.graph import files_sha256
+
+    model = matmul_chain(size=128, depth=2)
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(model, inline)
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    external = ext_dir / "m.onnx"
+    onnx.save_model(model, external, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outs = []
+    for src, name in ((inline, "a"), (external, "b")):
+        out = tmp_path / name / "fp8.onnx"
+        out.parent.mkdir()
+        assert main(["--input_model", str(src), "--output_model", str(out), "--fp8_params", "F143,F143,-3,-3",
+                     "--mlflow_tracking_uri", uri, "--experiment_name", "ext"]) == 0
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("ext").experiment_id], order_by=["start_time ASC"])
+    assert runs[1].data.tags["input_model_sha256"] == files_sha256([external, ext_dir / "m.data"])
+    assert runs[1].data.metrics["model_bytes_before"] == external.stat().st_size + (ext_dir / "m.data").stat().st_size
