@@ -34,6 +34,9 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     DO_NOT_TRACK="1",
     MLFLOW_DISABLE_TELEMETRY="true",
+    # Prefect's console handler would log "Stopping temporary server" at interpreter exit, after
+    # pytest has closed the captured stream; the CLI sets this level by default anyway.
+    PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="CRITICAL",
 )
 
 
