@@ -58,6 +58,7 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
+from fp8core.charts import per_op_bar_chart
 from fp8core.capture import capture_model, input_feeds
 from fp8core.graph import GraphIndex, graph_inputs
 from fp8core.losses import snr_db
@@ -497,11 +498,6 @@ def format_compare_log(report: ComparisonReport) -> str:
 
 def snr_chart(report: ComparisonReport, path: str) -> None:
     """PNG: snr_db of every FP8 op output in graph order (model outputs as the last bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = report.rows
     values = [r.snr_db for r in rows]
     cap = max([v for v in values if math.isfinite(v)], default=0.0) + 10.0  # "no noise" bars drawn at a cap
@@ -509,17 +505,8 @@ def snr_chart(report: ComparisonReport, path: str) -> None:
     worst = {r.label for r in report.worst_ops()}
     colors = ["#cc3311" if r.label in worst and r.kind == "op_output" else
               ("#228833" if r.kind == "model_output" else "#4477aa") for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows) + 2), 4))
-    ax.bar(range(len(rows)), heights, color=colors)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r.label for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("SNR (dB), higher is better")
-    ax.set_title("FP8 vs original per op output, graph order (red: worst ops, green: model outputs)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    per_op_bar_chart(path, [r.label for r in rows], heights, "SNR (dB), higher is better",
+                     "FP8 vs original per op output, graph order (red: worst ops, green: model outputs)", colors)
 
 
 def write_compare_logs(report: ComparisonReport, folder: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 
+from fp8core.charts import per_op_bar_chart
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.rewrite import FLOAT16_SCALES
@@ -115,27 +116,10 @@ def _num(v) -> str:
 
 def loss_chart(report: dict, path: str) -> None:
     """PNG: the chosen loss of every FP8 op, in graph order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ops = [o for o in report["ops"] if o["fp8"]]
-    names = [o["name"] for o in ops]
     values = [o["best_loss"] if o["best_loss"] is not None else float("nan") for o in ops]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(ops) + 2), 4))
-    ax.bar(range(len(ops)), values, color="#4477aa")
-    ax.set_xticks(range(len(ops)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_ylabel(f"{report['loss']} (input + weight)")
-    ax.set_title("Chosen FP8 loss per op, graph order")
-    if values and min(v for v in values if v == v) > 0:
-        ax.set_yscale("log")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    per_op_bar_chart(path, [o["name"] for o in ops], values, f"{report['loss']} (input + weight)",
+                     "Chosen FP8 loss per op, graph order", log_scale=True)
 
 
 def write_quantize_logs(report: dict, folder: str) -> dict[str, str]:
