@@ -19,29 +19,42 @@ def comparison_data(params: ConvertParams) -> str | None:
     return params.compare_data or params.data_preprocess
 
 
+TARGET_CANDIDATES = 8  # ops the accuracy-target search may return to original precision
+
+
+def _rank_by_added_noise(model, plans: list[OpPlan], params: ConvertParams, data: str) -> dict[str, float]:
+    """Per FP8 op, the noise it adds itself, from one precision comparison on a few samples."""
+    from fp8core.calibration import open_dataset
+    from fp8core.compare import compare_models
+    from fp8core.fallback import op_losses_from_comparison
+    from fp8core.rewrite import rewrite_to_fp8
+
+    report = compare_models(model, rewrite_to_fp8(model, plans), plans, open_dataset(data), params.batch_size,
+                            params.compare_samples or params.accuracy_target_samples, histogram_range="first_batch")
+    return op_losses_from_comparison(report)
+
+
 def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record) -> tuple[list[OpPlan], dict]:
     """Plans with ops returned to original precision by K-worst and/or the accuracy target."""
     out: dict = {}
     data = comparison_data(params)
+    ranked = _rank_by_added_noise(model, plans, params, data) if data else None
     if params.num_of_layers_keep_fp16:
-        if data:
-            from fp8core.calibration import open_dataset
-            from fp8core.compare import compare_models
-            from fp8core.fallback import op_losses_from_comparison
-            from fp8core.rewrite import rewrite_to_fp8
-
-            report = compare_models(model, rewrite_to_fp8(model, plans), plans, open_dataset(data), params.batch_size,
-                                    params.compare_samples or params.accuracy_target_samples,
-                                    histogram_range="first_batch")
-            losses, ranked_by = op_losses_from_comparison(report), "precision compare (noise each op adds)"
+        if ranked is not None:
+            losses, ranked_by = ranked, "precision compare (noise each op adds)"
         else:
             losses, ranked_by = best_loss, f"search loss {params.quantize_loss_type}"
         plans, kept = keep_worst(plans, losses, params.num_of_layers_keep_fp16, ranked_by)
         record.tags({"num_of_layers_keep_fp16": ",".join(kept) or "none"})
         out["kept_fp16"] = kept
     if params.accuracy_target:
+        # Each greedy step measures every candidate; the ops adding the most noise are the ones
+        # worth trying, which keeps the search to minutes on models with hundreds of FP8 ops.
+        fp8_names = [p.name for p in plans if p.fp8]
+        noise = {n: v for n, v in ranked.items() if v == v}  # NaN (no signal) ranks last
+        candidates = sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:TARGET_CANDIDATES]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,
-                                          params.accuracy_target_samples)
+                                          params.accuracy_target_samples, candidates=candidates)
         plans = result.plans
         record.json_artifact(result.to_dict(), "accuracy_target.json")
         record.tags({"accuracy_target": result.message[:5000]})
