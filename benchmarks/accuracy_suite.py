@@ -8,6 +8,7 @@ One command runs it all (not in CI; about 30-60 minutes on 2 shared cores):
 
     # a part of it, e.g. one model, or some runs (results merge into the same files):
     HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py --models minilm --runs fast,quantize_kld,ort_fp8
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py --resume      # only runs not yet scored
 
 Models, data and preprocessing: ``accuracy_models.py`` (EfficientNet-Lite0 on 32 calibration /
 340 evaluation crops of disjoint photos; all-MiniLM-L6-v2 on 64 calibration / 200 evaluation
@@ -19,13 +20,16 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
 ``sqlite:////tmp/fp8_acc/mlflow.db``):
 
 * ``fast``: ``--precision fp8``, fast mode defaults (``--fp8_params F143,F143,0,0``, no data).
-* ``weights_only``: ``--precision fp8_weight --quantize`` (kld): FP8 weights, float activations.
+* ``weights_only``: ``--precision fp8_weight --quantize`` (kld): FP8 weights, float activations;
+  ``weights_only_<base>`` the same with the base loss (below).
 * ``quantize_<loss>``: ``--precision fp8 --quantize --quantize_loss_type <loss>`` for mse, mae,
   snr, kld, cos_dist. The loss whose run scores best (EfficientNet: top-1 agreement, then KL;
   MiniLM: mean cosine) is the *base* of every run below.
 * ``keep_1..3``: base + ``--num_of_layers_keep_fp16 K``.
-* ``target``: base + ``--accuracy_target METRIC=VALUE --compare_data <calibration data>``
-  (the search sees calibration data only, never the evaluation set).
+* ``target``: base + ``--accuracy_target METRIC=VALUE --compare_data <calibration data>
+  --accuracy_target_samples 8`` (the search sees calibration data only, never the evaluation
+  set); killed after ``--target-timeout`` seconds (default 600): its greedy search has no step
+  limit and costs one rewrite + session + run per remaining candidate op per step.
 * ``per_channel``, ``scale_float``, ``gptq``, ``bias_correction``: base + one of
   ``--weight_granularity per_channel``, ``--scale_kind float``, ``--weight_rounding gptq``,
   ``--bias_correction``; ``combined``: base + all of them that exist; ``combined_keep_3``:
@@ -472,8 +476,9 @@ def _fmt(value) -> str:
 
 # (technique run, the run it is compared with, what it is)
 CONTRIBUTIONS = (
-    ("weights_only", "fp32", "FP8 weights only (activations float)"),
-    ("quantize_{base}", "weights_only", "FP8 activations on top of FP8 weights"),
+    ("weights_only_{base}", "fp32", "FP8 weights only (activations float), base loss"),
+    ("weights_only", "weights_only_{base}", "kld instead of the base loss for weights-only"),
+    ("quantize_{base}", "weights_only_{base}", "FP8 activations on top of FP8 weights"),
     ("quantize_{base}", "fast", "calibration search vs fast-mode defaults"),
     ("per_channel", "quantize_{base}", "per-channel real weight scales"),
     ("scale_float", "quantize_{base}", "real per-tensor weight scales"),
@@ -491,7 +496,8 @@ CONTRIBUTIONS = (
 def contribution_lines(model: dict) -> list[str]:
     base = model.get("base_loss", "kld")
     primary = [t["metric"] for t in model["targets"]]
-    runs = model["runs"]
+    runs = dict(model["runs"])
+    runs.setdefault(f"weights_only_{base}", runs.get("weights_only"))  # base kld: one run is both
     lines = []
     for technique, reference, what in CONTRIBUTIONS:
         a, b = technique.format(base=base), reference.format(base=base)
@@ -583,6 +589,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target-timeout", type=float, default=600.0,
                    help="seconds for the --accuracy_target run (its greedy search rewrites and runs the model once "
                         "per remaining candidate op per step, and has no step limit)")
+    p.add_argument("--report-only", action="store_true", help="rewrite accuracy.md from accuracy.json, run nothing")
     p.add_argument("--resume", action="store_true", help="keep runs already scored in accuracy.json, run the rest")
     return p.parse_args(argv)
 
@@ -593,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         _ort_child(*argv[1:4])
         return 0
     args = parse_args(argv)
+    if args.report_only:
+        RESULTS_MD.write_text(markdown(load_results()))
+        return 0
     cache = args.cache_dir.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     wanted = {r for r in args.runs.split(",") if r}
