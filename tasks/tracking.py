@@ -123,8 +123,11 @@ def unmet_accuracy_targets(params: ConvertParams, evaluation: dict | None) -> li
 
 
 def _metric_key(key: str) -> str:
-    # MLflow keys allow alphanumerics, _ - . space / only
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+    """A valid MLflow key: alphanumerics, _ - . space / only, and a clean relative path (MLflow
+    refuses '//', a leading '/' and '..' parts; torch exports name ops like '/bert/encoder/MatMul')."""
+    key = "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+    parts = [p if p not in (".", "..") else p.replace(".", "_") for p in key.split("/") if p]
+    return "/".join(parts) or "_"
 
 
 def _quiet_mlflow(verbose: int) -> None:
