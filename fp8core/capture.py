@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
-from fp8core.graph import graph_inputs, tensor_elem_types, with_initializers, without_large_initializers
+from fp8core.graph import _first_line, graph_inputs, tensor_elem_types, with_initializers, without_large_initializers
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session, session_options
 from fp8core.stats import TensorStats
@@ -76,10 +76,6 @@ def _failing_sample(session, tensors, model, batch, start) -> str:
         except Exception as exc:
             return f"calibration sample {start + i} makes onnxruntime fail: {_first_line(exc)}"
     return f"onnxruntime failed on calibration samples {start}..{start + n - 1}"
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def capture_stats(

@@ -120,10 +120,7 @@ def remove_stale_temps(folder: str, name: str) -> None:
                     continue
             elif age < 60:
                 continue
-            if os.path.isdir(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                os.unlink(full)
+            _remove(full)
         except OSError:
             pass
 
