@@ -279,7 +279,10 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 "is refused; save numeric arrays only"
             ) from None
         raise _damaged(path, error) from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+    except Exception as error:
+        # zipfile and numpy's .npy reader raise many types on damaged bytes (BadZipFile,
+        # zlib.error, EOFError, NotImplementedError, RuntimeError "encrypted", KeyError...);
+        # every one of them, on a file we only read, means the file is damaged.
         raise _damaged(path, error) from None
 
 
@@ -290,6 +293,8 @@ def _check_npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> None:
     with archive.open(member) as handle:
         version = np.lib.format.read_magic(handle)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        # numpy parses the header text with ast/tokenize: damage there surfaces as SyntaxError
+        # or tokenize.TokenError, which _load_npz reports as a damaged file.
         shape, _, dtype = read_header(handle)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > archive.getinfo(member).file_size:

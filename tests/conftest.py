@@ -40,6 +40,19 @@ os.environ.update(
 )
 
 
+# Property tests draw the same examples on every run by default, so CI on a clean clone cannot
+# fail on a draw nobody saw locally; HYPOTHESIS_PROFILE=explore draws fresh random examples (and
+# more of them) to hunt for new failures, which then go into the tests as @example.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # hypothesis is in the [test] extra; without it only its tests are missing
+    pass
+else:
+    _hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
 @pytest.fixture(scope="session")
 def prefect_home() -> Path:
     """The session's PREFECT_HOME (a temp dir): its prefect.db holds every flow run of the tests."""
