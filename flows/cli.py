@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy_target_samples", type=int, default=32, metavar="N", help="samples the accuracy-target search uses")
     p.add_argument("--task_runner", choices=["thread", "process", "dask"], default="thread")
     p.add_argument("--dask_address", metavar="HOST:PORT", help="running dask.distributed scheduler (implies --task_runner dask)")
-    p.add_argument("--max_workers", type=int, help="parallel workers of the thread/process runner")
+    p.add_argument("--max_workers", type=int, help="parallel workers of the task runner (default: one per CPU)")
     p.add_argument("--eval_data", metavar="PATH", help="labelled data (model inputs + 'label' column): report FP32 and FP8 top-1 accuracy")
     p.add_argument("--log_dir", metavar="DIR", help="where quantize.log etc. go (default: beside the output model)")
     p.add_argument("--mlflow_tracking_uri", metavar="URI", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         params = _params_from_args(args)
         _check_paths_before_the_flow(params)
+        from flows.startup import start_prefect_server_early
+
+        start_prefect_server_early()
         from flows.convert import run_conversion
         from fp8core.report import summary_lines
 

@@ -199,5 +199,8 @@ def publish_prefect_artifacts(record, params: ConvertParams, result: dict, plans
 def run_conversion(params: ConvertParams, verbose: int = 0) -> dict:
     """Run the flow with the task runner the parameters ask for (thread, process or Dask)."""
     from flows.runners import task_runner
+    from flows.startup import wait_for_prefect_server
 
+    tracking.open_store(params.mlflow_tracking_uri, verbose)  # while Prefect's server starts (flows/startup.py)
+    wait_for_prefect_server()
     return fp8_convert.with_options(task_runner=task_runner(params))(params, verbose=verbose)

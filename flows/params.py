@@ -103,7 +103,7 @@ class ConvertParams(BaseModel):
 
     task_runner: TaskRunnerName = Field("thread", description="how mapped tasks run")
     dask_address: str | None = Field(None, description="address of a running dask.distributed scheduler")
-    max_workers: int | None = Field(None, ge=1, description="parallel workers for the thread/process runner")
+    max_workers: int | None = Field(None, ge=1, description="parallel workers of the task runner (default: one per CPU)")
 
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from tasks.retry import IO_RETRIES
@@ -27,6 +27,13 @@ def weight_stats(model, plans: list[OpPlan]) -> dict[str, TensorStats]:
     return out
 
 
-@task(name="search-format-scale", cache_policy=NONE, task_run_name="search-{name}", **IO_RETRIES)
-def search_tensor(name: str, stats: TensorStats, loss: str, formats: tuple[str, ...]):
-    return search(stats, loss, formats)
+@task(name="search-format-scale", cache_policy=NONE, task_run_name="search-{label}", **IO_RETRIES)
+def search_tensors(label: str, names: list[str], stats: list[TensorStats], loss: str, formats: tuple[str, ...]):
+    """The best (format, scale) of each tensor of one group; ``label`` names the group in the UI."""
+    log = get_run_logger()
+    results = []
+    for name, s in zip(names, stats):
+        result = search(s, loss, formats)
+        log.debug("search %s: %s scale %d, %s %.6g", name, result.format, result.scale, loss, result.loss)
+        results.append(result)
+    return results
