@@ -29,5 +29,6 @@ def adjusted_model(model, plans: list[OpPlan], params: ConvertParams, record):
                 record.metrics({f"{key}/{row['op']}": row[key]})
     record.json_artifact({"weight_rounding": params.weight_rounding, "bias_correction": params.bias_correction,
                           "ops": report}, "weight_adjust.json")
-    get_run_logger().info("weight adjustments: %d MatMul/Gemm ops (Conv not covered)", len(report))
+    convs = sum(row["op_type"] == "Conv" for row in report)
+    get_run_logger().info("weight adjustments: %d ops (%d Conv, %d MatMul/Gemm)", len(report), convs, len(report) - convs)
     return new_model, report

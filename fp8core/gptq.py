@@ -40,29 +40,41 @@ def fp8_grid(fmt: str, scales: np.ndarray | float) -> callable:
 
 def gptq_round(w_kn: np.ndarray, h: np.ndarray, grid, damp: float = DAMP, block: int = BLOCK) -> np.ndarray:
     """``Q`` (float32, ``[K, N]``) for ``W`` = ``w_kn`` and ``H`` = ``h`` (module docstring)."""
-    w = np.array(w_kn, np.float64)
-    k = w.shape[0]
-    if h.shape != (k, k):
-        raise ValueError(f"H is {list(h.shape)} but the weight has {k} input features")
+    w_kn = np.asarray(w_kn)
+    h = np.asarray(h)
+    if h.shape != (w_kn.shape[0],) * 2:
+        raise ValueError(f"H is {list(h.shape)} but the weight has {w_kn.shape[0]} input features")
+    return gptq_round_groups(w_kn[None], h[None], grid, damp, block)[0]
+
+
+def gptq_round_groups(w_gkn: np.ndarray, h: np.ndarray, grid, damp: float = DAMP, block: int = BLOCK) -> np.ndarray:
+    """GPTQ on G independent groups at once (grouped and depthwise Conv): ``w_gkn`` is
+    ``[G, K, N]``, ``h`` is ``[G, K, K]``, ``grid`` rounds ``[G, rows, N]`` arrays. Each group is
+    exactly :func:`gptq_round` of its own weight and Hessian; the loops run over K, not over G."""
+    w = np.array(w_gkn, np.float64)
+    g, k, _ = w.shape
+    if h.shape != (g, k, k):
+        raise ValueError(f"H is {list(h.shape)} but the weight has {g} groups of {k} input features")
     h = np.array(h, np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
+    diag = np.einsum("gkk->gk", h)  # a writable view
+    dead = diag <= 0
+    diag[dead] = 1.0
     w[dead, :] = 0.0
-    h += damp * np.mean(np.diag(h)) * np.eye(k)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    diag += damp * diag.mean(axis=1, keepdims=True)
+    u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
     q = np.zeros_like(w, dtype=np.float32)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[i1:i2].copy()
+        w1 = w[:, i1:i2].copy()
         err = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            qi = grid(w1[i:i + 1])[0]
-            q[i1 + i] = qi
-            e = (w1[i] - qi) / u1[i, i]
-            w1[i + 1:] -= np.outer(u1[i, i + 1:], e)
-            err[i] = e
-        w[i2:] -= u[i1:i2, i2:].T @ err
+            qi = grid(w1[:, i:i + 1])[:, 0]
+            q[:, i1 + i] = qi
+            e = (w1[:, i] - qi) / u1[:, i, i, None]
+            w1[:, i + 1:] -= u1[:, i, i + 1:, None] * e[:, None, :]
+            err[:, i] = e
+        w[:, i2:] -= u[:, i1:i2, i2:].transpose(0, 2, 1) @ err
     return q
 
 

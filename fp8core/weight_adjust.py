@@ -1,19 +1,23 @@
 """GPTQ rounding and bias correction applied to the float model before it is encoded to FP8.
 
-Both work on FP8 *linear ops*: a MatMul whose weight is a constant 2-D ``[K, N]`` tensor, or a
-Gemm with a constant B (``[K, N]``, or ``[N, K]`` with transB=1). Conv is not covered: GPTQ
-would need the im2col rows of every input patch, and bias correction a per-position shift where
-padding cuts the kernel.
+Both work on FP8 *linear ops* with a constant weight, seen through :mod:`fp8core.feature_moments`
+as ``y[r, g, n] = sum_k rows[r, g, k] W[g, k, n]`` (G groups of K input features, N outputs each):
 
-* ``--weight_rounding gptq``: the weight is replaced by its GPTQ rounding (:mod:`fp8core.gptq`)
-  with the plan's format and scale(s); the values are exactly on the FP8 grid, so the encoder's
-  round to nearest stores the GPTQ choice. ``H`` is the Gram matrix of the op's input rows.
-* ``--bias_correction``: the bias becomes ``b - alpha * E[x] @ (Wq - W) / beta`` (Gemm's alpha and
-  beta; 1 for MatMul+Add), so the op's mean output on the calibration data is what it was in
-  float (:func:`fp8core.weights.corrected_bias`). The bias is MatMul's following Add with a
-  constant of N values (when the Add is the MatMul output's only reader) or Gemm's C of N values;
-  ops without such a bias are left as they are. The corrected bias is a new initializer read by
-  that op only.
+* MatMul with a constant 2-D ``[K, N]`` weight; Gemm with a constant B (``[K, N]``, or ``[N, K]``
+  with transB=1); G = 1.
+* Conv (1-D, 2-D or 3-D, any group count incl. depthwise) with a constant weight
+  ``[C_out, C_in / G, *kernel]``: rows are the zero-padded input patches (im2col), W is the weight
+  viewed as ``[G, C_out / G, K]`` and transposed.
+
+* ``--weight_rounding gptq``: the weight is replaced by its GPTQ rounding (:mod:`fp8core.gptq`),
+  group by group, with the plan's format and scale(s); the values are exactly on the FP8 grid, so
+  the encoder's round to nearest stores the GPTQ choice. ``H`` is the Gram matrix of the rows.
+* ``--bias_correction``: the bias becomes ``b - alpha * E[rows] @ (Wq - W) / beta`` (Gemm's alpha
+  and beta; 1 otherwise), so the op's mean output on the calibration data (for Conv: over every
+  output position, padded borders included) is what it was in float. The bias is MatMul's
+  following Add with a constant of N values (when the Add is the MatMul output's only reader),
+  Gemm's C of N values, or Conv's B; ops without one are left as they are. The corrected bias is
+  a new initializer read by that op only.
 
 A weight read by anything but this one op is left alone (changing it would change the others).
 The model returned is a copy; the input model is untouched.
@@ -27,9 +31,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fp8core.feature_moments import FeatureMoments
+from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
 from fp8core.graph import GraphIndex, with_initializers, without_large_initializers
-from fp8core.gptq import fp8_grid, gptq_round, output_error
+from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weight_options import dequantized_weight
 from fp8core.weights import corrected_bias
@@ -37,25 +41,46 @@ from fp8core.weights import corrected_bias
 
 @dataclasses.dataclass(frozen=True)
 class LinearOp:
-    """An FP8 MatMul/Gemm with a constant weight, seen as ``y = alpha * x @ W[K, N] + beta * b``."""
+    """An FP8 MatMul/Gemm/Conv with a constant weight, ``y = alpha * rows @ W[G, K, N] + beta * b``."""
 
     name: str
-    input: str  # the activation x
-    feature_axis: int  # axis of x holding the K features
+    rows: Rows  # how the op reads its activation input
     weight: str
-    trans_b: bool  # the stored weight is [N, K]
+    layout: str  # how the stored weight maps to [G, K, N]: "kn", "nk" (Gemm transB) or "conv"
     params: QuantParams
-    bias: str | None = None  # constant tensor of N values, or None
-    bias_reader: str | None = None  # node that reads the bias (the Add, or the Gemm itself)
+    bias: str | None = None  # constant tensor of G * N values, or None
+    bias_reader: str | None = None  # node that reads the bias (the Add, or the op itself)
     bias_index: int = 0  # input position of the bias on that node
     alpha: float = 1.0
     beta: float = 1.0
+
+    @property
+    def input(self) -> str:
+        return self.rows.tensor
+
+    def to_groups(self, stored: np.ndarray) -> np.ndarray:
+        """The stored weight as ``[G, K, N]``."""
+        if self.layout == "kn":
+            return stored[None]
+        if self.layout == "nk":
+            return stored.T[None]
+        g = self.rows.group
+        return stored.reshape(g, stored.shape[0] // g, -1).transpose(0, 2, 1)
+
+    def from_groups(self, w_gkn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Back from ``[G, K, N]`` to the stored layout ``shape``."""
+        if self.layout == "kn":
+            return w_gkn[0]
+        if self.layout == "nk":
+            return w_gkn[0].T
+        return w_gkn.transpose(0, 2, 1).reshape(shape)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
@@ -65,33 +90,63 @@ def linear_ops(model: onnx.ModelProto, plans: list[OpPlan]) -> list[LinearOp]:
     nodes = {n.name: n for n in model.graph.node}
     out = []
     for plan in plans:
-        if not plan.fp8 or plan.op_type not in ("MatMul", "Gemm"):
+        if not plan.fp8 or plan.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         node = nodes[plan.name]
         weights = [q for q in plan.input("weight") if q.index == 1 and q.params is not None]
         if not weights or index.is_constant(node.input[0]):
             continue
         w = index.constant_tensor(node.input[1])
-        if len(w.dims) != 2 or len(index.consumers[node.input[1]]) != 1:
+        if len(index.consumers[node.input[1]]) != 1:
             continue
-        n = w.dims[0] if _attr(node, "transB", 0) else w.dims[1]
-        bias = reader = None
-        bias_index = 0
-        if plan.op_type == "Gemm":
-            if len(node.input) > 2 and node.input[2] and _n_values(index, node.input[2]) == n:
-                bias, reader, bias_index = node.input[2], node.name, 2
-        else:
-            readers = index.consumers[node.output[0]]
-            if len(readers) == 1 and readers[0].op_type == "Add":
-                add = readers[0]
-                other = 1 if add.input[0] == node.output[0] else 0
-                if _n_values(index, add.input[other]) == n and list(index.constant_tensor(add.input[other]).dims)[-1:] == [n]:
-                    bias, reader, bias_index = add.input[other], add.name, other
-        feature_axis = 0 if plan.op_type == "Gemm" and _attr(node, "transA", 0) else -1
-        out.append(LinearOp(plan.name, node.input[0], feature_axis, node.input[1], bool(_attr(node, "transB", 0)),
-                            weights[0].params, bias, reader, bias_index,
-                            float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))))
+        op = _conv_op(index, node, w, weights[0].params) if plan.op_type == "Conv" else \
+            _matmul_op(index, node, plan.op_type, w, weights[0].params)
+        if op is not None:
+            out.append(op)
     return out
+
+
+def _matmul_op(index: GraphIndex, node: onnx.NodeProto, op_type: str, w: onnx.TensorProto,
+               params: QuantParams) -> LinearOp | None:
+    if len(w.dims) != 2:
+        return None
+    trans_b = bool(_attr(node, "transB", 0))
+    n = w.dims[0] if trans_b else w.dims[1]
+    bias = reader = None
+    bias_index = 0
+    if op_type == "Gemm":
+        if len(node.input) > 2 and node.input[2] and _n_values(index, node.input[2]) == n:
+            bias, reader, bias_index = node.input[2], node.name, 2
+    else:
+        readers = index.consumers[node.output[0]]
+        if len(readers) == 1 and readers[0].op_type == "Add":
+            add = readers[0]
+            other = 1 if add.input[0] == node.output[0] else 0
+            if _n_values(index, add.input[other]) == n and list(index.constant_tensor(add.input[other]).dims)[-1:] == [n]:
+                bias, reader, bias_index = add.input[other], add.name, other
+    feature_axis = 0 if op_type == "Gemm" and _attr(node, "transA", 0) else -1
+    return LinearOp(node.name, Rows(node.input[0], feature_axis), node.input[1], "nk" if trans_b else "kn",
+                    params, bias, reader, bias_index,
+                    float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0)))
+
+
+def _conv_op(index: GraphIndex, node: onnx.NodeProto, w: onnx.TensorProto, params: QuantParams) -> LinearOp | None:
+    dims = list(w.dims)
+    spatial = len(dims) - 2
+    group = int(_attr(node, "group", 1))
+    auto_pad = _attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    if not 1 <= spatial <= 3 or group < 1 or dims[0] % group or auto_pad not in AUTO_PADS:
+        return None
+    kernel = tuple(int(k) for k in (_attr(node, "kernel_shape", None) or dims[2:]))
+    rows = Rows(node.input[0], kernel=kernel,
+                strides=tuple(_attr(node, "strides", None) or [1] * spatial),
+                dilations=tuple(_attr(node, "dilations", None) or [1] * spatial),
+                pads=tuple(_attr(node, "pads", None) or [0] * 2 * spatial),
+                auto_pad=auto_pad, group=group)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and _n_values(index, bias) != dims[0]:
+        bias = None
+    return LinearOp(node.name, rows, node.input[1], "conv", params, bias, node.name if bias else None, 2)
 
 
 def _n_values(index: GraphIndex, name: str) -> int | None:
@@ -99,23 +154,31 @@ def _n_values(index: GraphIndex, name: str) -> int | None:
     return None if t is None else int(np.prod(t.dims, dtype=np.int64))
 
 
-def moment_requests(ops: list[LinearOp], gptq: bool, bias_correction: bool) -> dict[str, tuple[int, bool]]:
-    """What to capture per op input: (feature axis, Gram matrix needed)."""
-    req: dict[str, tuple[int, bool]] = {}
+def moment_requests(ops: list[LinearOp], gptq: bool, bias_correction: bool) -> dict[str, tuple[Rows, bool]]:
+    """What to capture, keyed by :attr:`Rows.key`: (rows, Gram matrices needed)."""
+    req: dict[str, tuple[Rows, bool]] = {}
     for op in ops:
         if gptq or (bias_correction and op.bias):
-            axis, gram = req.get(op.input, (op.feature_axis, False))
-            req[op.input] = (axis, gram or gptq)
+            _, gram = req.get(op.rows.key, (op.rows, False))
+            req[op.rows.key] = (op.rows, gram or gptq)
     return req
 
 
-def _grid(op: LinearOp):
-    """Round-to-nearest FP8 grid of the op's weight in [K, N] layout (per-channel scales are per column)."""
+def _grid(op: LinearOp, groups: int):
+    """Round-to-nearest FP8 grid of the op's weight as ``[G, rows, N]`` (per-channel: per column)."""
     p = op.params
     if isinstance(p, RealScaleParams):
         scales = np.asarray(p.scales, np.float32)
-        return fp8_grid(p.format, scales if p.axis is not None else scales[0])
+        if p.axis is None:
+            return fp8_grid(p.format, scales[0])
+        return fp8_grid(p.format, scales.reshape(groups, 1, -1))
     return fp8_grid(p.format, np.float32(2.0 ** p.scale))
+
+
+def output_error_groups(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """``sum_g tr((W_g - Q_g)^T H_g (W_g - Q_g))``: the summed squared output error over the rows."""
+    d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
+    return float(np.sum(d * (np.asarray(h, np.float64) @ d)))
 
 
 def adjust_weights(model: onnx.ModelProto, plans: list[OpPlan], moments: dict[str, FeatureMoments],
@@ -123,31 +186,31 @@ def adjust_weights(model: onnx.ModelProto, plans: list[OpPlan], moments: dict[st
     """A copy of ``model`` with GPTQ-rounded weights and/or corrected biases, and one report row per op.
 
     A row gives, on the calibration rows, the summed squared output error ``tr(dW^T H dW)`` of
-    round to nearest and of GPTQ (when the Gram matrix was captured), and the largest bias shift.
+    round to nearest and of GPTQ (when the Gram matrices were captured), and the largest bias shift.
     """
     index = GraphIndex(model.graph)
     replaced: dict[str, np.ndarray] = {}  # weight name -> new float values
     new_bias: dict[str, tuple[str, int, np.ndarray]] = {}  # reader node -> (name, input index, values)
     report = []
     for op in linear_ops(model, plans):
-        m = moments.get(op.input)
+        m = moments.get(op.rows.key)
         if m is None or m.count == 0:
             continue
         w_stored = index.constant_value(op.weight)
-        w = (w_stored.T if op.trans_b else w_stored).astype(np.float32)
-        nearest = dequantized_weight(w_stored, op.params)
-        nearest = nearest.T if op.trans_b else nearest
-        row = {"op": op.name, "weight": op.weight, "rounding": "nearest"}
-        wq = nearest
+        w = op.to_groups(w_stored.astype(np.float32))
+        wq = nearest = op.to_groups(dequantized_weight(w_stored, op.params))
+        row = {"op": op.name, "op_type": "Conv" if op.layout == "conv" else "MatMul/Gemm",
+               "weight": op.weight, "rounding": "nearest"}
         if gptq and m.gram is not None:
-            wq = gptq_round(w, m.gram, _grid(op))
-            row.update(rounding="gptq", output_sq_error_nearest=output_error(w, nearest, m.gram),
-                       output_sq_error_gptq=output_error(w, wq, m.gram))
-            replaced[op.weight] = (wq.T if op.trans_b else wq).astype(w_stored.dtype)
+            wq = gptq_round_groups(w, m.gram, _grid(op, w.shape[0]))
+            row.update(rounding="gptq", output_sq_error_nearest=output_error_groups(w, nearest, m.gram),
+                       output_sq_error_gptq=output_error_groups(w, wq, m.gram))
+            replaced[op.weight] = op.from_groups(wq, w_stored.shape).astype(w_stored.dtype)
         if bias_correction and op.bias:
             b = index.constant_value(op.bias)
-            shift_free = corrected_bias(w, wq, np.zeros(w.shape[1], np.float32), m.mean)  # = -E[x] @ (Wq - W)
-            corrected = b.reshape(-1).astype(np.float64) + op.alpha * shift_free.astype(np.float64) / op.beta
+            # -E[rows] @ (Wq - W), group by group: minus the mean output shift FP8 weights add
+            shift = np.concatenate([corrected_bias(w[g], wq[g], None, m.mean[g]) for g in range(w.shape[0])])
+            corrected = b.reshape(-1).astype(np.float64) + op.alpha * shift.astype(np.float64) / op.beta
             new_bias[op.bias_reader] = (op.bias, op.bias_index, corrected.astype(b.dtype).reshape(b.shape))
             row.update(bias=op.bias, bias_max_shift=float(np.max(np.abs(corrected - b.reshape(-1)))))
         report.append(row)

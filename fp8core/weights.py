@@ -163,7 +163,7 @@ def corrected_bias(w: np.ndarray, w_quantized: np.ndarray, bias: np.ndarray | No
     Quantizing W shifts the layer's mean output by ``E[x] @ (Wq - W)``; the corrected bias
     ``b - E[x] @ (Wq - W)`` makes the mean output on the calibration data what it was in float.
     ``input_mean`` is ``E[x]`` per input feature (length K), e.g. streamed over calibration
-    batches. Conv (where padding makes the shift position-dependent) is not covered.
+    batches. Conv applies it per group to the mean im2col patch (:mod:`fp8core.weight_adjust`).
     """
     w64 = np.asarray(w, np.float64)
     if w64.ndim != 2 or np.shape(input_mean) != (w64.shape[0],):

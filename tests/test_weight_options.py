@@ -123,13 +123,16 @@ def test_quantize_with_every_new_flag(tmp_path, capsys):
     assert "real scales (axis 0)" in (tmp_path / "quantize.log").read_text()
     written = onnx.load(tmp_path / "m_fp8.onnx")
     inits = {t.name for t in written.graph.initializer}
-    assert {"fc1.bias_bias_corrected", "fc2.bias_bias_corrected"} <= inits
+    assert {"conv1.bias_bias_corrected", "dwconv.bias_bias_corrected", "fc1.bias_bias_corrected",
+            "fc2.bias_bias_corrected"} <= inits
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("weights").experiment_id])[0]
     assert run.data.params["weight_rounding"] == "gptq" and run.data.params["weight_granularity"] == "per_channel"
-    for op in ("MatMul_7", "Gemm_10"):
+    adjusted = [k.split("/", 1)[1] for k in run.data.metrics if k.startswith("output_sq_error_gptq/")]
+    assert len(adjusted) == 4 and {"MatMul_7", "Gemm_10"} <= set(adjusted)  # both Convs too
+    for op in adjusted:
         assert run.data.metrics[f"output_sq_error_gptq/{op}"] < run.data.metrics[f"output_sq_error_nearest/{op}"]
     assert "weight_adjust.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -168,8 +171,8 @@ def test_bias_correction_and_gptq_through_the_model_rewrite():
     ops = linear_ops(model, plans)
     assert [(o.name, o.bias) for o in ops] == [("mm", "b")]
     moments = capture_feature_moments(model, moment_requests(ops, True, True), ArraySource(Path("x.npz"), {"x": x}), 100)
-    np.testing.assert_allclose(moments["x"].mean, x.astype(np.float64).mean(0), rtol=1e-9)
-    np.testing.assert_allclose(moments["x"].gram, x.astype(np.float64).T @ x, rtol=1e-9)
+    np.testing.assert_allclose(moments["x"].mean[0], x.astype(np.float64).mean(0), rtol=1e-9)
+    np.testing.assert_allclose(moments["x"].gram[0], x.astype(np.float64).T @ x, rtol=1e-9)
     ref = make_session(model.SerializeToString()).run(None, {"x": x})[0]
 
     def fp8_output(gptq, bias):
