@@ -98,9 +98,11 @@ from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, targe
 import os
 src, out = sys.argv[1], sys.argv[2]
 folder = os.path.dirname(os.path.abspath(src))
-seconds = {}
+import resource
+seconds, peak_gb = {}, {}
 def stage(name, t):
     seconds[name] = round(time.perf_counter() - t, 3)
+    peak_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)  # peak so far
     return time.perf_counter()
 t = time.perf_counter()
 model = load_model(src, load_weights=False); t = stage("load", t)
@@ -109,7 +111,7 @@ plans = plan_fp8_ops(prepared, "fp8", [], QuantParams("F143", -3), QuantParams("
 encoded = encode_weights(prepared, plans, weights_dir=folder); t = stage("encode", t)
 fp8 = rewrite_to_fp8(prepared, plans, encoded, weights_dir=folder); t = stage("rewrite", t)
 size = save_model_atomic(fp8, out, external_data="auto", weights_dir=folder, check=validate_fp8_model, release=True); t = stage("save_validate", t)
-print(json.dumps({"seconds": seconds, "bytes_after": size}))
+print(json.dumps({"seconds": seconds, "peak_gb_after": peak_gb, "bytes_after": size}))
 """
 
 
@@ -160,7 +162,9 @@ def measure(way: str, size_gb: float, workdir: Path, quantize: bool = False) -> 
         "load_average_1min_before": load_before,
     }
     if way == "engine":
-        row["stages"] = json.loads(info["stdout"].strip().splitlines()[-1])["seconds"]
+        engine = json.loads(info["stdout"].strip().splitlines()[-1])
+        row["stages"] = engine["seconds"]
+        row["peak_gb_after_stage"] = engine["peak_gb_after"]
     shutil.rmtree(out_dir, ignore_errors=True)
     return row
 
@@ -174,10 +178,11 @@ def write_results(rows: list[dict]) -> None:
     merged = sorted(keyed.values(), key=lambda r: (r["way"], r["size_gb"]))
     meta = {"cpus": os.cpu_count(), "hidden": HIDDEN, "targets": {"mb_per_s": 150, "peak_rss_over_model": 1.5}}
     path.write_text(json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
-    lines = ["| way | FP32 weights | FP8 output | time | MB/s | peak RSS | RSS / model | stages (s) | load before |",
+    lines = ["| way | FP32 weights | FP8 output | time | MB/s | peak RSS | RSS / model | stages (s) [peak RSS so far] | load before |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
-        stages = ", ".join(f"{k} {v}" for k, v in r.get("stages", {}).items())
+        peaks = r.get("peak_gb_after_stage", {})  # peak RSS so far, after each stage
+        stages = ", ".join(f"{k} {v}" + (f" [{peaks[k]} GB]" if k in peaks else "") for k, v in r.get("stages", {}).items())
         lines.append(f"| {r['way']} | {r['fp32_weight_bytes'] / 1e9:.2f} GB | {r['fp8_output_bytes'] / 1e9:.2f} GB"
                      f"{' (external)' if r['external_data_output'] else ''} | {r['wall_seconds']} s | {r['mb_per_s']} "
                      f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_over_model']} | {stages} | {r.get('load_average_1min_before', '')} |")
