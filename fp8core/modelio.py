@@ -360,6 +360,30 @@ def example_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
     return feeds
 
 
+_ORT_INPUT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def session_example_feeds(session, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """:func:`example_feeds` from an onnxruntime session's inputs, so a model file need not be
+    parsed a second time (for an inline model that would be a second copy of every weight);
+    None if an input has a type this table does not know."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = _ORT_INPUT_TYPES.get(arg.type)
+        if dtype is None:
+            return None
+        shape = [d if isinstance(d, int) and d >= 0 else batch for d in arg.shape]
+        feeds[arg.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                           else np.zeros(shape, dtype=dtype))
+    return feeds
+
+
 def validate_fp8_model(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray] | None = None) -> None:
     """The FP8 model passes the full ONNX checker, loads in onnxruntime CPU and runs once.
 
@@ -373,6 +397,8 @@ def validate_fp8_model(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray
         raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     try:
         session = make_session(target)
+        if feeds is None:
+            feeds = session_example_feeds(session)
         if feeds is None:
             proto = onnx.load(target, load_external_data=False) if isinstance(target, str) else target
             feeds = example_feeds(proto)

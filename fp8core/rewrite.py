@@ -263,7 +263,11 @@ def rewrite_to_fp8(
             if node.op_type != plan.op_type:
                 raise ModelError(f"plan names {plan.name!r} as {plan.op_type} but the model has {node.op_type}")
             node = copy.deepcopy(node)
-            for q in plan.inputs:
+            # Weight DQs first: onnxruntime's default order (a reverse DFS from the outputs that
+            # takes the higher-numbered input producer first) then runs each weight DQ right
+            # before its op, not all of them up front - which held every weight in float at once
+            # (1 GB model: validation peak 1.21 -> 0.81 GB).
+            for q in sorted(plan.inputs, key=lambda q: q.role != "weight"):
                 if q.params is None:
                     continue
                 key = (q.tensor, q.params)

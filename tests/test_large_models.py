@@ -207,3 +207,51 @@ def test_cli_streams_external_weights_and_fingerprints_the_data_file(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("ext").experiment_id], order_by=["start_time ASC"])
     assert runs[1].data.tags["input_model_sha256"] == files_sha256([external, ext_dir / "m.data"])
     assert runs[1].data.metrics["model_bytes_before"] == external.stat().st_size + (ext_dir / "m.data").stat().st_size
+
+
+def _execution_order(model: onnx.ModelProto, tmp_path) -> list[str]:
+    """Node names in the order onnxruntime (our session options) executes them, from its profile."""
+    import json
+
+    from fp8core.modelio import example_feeds
+    from fp8core.runtime import session_options
+
+    options = session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "ort_profile")
+    session = make_session(model.SerializeToString(), options)
+    session.run(None, example_feeds(model))
+    events = json.loads(open(session.end_profiling()).read())
+    ordered = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+                     key=lambda e: e["ts"])
+    return [e["name"][: -len("_kernel_time")] for e in ordered]
+
+
+def test_each_weight_is_dequantized_just_before_its_op_not_all_up_front(tmp_path):
+    # onnxruntime would otherwise dequantize every FP8 weight to float at the start of a run: one
+    # float copy of the whole model (the validation run of a 1 GB model peaked at 1.2 GB, now 0.8).
+    model = prepare_model(matmul_chain(size=64, depth=6), 21)
+    plans = plan_fp8_ops(model, "fp8", [], P, P)
+    fp8 = rewrite_to_fp8(model, plans, encode_weights(model, plans))
+    inits = {t.name for t in fp8.graph.initializer}
+    weight_dq = {n.output[0]: n.name for n in fp8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    matmuls = [n for n in fp8.graph.node if n.op_type == "MatMul"]
+    order = _execution_order(fp8, tmp_path)
+    position = {name: i for i, name in enumerate(order)}
+    assert all(n.name in position for n in matmuls)
+    for previous, op in zip(matmuls, matmuls[1:]):
+        assert position[weight_dq[op.input[1]]] > position[previous.name], order
+
+
+def test_validation_feeds_from_the_session_equal_the_models_example_feeds():
+    from fp8core.modelio import example_feeds, session_example_feeds
+
+    with_int = cnn()
+    with_int.graph.input.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5]))
+    for model in (cnn(), with_int, matmul_chain(size=8, depth=1)):
+        session = make_session(model.SerializeToString())
+        from_session, from_model = session_example_feeds(session), example_feeds(model)
+        assert from_session.keys() == from_model.keys()
+        for name in from_model:
+            assert from_session[name].dtype == from_model[name].dtype
+            np.testing.assert_array_equal(from_session[name], from_model[name])
