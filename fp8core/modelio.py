@@ -57,7 +57,7 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
     folder, name = os.path.split(path)
     remove_stale_temps(folder, name)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise _output_error(path, exc) from None
     try:
@@ -81,7 +81,8 @@ def _output_error(path: str, exc: OSError) -> OutputError:
     return OutputError(f"could not write {path!r}: {exc.strerror or exc}")
 
 
-def _temp_prefix(name: str) -> str:
+def temp_prefix(name: str) -> str:
+    """``.<name>.<pid>.``: temps named so (and ending in ``.tmp``) are swept by :func:`remove_stale_temps`."""
     return f".{name}.{os.getpid()}."
 
 
@@ -195,7 +196,7 @@ def save_model_atomic(
     external = wants_external_data(model, external_data)
     remove_stale_temps(folder, name)
     try:
-        tmpdir = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+        tmpdir = tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise _output_error(path, exc) from None
     try:

@@ -2,7 +2,8 @@
 
 Logs of a run (quantize.log, precision_compare.json, charts...) are written into a hidden staging
 folder beside their destination and moved into place only when the run succeeds; a failed or
-killed run leaves the previous outputs as they were and no partial new ones.
+killed run leaves the previous outputs as they were and no partial new ones; the staging folder
+of a killed run (its writer process gone) is removed by the next run into the same destination.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import os
 import shutil
 import tempfile
 
+from fp8core.modelio import remove_stale_temps, temp_prefix
+
+STAGING = "fp8-staging"
+
 
 class StagedOutputs:
     def __init__(self, destination: str):
         self.destination = os.path.abspath(destination)
         os.makedirs(self.destination, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=".fp8-staging-", dir=self.destination)
+        remove_stale_temps(self.destination, STAGING)
+        self.path = tempfile.mkdtemp(prefix=temp_prefix(STAGING), suffix=".tmp", dir=self.destination)
 
     def __enter__(self) -> "StagedOutputs":
         return self

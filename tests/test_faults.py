@@ -240,3 +240,20 @@ def test_parquet_column_whose_samples_would_not_fit_in_memory_is_refused(tmp_pat
     source = open_dataset(path)
     with pytest.raises(CalibrationDataError, match="GiB of memory is free"):
         next(source.iter_batches(1))
+
+
+def test_the_staging_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    from fp8core.staging import StagedOutputs
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, check=True).stdout)
+    stale = tmp_path / f".fp8-staging.{dead_pid}.k1ll3d.tmp"  # what a SIGKILLed run leaves behind
+    stale.mkdir()
+    (stale / "quantize.log").write_text("partial")
+    running = tmp_path / f".fp8-staging.{os.getppid()}.busy.tmp"  # a live process's: left alone
+    running.mkdir()
+    with StagedOutputs(str(tmp_path)) as staging:
+        (Path(staging.path) / "quantize.log").write_text("new")
+    assert not stale.exists() and running.exists()
+    assert (tmp_path / "quantize.log").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "quantize.log"]
