@@ -1,19 +1,19 @@
 """Capture the inputs of FP8 ops on calibration data, streaming them into per-tensor statistics.
 
 The float model is run in onnxruntime with every wanted activation exposed as an extra graph
-output; each batch's tensors are folded into :class:`fp8core.stats.TensorStats` and dropped, so
+output (``make_session(..., extra_outputs=...)``); each batch's tensors are folded into :class:`fp8core.stats.TensorStats` and dropped, so
 memory does not grow with the number of samples. A tensor read by several ops is captured once.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
-from fp8core.graph import _first_line, graph_inputs, tensor_elem_types, with_initializers, without_large_initializers
+from fp8core.graph import _first_line, graph_inputs
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session, session_options
 from fp8core.stats import TensorStats
@@ -32,17 +32,6 @@ def activations_to_capture(plans: list[OpPlan]) -> list[str]:
                 if q.tensor not in names:
                     names.append(q.tensor)
     return names
-
-
-def capture_model(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs also include ``tensors`` (weights copied once)."""
-    types = tensor_elem_types(model)
-    model, large, added = without_large_initializers(model)
-    existing = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    return with_initializers(model, large, added)
 
 
 def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,7 +84,7 @@ def capture_stats(
     options = session_options()
     # Without the arena, activations of each batch go back to the OS: peak memory stays flat.
     options.enable_cpu_mem_arena = False
-    session = make_session(capture_model(model, tensors).SerializeToString(), options)  # proto freed at once
+    session = make_session(model, options, extra_outputs=tensors)
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size
     stats = {name: TensorStats() for name in tensors}

@@ -59,7 +59,7 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.charts import per_op_bar_chart
-from fp8core.capture import capture_model, input_feeds
+from fp8core.capture import input_feeds
 from fp8core.graph import GraphIndex, graph_inputs
 from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
@@ -389,8 +389,8 @@ class PairedSessions:
 
     def __init__(self, float_model: onnx.ModelProto, fp8_model: onnx.ModelProto, tensors: list[str]):
         self.tensors = list(dict.fromkeys(tensors))
-        self.original = make_session(capture_model(float_model, self.tensors).SerializeToString())
-        self.fp8 = make_session(capture_model(fp8_model, self.tensors).SerializeToString())
+        self.original = make_session(float_model, extra_outputs=self.tensors)
+        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors)
 
     def run(self, start: int, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
         n = len(next(iter(feeds.values())))

@@ -18,7 +18,7 @@ The accumulators are, in float64, per group:
 
 Memory is G K (+ G K^2) float64 per request, whatever the number of samples; patches are built
 one sample at a time. One onnxruntime run per batch exposes every wanted tensor (the same capture
-model as :mod:`fp8core.capture`).
+session as :mod:`fp8core.capture`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
-from fp8core.capture import CaptureError, capture_model, input_feeds
+from fp8core.capture import CaptureError, input_feeds
 from fp8core.graph import _first_line, graph_inputs
 from fp8core.runtime import make_session, session_options
 
@@ -142,7 +142,7 @@ def capture_feature_moments(model: onnx.ModelProto, requests: dict[str, tuple[Ro
         return moments
     options = session_options()
     options.enable_cpu_mem_arena = False  # activations of each batch go back to the OS
-    session = make_session(capture_model(model, tensors).SerializeToString(), options)
+    session = make_session(model, options, extra_outputs=tensors)
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     start = 0
     for batch in source.iter_batches(batch_size, input_names):

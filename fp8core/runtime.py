@@ -27,9 +27,14 @@ Reshape around FP8 ops and biased Conv/Gemm. To run an FP8 model yourself::
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
+
+from fp8core.graph import _copy_fields, tensor_elem_types, tensor_nbytes, uses_external_data
 
 DISABLED_OPTIMIZERS: tuple[str, ...] = (
     "ReluQuantRewrite",
@@ -48,22 +53,77 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return so
 
 
+HANDOVER_MIN_BYTES = 1 << 20
+HANDOVER_TOTAL_BYTES = 1 << 30
+"""A model proto whose inline initializers of at least HANDOVER_MIN_BYTES add up to
+HANDOVER_TOTAL_BYTES or more reaches onnxruntime without them: they are handed over as OrtValues
+(``SessionOptions.add_external_initializers``) beside a light proto. Protobuf cannot serialize a
+model past 2 GiB at all, and serializing one of 1-2 GiB would hold its weights twice more."""
+
+
 def make_session(
     model: onnx.ModelProto | bytes | str | os.PathLike,
     options: ort.SessionOptions | None = None,
     disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+    extra_outputs: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a float or FP8 model, with the safe optimizer set."""
+    """An onnxruntime CPU session for a float or FP8 model, with the safe optimizer set.
+
+    ``extra_outputs``: tensors of a model proto to expose as outputs too (captured activations),
+    added to a copy of the graph; the caller's model is not modified.
+    """
+    options = options or session_options()
+    handed_over: list[ort.OrtValue] = []
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
+        model, handed_over = _session_payload(model, options, extra_outputs)
+    elif extra_outputs:
+        raise ValueError("extra_outputs needs a model proto")
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(
+    session = ort.InferenceSession(
         model,
-        sess_options=options or session_options(),
+        sess_options=options,
         providers=["CPUExecutionProvider"],
         disabled_optimizers=list(disabled_optimizers),
     )
+    session.fp8_handed_over = handed_over  # onnxruntime uses their buffers: keep them alive
+    return session
+
+
+def _handed_over(tensor: onnx.TensorProto) -> bool:
+    return (not uses_external_data(tensor) and tensor.data_type in _NUMPY_NATIVE
+            and tensor_nbytes(tensor) >= HANDOVER_MIN_BYTES)
+
+
+_NUMPY_NATIVE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+                 onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def _session_payload(model: onnx.ModelProto, options: ort.SessionOptions,
+                     extra_outputs: Sequence[str]) -> tuple[bytes, list[ort.OrtValue]]:
+    """The serialized model for onnxruntime and the initializers handed over beside it."""
+    big = [t for t in model.graph.initializer if _handed_over(t)]
+    if sum(tensor_nbytes(t) for t in big) < HANDOVER_TOTAL_BYTES:
+        big = []
+    if not big and not extra_outputs:
+        return model.SerializeToString(), []
+    types = tensor_elem_types(model) if extra_outputs else {}
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, model.graph, skip="initializer")
+    names = {t.name for t in big}
+    light.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    for t in big:  # a stub per handed-over weight: name, type and shape, data "elsewhere"
+        stub = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                           data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="handed-over-by-fp8core")
+    listed = {o.name for o in light.graph.output}
+    light.graph.output.extend(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+                              for name in dict.fromkeys(extra_outputs) if name not in listed)
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t))) for t in big]
+    if big:
+        options.add_external_initializers([t.name for t in big], values)
+    return light.SerializeToString(), values
 
 
 def reference_session(model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,3 +256,26 @@ def test_validation_feeds_from_the_session_equal_the_models_example_feeds():
         for name in from_model:
             assert from_session[name].dtype == from_model[name].dtype
             np.testing.assert_array_equal(from_session[name], from_model[name])
+
+
+def test_big_weights_reach_onnxruntime_beside_the_proto_and_compute_the_same(monkeypatch):
+    # Past 2 GiB a proto cannot be serialized at all: --quantize on a 2.2 GB model failed with
+    # "EncodeError: Failed to serialize proto". Here the limits are lowered to hand over 256 KiB weights.
+    import fp8core.runtime as runtime
+    from fp8core.calibration import ArraySource
+    from fp8core.capture import capture_stats
+
+    model = matmul_chain(size=256, depth=3)
+    before = model.SerializeToString()
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    plain = make_session(model, extra_outputs=["h0", "h1"]).run(None, {"x": x})
+    plain_stats = capture_stats(model, ["x", "h0", "h1"], ArraySource(Path("x.npz"), {"x": x}), 4)
+    monkeypatch.setattr(runtime, "HANDOVER_MIN_BYTES", 1024)
+    monkeypatch.setattr(runtime, "HANDOVER_TOTAL_BYTES", 1024)
+    session = make_session(model, extra_outputs=["h0", "h1"])
+    assert len(session.fp8_handed_over) == 3
+    for a, b in zip(session.run(None, {"x": x}), plain):
+        np.testing.assert_array_equal(a, b)
+    handed_stats = capture_stats(model, ["x", "h0", "h1"], ArraySource(Path("x.npz"), {"x": x}), 4)
+    assert handed_stats == plain_stats
+    assert model.SerializeToString() == before  # the caller's model is untouched
