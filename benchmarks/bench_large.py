@@ -193,7 +193,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="0.3,1", help="GB of FP32 weights, comma separated")
     p.add_argument("--cli", action="store_true", help="also run fp8-convert (Prefect flow) at each size")
-    p.add_argument("--quantize", action="store_true", help="fp8-convert --quantize with 32 samples at the smallest size")
+    p.add_argument("--quantize", action="store_true", help="also fp8-convert --quantize with 32 samples, at each size")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fp8-large"))
     p.add_argument("--keep", action="store_true", help="keep the generated models")
     args = p.parse_args()
@@ -204,7 +204,7 @@ def main() -> None:
         rows = [measure("engine", size, workdir)]
         if args.cli:
             rows.append(measure("cli", size, workdir))
-        if args.quantize and size == min(sizes):
+        if args.quantize:
             rows.append(measure("cli", size, workdir, quantize=True))
         for r in rows:
             print(json.dumps(r))

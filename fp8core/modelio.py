@@ -22,6 +22,7 @@ from fp8core.graph import (
     graph_inputs,
     tensor_nbytes,
     uses_external_data,
+    without_large_initializers,
 )
 from fp8core.runtime import make_session
 
@@ -45,6 +46,16 @@ def check_output_path(path: str) -> str:
 
 def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    """sha256 of a model's content, also past protobuf's 2 GiB limit: the model without its large
+    initializers, then each of them in order (each tensor serialized on its own)."""
+    light, large, _ = without_large_initializers(model)
+    digest = hashlib.sha256(serialize(light))
+    for tensor in large:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(data: bytes, path: str) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fp8core.cache import CacheEntryCorrupt, StatsCache, StatsKey
-from fp8core.modelio import serialize
+from fp8core.modelio import model_sha256
 from fp8core.stats import TensorStats
 
 HIT, MISS, CORRUPT = "hit", "miss", "corrupt"
@@ -17,7 +16,7 @@ HIT, MISS, CORRUPT = "hit", "miss", "corrupt"
 
 def prepared_model_sha256(model) -> str:
     """sha256 of the model capture runs on (after opset conversion and input-shape fixing)."""
-    return hashlib.sha256(serialize(model)).hexdigest()
+    return model_sha256(model)
 
 
 @task(name="load-cached-statistics", cache_policy=NONE)
