@@ -279,3 +279,22 @@ def test_big_weights_reach_onnxruntime_beside_the_proto_and_compute_the_same(mon
     handed_stats = capture_stats(model, ["x", "h0", "h1"], ArraySource(Path("x.npz"), {"x": x}), 4)
     assert handed_stats == plain_stats
     assert model.SerializeToString() == before  # the caller's model is untouched
+
+
+def test_model_sha256_is_content_sensitive_and_never_serializes_the_whole_model(monkeypatch):
+    from fp8core import modelio as mio
+
+    model = matmul_chain(size=256, depth=3)  # 256 KiB weights: "large" initializers
+    digest = mio.model_sha256(model)
+    assert digest == mio.model_sha256(matmul_chain(size=256, depth=3))
+    assert digest != mio.model_sha256(matmul_chain(size=256, depth=3, seed=1))
+    whole = len(model.SerializeToString())
+    real_serialize = mio.serialize
+
+    def small_only(m):
+        data = real_serialize(m)
+        assert len(data) < whole / 10, "the whole model was serialized (fails past 2 GiB)"
+        return data
+
+    monkeypatch.setattr(mio, "serialize", small_only)
+    assert mio.model_sha256(model) == digest
