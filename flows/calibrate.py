@@ -24,8 +24,13 @@ from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats
 
 
-def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, log_folder: str) -> tuple[list[OpPlan], dict]:
-    """Choose (format, scale) for every FP8 op input and weight; return updated plans and log paths."""
+def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, log_folder: str,
+              weights_dir: str | None = None) -> tuple[list[OpPlan], dict]:
+    """Choose (format, scale) for every FP8 op input and weight; return updated plans and log paths.
+
+    ``weights_dir``: the model was loaded without its external weights, which every step here
+    then reads from their data files (onnxruntime for capture, one weight at a time for search).
+    """
     log = get_run_logger()
     if "fp8_params" in params.model_fields_set:
         log.warning("--fp8_params is ignored with --quantize: formats and scales are searched")
@@ -37,8 +42,8 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
 
     with clock.stage("capture"):
         tensors = activations_to_capture(plans)
-        stats = captured_statistics(model, tensors, source, params, record)
-        stats.update(weight_stats(model, plans))
+        stats = captured_statistics(model, tensors, source, params, record, weights_dir)
+        stats.update(weight_stats(model, plans, weights_dir))
 
     with clock.stage("search"):
         results = map_search(stats, params)
@@ -46,7 +51,7 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
     plans = apply_choices(plans, results)
     with clock.stage("weight_scales"):  # per_channel / float: real scales searched on the weights by the same loss
         plans = choose_weight_params(model, plans, params.weight_granularity, params.scale_kind,
-                                     params.fp8_formats, params.quantize_loss_type)
+                                     params.fp8_formats, params.quantize_loss_type, weights_dir)
     report = quantize_report(plans, results, stats, params.quantize_loss_type, source)
     paths = write_quantize_logs(report, log_folder)
     for p in paths.values():
@@ -56,7 +61,8 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
     return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"], "best_loss": best_losses}
 
 
-def captured_statistics(model, tensors: list[str], source, params: ConvertParams, record) -> dict:
+def captured_statistics(model, tensors: list[str], source, params: ConvertParams, record,
+                        weights_dir: str | None = None) -> dict:
     """Activation statistics from the cache when (model, data, tensors, batch size) was captured before.
 
     Records tag ``calibration_cache`` (hit / miss / corrupt) and metric ``calibration_cache_hit`` (1/0).
@@ -64,10 +70,10 @@ def captured_statistics(model, tensors: list[str], source, params: ConvertParams
     if not tensors:
         return {}
     root = params.statistics_cache_dir
-    key = StatsKey.of(prepared_model_sha256(model), source.fingerprint(), tensors, params.batch_size)
+    key = StatsKey.of(prepared_model_sha256(model, weights_dir), source.fingerprint(), tensors, params.batch_size)
     stats, outcome = load_cached_stats(root, key)
     if stats is None:
-        stats = capture_shards(model, tensors, source, params)
+        stats = capture_shards(model, tensors, source, params, weights_dir)
         store_stats(root, key, stats)
     get_run_logger().info("calibration statistics cache %s: %s", outcome, key.digest[:12])
     record.tags({"calibration_cache": outcome, "calibration_cache_key": key.digest, "calibration_cache_dir": root})

@@ -53,7 +53,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
         with clock.stage("load"):
             loaded = load_model(params.input_model, params.input_shape, params.convert_version,
-                                stream_weights=only_encodes_weights(params))
+                                stream_weights=weights_can_stay_on_disk(params))
         record.tags({"input_model_sha256": loaded.sha256, "input_opset": loaded.source_opset})
 
         with clock.stage("plan"):
@@ -62,13 +62,14 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         if params.quantize:
             from flows.calibrate import calibrate
 
-            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path)
+            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path,
+                                             loaded.weights_dir)
         else:
             quantize_logs = {}
             # fast mode: the weights are known, so real scales (per_channel / float) are searched
             # on them by mse in the --fp8_params weight format
             plans = choose_weight_params(loaded.model, plans, params.weight_granularity, params.scale_kind,
-                                         [params.fp8_params.weight_format], "mse")
+                                         [params.fp8_params.weight_format], "mse", loaded.weights_dir)
 
         fallback = {}
         if params.num_of_layers_keep_fp16 or params.accuracy_target:
@@ -128,11 +129,12 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         return staging.final_path(result)
 
 
-def only_encodes_weights(params: ConvertParams) -> bool:
-    """No step needs float weights in memory (no calibration, evaluation, comparison, fallback or
-    weight search): large external weights can then stay on disk and be encoded one at a time."""
-    return not (params.quantize or params.eval_data or params.precision_compare or params.num_of_layers_keep_fp16
-                or params.accuracy_target or params.weight_granularity != "per_tensor" or params.scale_kind != "pow2")
+def weights_can_stay_on_disk(params: ConvertParams) -> bool:
+    """Every step asked for reads external weights from their data files (search and encoding one
+    weight at a time, capture through onnxruntime): then large external weights are never loaded.
+    Evaluation, comparison, fallback and GPTQ / bias correction still need them in memory."""
+    return not (params.eval_data or params.precision_compare or params.num_of_layers_keep_fp16
+                or params.accuracy_target or params.weight_rounding != "nearest" or params.bias_correction)
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

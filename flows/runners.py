@@ -50,15 +50,18 @@ def _shards(params: ConvertParams) -> int:
     return workers(params) if params.task_runner == "dask" else 1
 
 
-def capture_shards(model, tensors: list[str], source, params: ConvertParams) -> dict[str, TensorStats]:
+def capture_shards(model, tensors: list[str], source, params: ConvertParams,
+                   weights_dir: str | None = None) -> dict[str, TensorStats]:
     """Capture on n disjoint shards of the batches (mapped), then merge the statistics."""
     n = _shards(params)
     if not tensors:
         return {}
     if n == 1:
-        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True)
+        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True,
+                                   weights_dir=weights_dir)
     futures = capture_activations.map(unmapped(model), unmapped(tensors), unmapped(source),
-                                      unmapped(params.batch_size), [(i, n) for i in range(n)])
+                                      unmapped(params.batch_size), [(i, n) for i in range(n)],
+                                      weights_dir=unmapped(weights_dir))
     merged: dict[str, TensorStats] = {}
     for part in futures.result():
         for name, s in part.items():

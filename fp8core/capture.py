@@ -74,17 +74,19 @@ def capture_stats(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
+    weights_dir: str | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of every tensor in ``tensors`` over the calibration data (or one shard of it).
 
     ``shard=(i, n)`` takes batches i, i+n, i+2n, ...: n workers capture disjoint shards whose
     statistics merge into the same result. Batches are read ``batch_size`` samples at a time and
-    run :data:`RUN_SAMPLES` at a time when the model's batch dimension is dynamic.
+    run :data:`RUN_SAMPLES` at a time when the model's batch dimension is dynamic. ``weights_dir``:
+    where the model's external weights are, when it was loaded without them.
     """
     options = session_options()
     # Without the arena, activations of each batch go back to the OS: peak memory stays flat.
     options.enable_cpu_mem_arena = False
-    session = make_session(model, options, extra_outputs=tensors)
+    session = make_session(model, options, extra_outputs=tensors, weights_dir=weights_dir)
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size
     stats = {name: TensorStats() for name in tensors}

@@ -20,6 +20,7 @@ from fp8core.graph import (
     _copy_fields,
     check_external_tensor,
     graph_inputs,
+    read_tensor_bytes,
     tensor_nbytes,
     uses_external_data,
     without_large_initializers,
@@ -48,13 +49,16 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def model_sha256(model: onnx.ModelProto) -> str:
+def model_sha256(model: onnx.ModelProto, weights_dir: str | None = None) -> str:
     """sha256 of a model's content, also past protobuf's 2 GiB limit: the model without its large
-    initializers, then each of them in order (each tensor serialized on its own)."""
+    initializers, then each of them in order (each tensor serialized on its own; the data of a
+    weight still in external data is read from its file in ``weights_dir``)."""
     light, large, _ = without_large_initializers(model)
     digest = hashlib.sha256(serialize(light))
     for tensor in large:
         digest.update(tensor.SerializeToString(deterministic=True))
+        if weights_dir is not None and uses_external_data(tensor):
+            digest.update(read_tensor_bytes(tensor, weights_dir))
     return digest.hexdigest()
 
 

@@ -66,13 +66,18 @@ def make_session(
     options: ort.SessionOptions | None = None,
     disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
     extra_outputs: Sequence[str] = (),
+    weights_dir: str | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a float or FP8 model, with the safe optimizer set.
 
     ``extra_outputs``: tensors of a model proto to expose as outputs too (captured activations),
-    added to a copy of the graph; the caller's model is not modified.
+    added to a copy of the graph; the caller's model is not modified. ``weights_dir``: the folder
+    of a proto's external weights (loaded with ``load_weights=False``): onnxruntime reads them
+    from their data files itself, and Python never holds them.
     """
     options = options or session_options()
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
     handed_over: list[ort.OrtValue] = []
     if isinstance(model, onnx.ModelProto):
         model, handed_over = _session_payload(model, options, extra_outputs)

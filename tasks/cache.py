@@ -14,9 +14,9 @@ from fp8core.stats import TensorStats
 HIT, MISS, CORRUPT = "hit", "miss", "corrupt"
 
 
-def prepared_model_sha256(model) -> str:
+def prepared_model_sha256(model, weights_dir: str | None = None) -> str:
     """sha256 of the model capture runs on (after opset conversion and input-shape fixing)."""
-    return model_sha256(model)
+    return model_sha256(model, weights_dir)
 
 
 @task(name="load-cached-statistics", cache_policy=NONE)

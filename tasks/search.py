@@ -14,8 +14,8 @@ from fp8core.stats import TensorStats
 
 
 @task(name="weight-statistics", cache_policy=NONE)
-def weight_stats(model, plans: list[OpPlan]) -> dict[str, TensorStats]:
-    index = GraphIndex(model.graph)
+def weight_stats(model, plans: list[OpPlan], weights_dir: str | None = None) -> dict[str, TensorStats]:
+    index = GraphIndex(model.graph, weights_dir)  # external weights are read one at a time
     out: dict[str, TensorStats] = {}
     for plan in plans:
         if plan.fp8:

@@ -298,3 +298,55 @@ def test_model_sha256_is_content_sensitive_and_never_serializes_the_whole_model(
 
     monkeypatch.setattr(mio, "serialize", small_only)
     assert mio.model_sha256(model) == digest
+
+
+def _two_matmuls(seed: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    h, T = onnx.helper, onnx.TensorProto
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), f"w{i}")
+             for i in range(2)]
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w0"], ["h"]), h.make_node("MatMul", ["h", "w1"], ["y"])], "mm",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["N", 256])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", 256])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+
+
+def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_path, monkeypatch):
+    """--quantize (and per-channel scales) on a model with external data: weights never loaded by
+    Python, the same FP8 model as from the inline copy, and new weights in the data file are a
+    statistics-cache miss, not a stale hit."""
+    from mlflow.tracking import MlflowClient
+
+    import tasks.load_model as load_task
+    from flows.cli import main
+
+    loads = []
+    real_load = load_task._load
+    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append(load_weights) or real_load(path, load_weights))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(9).standard_normal((16, 256)).astype(np.float32))
+    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save_model(_two_matmuls(0), inline)
+    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def convert(src, name):
+        out = tmp_path / name / "fp8.onnx"
+        out.parent.mkdir()
+        loads.clear()
+        assert main(["--input_model", str(src), "--output_model", str(out), "--quantize", "--quantize_loss_type", "mse",
+                     "--data_preprocess", str(calib), "--weight_granularity", "per_channel",
+                     "--cache_dir", str(tmp_path / "cache"), "--mlflow_tracking_uri", uri, "--experiment_name", "q"]) == 0
+        return out, list(loads)
+
+    (a, _), (b, loaded) = convert(inline, "a"), convert(external, "b")
+    assert loaded == [False], "the external weights were loaded into memory"
+    assert a.read_bytes() == b.read_bytes()
+    c, _ = convert(external, "c")  # unchanged: a cache hit
+    onnx.save_model(_two_matmuls(1), external, save_as_external_data=True, location="m.data", size_threshold=0)
+    d, _ = convert(external, "d")  # same graph, new weights in the data file
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("q").experiment_id], order_by=["start_time ASC"])
+    assert [r.data.tags["calibration_cache"] for r in runs] == ["miss", "miss", "hit", "miss"]
+    assert c.read_bytes() == b.read_bytes() != d.read_bytes()
