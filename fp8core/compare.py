@@ -65,7 +65,7 @@ from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session
-from fp8core.stats import _Moments
+from fp8core.stats import Moments
 
 HISTOGRAM_BINS = 32
 FIRST_BATCH_MARGIN = 0.5  # "first_batch" range: widened by this fraction of its width per side
@@ -119,7 +119,7 @@ class FixedHistogram:
 class ValueSummary:
     """Streaming moments, min, max and (once its range is set) a histogram of one value stream."""
 
-    moments: _Moments = dataclasses.field(default_factory=lambda: _Moments(0, 0.0, 0.0, 0.0, 0.0))
+    moments: Moments = dataclasses.field(default_factory=lambda: Moments(0, 0.0, 0.0, 0.0, 0.0))
     min: float = math.inf
     max: float = -math.inf
     histogram: FixedHistogram | None = None
@@ -132,7 +132,7 @@ class ValueSummary:
         c = v - mean
         c2 = c * c
         self.moments = self.moments.merged(
-            _Moments(v.size, mean, float(c2.sum()), float((c2 * c).sum()), float((c2 * c2).sum())))
+            Moments(v.size, mean, float(c2.sum()), float((c2 * c).sum()), float((c2 * c2).sum())))
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
 

@@ -210,7 +210,7 @@ class TensorStats:
         m3 = float(c.sum())
         c2 *= c2
         m4 = float(c2.sum())
-        self._merge_moments(_Moments(n, mean, m2, m3, m4))
+        self._merge_moments(Moments(n, mean, m2, m3, m4))
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
 
@@ -224,7 +224,7 @@ class TensorStats:
         self.nan_count += other.nan_count
         self.posinf_count += other.posinf_count
         self.neginf_count += other.neginf_count
-        self._merge_moments(_Moments(other.count, other.mean, other.m2, other.m3, other.m4))
+        self._merge_moments(Moments(other.count, other.mean, other.m2, other.m3, other.m4))
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         self.interior_count += other.interior_count
@@ -233,8 +233,8 @@ class TensorStats:
         self.sum_dev_sq += other.sum_dev_sq
         return self
 
-    def _merge_moments(self, b: _Moments) -> None:
-        a = _Moments(self.count, self.mean, self.m2, self.m3, self.m4)
+    def _merge_moments(self, b: Moments) -> None:
+        a = Moments(self.count, self.mean, self.m2, self.m3, self.m4)
         merged = a.merged(b)
         self.count, self.mean, self.m2, self.m3, self.m4 = (
             merged.n, merged.mean, merged.m2, merged.m3, merged.m4)
@@ -383,8 +383,9 @@ class TensorStats:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Moments:
-    """Count, mean and central moment sums M2..M4 of a set of values."""
+class Moments:
+    """Count, mean and central moment sums M2..M4 of a set of values; :meth:`merged` gives those of
+    the union of two disjoint sets (used by TensorStats and by the streaming comparison statistics)."""
 
     n: int
     mean: float
@@ -392,7 +393,7 @@ class _Moments:
     m3: float
     m4: float
 
-    def merged(self, b: _Moments) -> _Moments:
+    def merged(self, b: Moments) -> Moments:
         """Pebay (2008) eq. 2.1-2.4: the moments of the union of two disjoint sets."""
         a = self
         if b.n == 0:
@@ -409,4 +410,4 @@ class _Moments:
         m4 = (a.m4 + b.m4 + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
               + 6.0 * delta**2 * (na * na * b.m2 + nb * nb * a.m2) / n**2
               + 4.0 * delta * (na * b.m3 - nb * a.m3) / n)
-        return _Moments(n, mean, m2, m3, m4)
+        return Moments(n, mean, m2, m3, m4)
