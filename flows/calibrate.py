@@ -13,7 +13,7 @@ import os
 from prefect import get_run_logger
 
 from flows.params import ConvertParams
-from flows.runners import capture_shards, map_search
+from flows.runners import capture_shards, map_search, mapped_runner
 from fp8core.cache import StatsKey
 from fp8core.capture import activations_to_capture
 from fp8core.plan import OpPlan
@@ -40,13 +40,14 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
         source = ingest_calibration_data(params.data_preprocess, model, params.batch_size)
     record.tags({"calibration_fingerprint": source.fingerprint(), "calibration_samples": source.num_samples})
 
-    with clock.stage("capture"):
-        tensors = activations_to_capture(plans)
-        stats = captured_statistics(model, tensors, source, params, record, weights_dir)
-        stats.update(weight_stats(model, plans, weights_dir))
+    with mapped_runner(params) as runner:
+        with clock.stage("capture"):
+            tensors = activations_to_capture(plans)
+            stats = captured_statistics(model, tensors, source, params, record, runner, weights_dir)
+            stats.update(weight_stats(model, plans, weights_dir))
 
-    with clock.stage("search"):
-        results = map_search(stats, params)
+        with clock.stage("search"):
+            results = map_search(stats, params, runner)
 
     plans = apply_choices(plans, results)
     with clock.stage("weight_scales"):  # per_channel / float: real scales searched on the weights by the same loss
@@ -61,7 +62,7 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
     return plans, {"quantize_log": paths["log"], "quantize_json": paths["json"], "best_loss": best_losses}
 
 
-def captured_statistics(model, tensors: list[str], source, params: ConvertParams, record,
+def captured_statistics(model, tensors: list[str], source, params: ConvertParams, record, runner,
                         weights_dir: str | None = None) -> dict:
     """Activation statistics from the cache when (model, data, tensors, batch size) was captured before.
 
@@ -73,7 +74,7 @@ def captured_statistics(model, tensors: list[str], source, params: ConvertParams
     key = StatsKey.of(prepared_model_sha256(model, weights_dir), source.fingerprint(), tensors, params.batch_size)
     stats, outcome = load_cached_stats(root, key)
     if stats is None:
-        stats = capture_shards(model, tensors, source, params, weights_dir)
+        stats = capture_shards(model, tensors, source, params, runner, weights_dir)
         store_stats(root, key, stats)
     get_run_logger().info("calibration statistics cache %s: %s", outcome, key.digest[:12])
     record.tags({"calibration_cache": outcome, "calibration_cache_key": key.digest, "calibration_cache_dir": root})

@@ -199,10 +199,9 @@ def publish_prefect_artifacts(record, params: ConvertParams, result: dict, plans
 
 
 def run_conversion(params: ConvertParams, verbose: int = 0) -> dict:
-    """Run the flow with the task runner the parameters ask for (thread, process or Dask)."""
-    from flows.runners import task_runner
+    """Run the flow (its mapped steps use the task runner the parameters ask for: flows/runners.py)."""
     from flows.startup import wait_for_prefect_server
 
     tracking.open_store(params.mlflow_tracking_uri, verbose)  # while Prefect's server starts (flows/startup.py)
     wait_for_prefect_server()
-    return fp8_convert.with_options(task_runner=task_runner(params))(params, verbose=verbose)
+    return fp8_convert(params, verbose=verbose)

@@ -3,11 +3,17 @@
 thread: one process, ThreadPoolTaskRunner (numpy and onnxruntime release the GIL);
 process: ProcessPoolTaskRunner; dask: prefect-dask's DaskTaskRunner against --dask_address, or a
 temporary LocalCluster when no address is given.
+
+The mapped steps submit to a runner entered by :func:`mapped_runner`, not to the flow's own task
+runner: a deployed flow's runner is fixed when it is deployed, so this is what makes a deployment
+run honour its ``task_runner`` and ``dask_address`` parameters, as the CLI does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 from prefect import unmapped
 
@@ -28,8 +34,19 @@ def workers(params: ConvertParams) -> int:
     return params.max_workers or os.cpu_count() or 1
 
 
+def uses_dask(params: ConvertParams) -> bool:
+    return params.task_runner == "dask" or bool(params.dask_address)
+
+
+@contextlib.contextmanager
+def mapped_runner(params: ConvertParams) -> Iterator:
+    """The started task runner that the mapped capture and search submit to (module docstring)."""
+    with task_runner(params) as runner:
+        yield runner
+
+
 def task_runner(params: ConvertParams):
-    if params.task_runner == "dask" or params.dask_address:
+    if uses_dask(params):
         from prefect_dask import DaskTaskRunner
 
         if params.dask_address:
@@ -47,10 +64,10 @@ def task_runner(params: ConvertParams):
 
 def _shards(params: ConvertParams) -> int:
     # One onnxruntime session already uses every core of a machine; shards pay off across machines.
-    return workers(params) if params.task_runner == "dask" else 1
+    return workers(params) if uses_dask(params) else 1
 
 
-def capture_shards(model, tensors: list[str], source, params: ConvertParams,
+def capture_shards(model, tensors: list[str], source, params: ConvertParams, runner,
                    weights_dir: str | None = None) -> dict[str, TensorStats]:
     """Capture on n disjoint shards of the batches (mapped), then merge the statistics."""
     n = _shards(params)
@@ -59,9 +76,10 @@ def capture_shards(model, tensors: list[str], source, params: ConvertParams,
     if n == 1:
         return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True,
                                    weights_dir=weights_dir)
-    futures = capture_activations.map(unmapped(model), unmapped(tensors), unmapped(source),
-                                      unmapped(params.batch_size), [(i, n) for i in range(n)],
-                                      weights_dir=unmapped(weights_dir))
+    futures = runner.map(capture_activations, {
+        "model": unmapped(model), "tensors": unmapped(tensors), "source": unmapped(source),
+        "batch_size": unmapped(params.batch_size), "shard": [(i, n) for i in range(n)],
+        "weights_dir": unmapped(weights_dir)})
     merged: dict[str, TensorStats] = {}
     for part in futures.result():
         for name, s in part.items():
@@ -72,13 +90,14 @@ def capture_shards(model, tensors: list[str], source, params: ConvertParams,
     return merged
 
 
-def map_search(stats: dict, params: ConvertParams) -> dict:
+def map_search(stats: dict, params: ConvertParams, runner) -> dict:
     """Search every tensor, in groups mapped over the runner; results keyed like ``stats``."""
     keys = list(stats)
     groups = search_groups(keys, SEARCH_TASKS_PER_WORKER * workers(params))
     labels = [f"{g[0]}" if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups]
-    futures = search_tensors.map(labels, groups, [[stats[k] for k in g] for g in groups],
-                                 unmapped(params.quantize_loss_type), unmapped(tuple(params.fp8_formats)))
+    futures = runner.map(search_tensors, {
+        "label": labels, "names": groups, "stats": [[stats[k] for k in g] for g in groups],
+        "loss": unmapped(params.quantize_loss_type), "formats": unmapped(tuple(params.fp8_formats))})
     results: dict = {}
     for group, found in zip(groups, futures.result()):
         results.update(zip(group, found))

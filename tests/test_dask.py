@@ -57,3 +57,23 @@ def _task_counts(cluster) -> dict:
 
     with Client(cluster.scheduler_address) as client:
         return client.run(lambda dask_worker: len(dask_worker.state.log))
+
+
+def test_a_deployment_style_run_honours_dask_address(tmp_path, cluster):
+    """A deployed flow's own task runner is fixed at deployment; calling the flow the way a
+    deployment run does (parameters only) must still send capture shards and searches to Dask."""
+    from flows.convert import fp8_convert
+    from flows.params import ConvertParams
+
+    threads = _convert(tmp_path, "thread", "--task_runner", "thread")
+    before = _task_counts(cluster)
+    out = tmp_path / "deployed" / "m_fp8.onnx"
+    out.parent.mkdir()
+    params = ConvertParams(input_model=str(DATA / "demo_model.onnx"), output_model=str(out), quantize=True,
+                           data_preprocess=str(DATA / "calib.parquet"), batch_size=8, quantize_loss_type="mse",
+                           dask_address=cluster.scheduler_address,
+                           mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fp8_convert(params)
+    assert out.read_bytes() == threads.read_bytes()
+    after = _task_counts(cluster)
+    assert all(after[w] > before[w] for w in after), (before, after)  # both workers got work

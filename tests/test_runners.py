@@ -9,7 +9,7 @@ import pytest
 from prefect import flow
 
 from flows.params import ConvertParams
-from flows.runners import map_search, search_groups, task_runner, workers
+from flows.runners import map_search, mapped_runner, search_groups, task_runner, workers
 from fp8core.search import search
 from fp8core.stats import TensorStats
 
@@ -39,9 +39,10 @@ def test_grouped_mapped_search_equals_searching_each_tensor(tmp_path):
              for i in range(7)}
     params = ConvertParams(input_model="m.onnx", quantize_loss_type="mse", max_workers=2)
 
-    @flow(task_runner=task_runner(params))
+    @flow
     def run():
-        return map_search(stats, params)
+        with mapped_runner(params) as runner:
+            return map_search(stats, params, runner)
 
     results = run()
     assert list(results) == list(stats)
