@@ -21,7 +21,7 @@ from fp8core.weight_options import choose_weight_params
 from tasks import tracking
 from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
 from tasks.evaluate import evaluate_accuracy
-from tasks.load_model import load_model
+from tasks.load_model import load_model, read_written_model
 from tasks.plan_ops import plan_ops
 
 
@@ -106,12 +106,15 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             **fallback,
             **({"weight_adjust": weight_adjust} if weight_adjust else {}),
         }
+        if streamed and (params.precision_compare or eval_data):  # its weights were released once written
+            fp8_model = read_written_model(params.output_model)  # FP8: a quarter of the float weights
         if params.precision_compare:
             with clock.stage("compare"):
-                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path))
+                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path,
+                                                loaded.weights_dir))
         if eval_data:
             with clock.stage("evaluate"):
-                result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data)
+                result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data, loaded.weights_dir)
         result["seconds"] = dict(clock.seconds)
 
         record.metrics({
@@ -131,10 +134,10 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
 def weights_can_stay_on_disk(params: ConvertParams) -> bool:
     """Every step asked for reads external weights from their data files (search and encoding one
-    weight at a time, capture through onnxruntime): then large external weights are never loaded.
-    Evaluation, comparison, fallback and GPTQ / bias correction still need them in memory."""
-    return not (params.eval_data or params.precision_compare or params.num_of_layers_keep_fp16
-                or params.accuracy_target or params.weight_rounding != "nearest" or params.bias_correction)
+    weight at a time; capture, evaluation and comparison through onnxruntime): then large external
+    weights are never loaded. Fallback and GPTQ / bias correction still need them in memory."""
+    return not (params.num_of_layers_keep_fp16 or params.accuracy_target
+                or params.weight_rounding != "nearest" or params.bias_correction)
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

@@ -65,10 +65,11 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
     return plans, out
 
 
-def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record, log_folder: str) -> dict:
+def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record, log_folder: str,
+                      weights_dir: str | None = None) -> dict:
     """Run the comparison, log its files and metrics to the run; returns the summary entries."""
     cmp = precision_compare(model, fp8_model, plans, comparison_data(params), params.batch_size, log_folder,
-                            params.compare_samples, show_progress=True)
+                            params.compare_samples, show_progress=True, weights_dir=weights_dir)
     for path in cmp["paths"].values():
         record.artifact(path)
     record.metrics(cmp["metrics"])

@@ -387,9 +387,10 @@ def _run(session, names: list[str], feeds: dict, which: str, start: int, n: int)
 class PairedSessions:
     """The original and the FP8 model, each with the compared tensors as outputs."""
 
-    def __init__(self, float_model: onnx.ModelProto, fp8_model: onnx.ModelProto, tensors: list[str]):
+    def __init__(self, float_model: onnx.ModelProto, fp8_model: onnx.ModelProto, tensors: list[str],
+                 weights_dir: str | None = None):
         self.tensors = list(dict.fromkeys(tensors))
-        self.original = make_session(float_model, extra_outputs=self.tensors)
+        self.original = make_session(float_model, extra_outputs=self.tensors, weights_dir=weights_dir)
         self.fp8 = make_session(fp8_model, extra_outputs=self.tensors)
 
     def run(self, start: int, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -408,11 +409,13 @@ def compare_models(
     max_samples: int | None = None,
     histogram_range: HistogramRange = "two_pass",
     progress: Callable[[int, int], None] | None = None,
+    weights_dir: str | None = None,
 ) -> ComparisonReport:
     """Compare every FP8 op output and model output of the two models on ``source``'s samples.
 
     ``float_model`` is the prepared float model the plans were made on; ``fp8_model`` its rewrite.
-    ``max_samples`` limits the samples (the first ones). See the module docstring for the rules.
+    ``max_samples`` limits the samples (the first ones); ``weights_dir``: where the float model's
+    external weights are, when it was loaded without them. See the module docstring for the rules.
     """
     if histogram_range not in HISTOGRAM_RANGES:
         raise CompareError(f"unknown histogram_range {histogram_range!r}; use one of {', '.join(HISTOGRAM_RANGES)}")
@@ -420,7 +423,7 @@ def compare_models(
         raise CompareError(f"batch_size {batch_size} must be >= 1")
     rows = comparison_targets(float_model, plans)
     op_inputs = {t: TensorComparison(t, t, "op_output", None, -1) for r in rows for t in r.input_tensors}
-    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs))
+    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs), weights_dir)
     samples = source.num_samples if max_samples is None else min(max_samples, source.num_samples)
     if samples == 0:
         raise CompareError(f"comparison data {source.path} has no samples; give data with at least one sample")

@@ -16,13 +16,17 @@ def evaluate_top1(
     data_path: str,
     label_column: str = "label",
     batch_size: int = 64,
+    weights_dir: str | None = None,
 ) -> dict:
-    """Accuracy of both models (argmax of the first output) and how often they agree."""
+    """Accuracy of both models (argmax of the first output) and how often they agree.
+
+    ``weights_dir``: where the float model's external weights are, when it was loaded without them.
+    """
     source = open_dataset(data_path)
     if label_column not in source.columns:
         raise ValueError(f"evaluation data {data_path!r} has no {label_column!r} column")
     names = [i.name for i in graph_inputs(float_model.graph)]
-    sessions = [make_session(float_model), make_session(fp8_model)]
+    sessions = [make_session(float_model, weights_dir=weights_dir), make_session(fp8_model)]
     correct = np.zeros(2, dtype=np.int64)
     agree = total = 0
     for batch in source.iter_batches(batch_size, names + [label_column]):

@@ -12,14 +12,15 @@ from fp8core.report import ProgressLine
 
 @task(name="precision-compare", cache_policy=NONE)
 def precision_compare(float_model, fp8_model, plans, data_path: str, batch_size: int, log_dir: str,
-                      max_samples: int | None = None, show_progress: bool = False) -> dict:
+                      max_samples: int | None = None, show_progress: bool = False,
+                      weights_dir: str | None = None) -> dict:
     """Compare on ``data_path``; write the logs; return the report, log paths and MLflow metrics."""
     log = get_run_logger()
     source = open_dataset(data_path)
     validate_against_model(source, model_input_specs(float_model), batch_size)
     line = ProgressLine("compare", enabled=show_progress)
     report = compare_models(float_model, fp8_model, plans, source, batch_size, max_samples,
-                            progress=line.update)
+                            progress=line.update, weights_dir=weights_dir)
     line.close()
     paths = write_compare_logs(report, log_dir)
     worst = ", ".join(f"{r.label} ({r.snr_db:.1f} dB)" for r in report.worst_ops())

@@ -40,3 +40,10 @@ def load_model(path: str, input_shape: dict[str, list[int]], convert_version: in
     prepared = prepare_model(original, opset, input_shape)
     return LoadedModel(os.path.abspath(path), files_sha256(files), sum(os.path.getsize(f) for f in files),
                        default_opset(original), opset, prepared, weights_dir if len(files) > 1 else None)
+
+
+@task(name="read-written-model", cache_policy=NONE, **IO_RETRIES)
+def read_written_model(path: str) -> onnx.ModelProto:
+    """The FP8 model as written, weights in memory: for the checks after the save when the flow's
+    copy gave its weights up (streamed models)."""
+    return _load(path)

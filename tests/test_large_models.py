@@ -350,3 +350,38 @@ def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("q").experiment_id], order_by=["start_time ASC"])
     assert [r.data.tags["calibration_cache"] for r in runs] == ["miss", "miss", "hit", "miss"]
     assert c.read_bytes() == b.read_bytes() != d.read_bytes()
+
+
+def test_evaluation_and_comparison_stream_external_weights_and_match_inline(tmp_path, monkeypatch):
+    """--eval_data and --precision_compare on a model with external data: onnxruntime reads the
+    float weights from the data file (never loaded by Python); same numbers as the inline copy."""
+    import tasks.load_model as load_task
+    from flows.cli import main
+
+    loads = []
+    real_load = load_task._load
+    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append((os.path.basename(path), load_weights)) or real_load(path, load_weights))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((24, 256)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:16])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
+                             "label": pa.array(rng.integers(0, 256, 24))}), tmp_path / "eval.parquet")
+    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save_model(_two_matmuls(0), inline)
+    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
+    reports = []
+    for src, name in ((inline, "a"), (external, "b")):
+        out = tmp_path / name / "fp8.onnx"
+        out.parent.mkdir()
+        loads.clear()
+        assert main(["--input_model", str(src), "--output_model", str(out), "--fp8_params", "F143,F143,-4,-6",
+                     "--eval_data", str(tmp_path / "eval.parquet"), "--precision_compare",
+                     "--compare_data", str(tmp_path / "calib.npz"),
+                     "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+        reports.append(((out.parent / "precision_compare.json").read_text(), out.read_bytes()))
+    assert loads == [("m.onnx", False), ("fp8.onnx", True)], loads  # float weights stay on disk
+    assert reports[0] == reports[1]
