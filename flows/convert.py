@@ -74,7 +74,8 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         fallback = {}
         if params.num_of_layers_keep_fp16 or params.accuracy_target:
             with clock.stage("fallback"):
-                plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record)
+                plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record,
+                                                 loaded.weights_dir)
 
         to_encode, weight_adjust = loaded.model, []
         if params.weight_rounding == "gptq" or params.bias_correction:
@@ -134,10 +135,10 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
 def weights_can_stay_on_disk(params: ConvertParams) -> bool:
     """Every step asked for reads external weights from their data files (search and encoding one
-    weight at a time; capture, evaluation and comparison through onnxruntime): then large external
-    weights are never loaded. Fallback and GPTQ / bias correction still need them in memory."""
-    return not (params.num_of_layers_keep_fp16 or params.accuracy_target
-                or params.weight_rounding != "nearest" or params.bias_correction)
+    weight at a time; capture, evaluation, comparison and fallback trials through onnxruntime):
+    then large external weights are never loaded. GPTQ / bias correction write new float weights,
+    so they need them in memory."""
+    return not (params.weight_rounding != "nearest" or params.bias_correction)
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

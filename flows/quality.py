@@ -22,23 +22,26 @@ def comparison_data(params: ConvertParams) -> str | None:
 TARGET_CANDIDATES = 8  # ops the accuracy-target search may return to original precision
 
 
-def _rank_by_added_noise(model, plans: list[OpPlan], params: ConvertParams, data: str) -> dict[str, float]:
+def _rank_by_added_noise(model, plans: list[OpPlan], params: ConvertParams, data: str,
+                         weights_dir: str | None) -> dict[str, float]:
     """Per FP8 op, the noise it adds itself, from one precision comparison on a few samples."""
     from fp8core.calibration import open_dataset
     from fp8core.compare import compare_models
     from fp8core.fallback import op_losses_from_comparison
     from fp8core.rewrite import rewrite_to_fp8
 
-    report = compare_models(model, rewrite_to_fp8(model, plans), plans, open_dataset(data), params.batch_size,
-                            params.compare_samples or params.accuracy_target_samples, histogram_range="first_batch")
+    report = compare_models(model, rewrite_to_fp8(model, plans, weights_dir=weights_dir), plans, open_dataset(data),
+                            params.batch_size, params.compare_samples or params.accuracy_target_samples,
+                            histogram_range="first_batch", weights_dir=weights_dir)
     return op_losses_from_comparison(report)
 
 
-def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record) -> tuple[list[OpPlan], dict]:
+def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record,
+                   weights_dir: str | None = None) -> tuple[list[OpPlan], dict]:
     """Plans with ops returned to original precision by K-worst and/or the accuracy target."""
     out: dict = {}
     data = comparison_data(params)
-    ranked = _rank_by_added_noise(model, plans, params, data) if data else None
+    ranked = _rank_by_added_noise(model, plans, params, data, weights_dir) if data else None
     if params.num_of_layers_keep_fp16:
         if ranked is not None:
             losses, ranked_by = ranked, "precision compare (noise each op adds)"
@@ -54,7 +57,8 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
         noise = {n: v for n, v in ranked.items() if v == v}  # NaN (no signal) ranks last
         candidates = sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:TARGET_CANDIDATES]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,
-                                          params.accuracy_target_samples, candidates=candidates)
+                                          params.accuracy_target_samples, candidates=candidates,
+                                          weights_dir=weights_dir)
         plans = result.plans
         record.json_artifact(result.to_dict(), "accuracy_target.json")
         record.tags({"accuracy_target": result.message[:5000]})

@@ -391,7 +391,7 @@ class PairedSessions:
                  weights_dir: str | None = None):
         self.tensors = list(dict.fromkeys(tensors))
         self.original = make_session(float_model, extra_outputs=self.tensors, weights_dir=weights_dir)
-        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors)
+        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors, weights_dir=weights_dir)  # kept ops' weights
 
     def run(self, start: int, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
         n = len(next(iter(feeds.values())))

@@ -173,9 +173,10 @@ class OutputProbe:
     """
 
     def __init__(self, float_model: onnx.ModelProto, source: CalibrationSource, batch_size: int = 16,
-                 max_samples: int | None = 32):
+                 max_samples: int | None = 32, weights_dir: str | None = None):
         self.output_names = [o.name for o in float_model.graph.output]
-        session = make_session(float_model)
+        self.weights_dir = weights_dir  # external float weights (of the original and of kept ops)
+        session = make_session(float_model, weights_dir=weights_dir)
         self.batches: list[tuple[dict, list[np.ndarray]]] = []
         for _, feeds in sample_batches(source, float_model, batch_size, max_samples):
             self.batches.append((feeds, session.run(self.output_names, feeds)))
@@ -185,7 +186,7 @@ class OutputProbe:
 
     def measure(self, model: onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""
-        session = make_session(model)
+        session = make_session(model, weights_dir=self.weights_dir)
         rows = [TensorComparison(n, n, "model_output", None, 0) for n in self.output_names]
         agree = total = 0
         for feeds, reference in self.batches:
@@ -259,11 +260,13 @@ def fallback_for_target(
     candidates: Iterable[str] | None = None,
     max_keep: int | None = None,
     progress: Callable[[FallbackStep], None] | None = None,
+    weights_dir: str | None = None,
 ) -> FallbackResult:
     """The fewest FP8 ops to keep in original precision so the model outputs meet ``target``.
 
     ``candidates``: the ops that may be kept (default every FP8 op); ``max_keep``: give up after
-    keeping this many. ``progress`` is called after each step. See the module docstring.
+    keeping this many. ``progress`` is called after each step. ``weights_dir``: where the float
+    model's external weights are, when it was loaded without them. See the module docstring.
     """
     target = AccuracyTarget.parse(target) if isinstance(target, str) else target
     fp8 = fp8_op_names(plans)
@@ -273,12 +276,14 @@ def fallback_for_target(
         raise FallbackError(f"candidate op(s) {', '.join(unknown)} are not FP8 ops of this plan")
     if max_keep is not None and max_keep < 0:
         raise FallbackError(f"max_keep {max_keep} must be >= 0")
-    probe = OutputProbe(float_model, source, batch_size, max_samples)
-    encoded = encode_weights(float_model, plans)  # every trial reuses these FP8 weight bytes
+    probe = OutputProbe(float_model, source, batch_size, max_samples, weights_dir)
+    encoded = encode_weights(float_model, plans, weights_dir)  # every trial reuses these FP8 weight bytes
 
     def measured(kept: list[str]) -> float:
         trial = keep_ops(plans, kept, "kept: trial")
-        return probe.measure(rewrite_to_fp8(float_model, trial, encoded))[target.metric]
+        # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow copy
+        # per trial keeps them for the next trials (they were re-encoded on every trial before)
+        return probe.measure(rewrite_to_fp8(float_model, trial, dict(encoded), weights_dir))[target.metric]
 
     def result(kept, met, steps, all_kept, message) -> FallbackResult:
         reason = KEEP_REASON_TARGET.format(target=target, step="{}")

@@ -20,7 +20,7 @@ def keep_worst(plans: list[OpPlan], op_losses: dict[str, float], k: int, source:
 @task(name="accuracy-target-fallback", cache_policy=NONE)
 def accuracy_target_fallback(float_model, plans: list[OpPlan], data_path: str, target: str, batch_size: int,
                              max_samples: int | None = 32, max_keep: int | None = None,
-                             candidates: list[str] | None = None) -> FallbackResult:
+                             candidates: list[str] | None = None, weights_dir: str | None = None) -> FallbackResult:
     """Greedy fallback on ``max_samples`` samples of ``data_path``; every step is logged."""
     log = get_run_logger()
     parsed = AccuracyTarget.parse(target)
@@ -33,6 +33,6 @@ def accuracy_target_fallback(float_model, plans: list[OpPlan], data_path: str, t
                  step.metric, " - met" if step.met else "")
 
     result = fallback_for_target(float_model, plans, source, parsed, batch_size, max_samples,
-                                 candidates=candidates, max_keep=max_keep, progress=progress)
+                                 candidates=candidates, max_keep=max_keep, progress=progress, weights_dir=weights_dir)
     (log.info if result.met else log.warning)(result.message)
     return result

@@ -157,3 +157,17 @@ def test_target_parsing_and_direction():
     assert (t.metric, t.value, t.met(0.001), t.met(0.0011)) == ("cos_dist", 0.001, True, False)
     a = AccuracyTarget.parse("top1_agreement=0.99")
     assert a.higher_is_better and a.met(0.995) and not a.met(float("nan"))
+
+
+def test_fallback_trials_reuse_the_encoded_weights(monkeypatch):
+    # rewrite_to_fp8 takes the entries it copies out of the dict it gets; every trial used to
+    # re-encode every weight after the first one consumed them.
+    import fp8core.rewrite as rewrite
+
+    model, plans, source = setup()
+    calls = []
+    real_encode = rewrite.encode
+    monkeypatch.setattr(rewrite, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    fallback_for_target(model, plans, source, "snr_db=200", batch_size=8, max_samples=8)  # many trials
+    weights = {q.tensor for p in plans if p.fp8 for q in p.input("weight") if q.params is not None}
+    assert len(calls) == len(weights)

@@ -385,3 +385,31 @@ def test_evaluation_and_comparison_stream_external_weights_and_match_inline(tmp_
         reports.append(((out.parent / "precision_compare.json").read_text(), out.read_bytes()))
     assert loads == [("m.onnx", False), ("fp8.onnx", True)], loads  # float weights stay on disk
     assert reports[0] == reports[1]
+
+
+def test_fallback_streams_external_weights_and_matches_inline(tmp_path, monkeypatch):
+    """--num_of_layers_keep_fp16 and --accuracy_target on a model with external data: trials read
+    the float weights (of the original and of kept ops) from the data file; same result as inline."""
+    import tasks.load_model as load_task
+    from flows.cli import main
+
+    loads = []
+    real_load = load_task._load
+    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append(load_weights) or real_load(path, load_weights))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((16, 256)).astype(np.float32))
+    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save_model(_two_matmuls(0), inline)
+    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
+    outs = []
+    for src, name in ((inline, "a"), (external, "b")):
+        out = tmp_path / name / "fp8.onnx"
+        out.parent.mkdir()
+        loads.clear()
+        assert main(["--input_model", str(src), "--output_model", str(out), "--fp8_params", "F152,F152,-4,-6",
+                     "--compare_data", str(tmp_path / "calib.npz"), "--num_of_layers_keep_fp16", "1",
+                     "--accuracy_target", "snr_db=200", "--accuracy_target_samples", "8",
+                     "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+        outs.append(out.read_bytes())
+    assert loads == [False]
+    assert outs[0] == outs[1]
