@@ -30,6 +30,9 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
   --accuracy_target_samples 8`` (the search sees calibration data only, never the evaluation
   set); killed after ``--target-timeout`` seconds (default 600): its greedy search has no step
   limit and costs one rewrite + session + run per remaining candidate op per step.
+* ``target_keep_3``: base + ``--weight_granularity per_channel`` + the same target with
+  ``--accuracy_target_max_keep 3``: the 3 ops the greedy search finds best on calibration data
+  (an eligible run: at most 3 ops kept).
 * ``per_channel``, ``scale_float``, ``gptq``, ``bias_correction``: base + one of
   ``--weight_granularity per_channel``, ``--scale_kind float``, ``--weight_rounding gptq``,
   ``--bias_correction``; ``combined``: base + all of them that exist; ``combined_keep_3``:
@@ -298,6 +301,11 @@ def base_runs(case: ModelCase, loss: str, flags: set[str]) -> list[RunSpec]:
     runs.append(RunSpec("target", f"{text} + --accuracy_target {case.accuracy_target} (on 8 calibration samples)",
                         [*base, "--accuracy_target", case.accuracy_target, "--compare_data", str(case.calibration_parquet),
                          "--accuracy_target_samples", "8"], needs=("--accuracy_target",)))
+    runs.append(RunSpec("target_keep_3", f"{text} + --weight_granularity per_channel + --accuracy_target "
+                        f"{case.accuracy_target} --accuracy_target_max_keep 3 (on 8 calibration samples)",
+                        [*base, "--weight_granularity", "per_channel", "--accuracy_target", case.accuracy_target,
+                         "--compare_data", str(case.calibration_parquet), "--accuracy_target_samples", "8",
+                         "--accuracy_target_max_keep", "3"], needs=("--accuracy_target_max_keep",)))
     for name, extra, settings in TECHNIQUES:
         runs.append(RunSpec(name, f"{text} + {settings}", [*base, *extra], needs=(extra[0],)))
     present = [(extra, settings) for _, extra, settings in TECHNIQUES if extra[0] in flags]
@@ -489,6 +497,7 @@ CONTRIBUTIONS = (
     ("keep_3", "quantize_{base}", "3 worst ops kept in high precision"),
     ("combined_keep_3", "combined", "3 worst ops kept, on top of the weight techniques"),
     ("target", "quantize_{base}", "--accuracy_target fallback"),
+    ("target_keep_3", "per_channel", "at most 3 ops kept by the accuracy-target search (measured effect), on per-channel scales"),
     ("ort_fp8", "quantize_{base}", "onnxruntime's FP8 quantizer instead of fp8-convert"),
 )
 
@@ -627,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume and entry["runs"].get(spec.name, {}).get("status") == "ok":
                 return
             print(f"[{now()}] {case.key} {spec.name}: {spec.settings}", flush=True)
-            timeout = args.target_timeout if spec.name == "target" else args.timeout
+            timeout = args.target_timeout if spec.name.startswith("target") else args.timeout
             run = measure(case, spec, reference, flags, cache, timeout)
             run["measured_at"] = now()
             entry["runs"][spec.name] = run

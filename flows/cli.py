@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_of_layers_keep_fp16", type=int, default=0, metavar="K", help="keep the K worst FP8 ops in original precision")
     p.add_argument("--accuracy_target", metavar="METRIC=VALUE", help="e.g. cos_dist=0.001: keep the fewest ops in original precision that meet it")
     p.add_argument("--accuracy_target_samples", type=int, default=32, metavar="N", help="samples the accuracy-target search uses")
+    p.add_argument("--accuracy_target_max_keep", type=int, metavar="N",
+                   help="keep at most N ops for the accuracy target (the best N found when it is not met)")
     p.add_argument("--task_runner", choices=["thread", "process", "dask"], default="thread")
     p.add_argument("--dask_address", metavar="HOST:PORT", help="running dask.distributed scheduler (implies --task_runner dask)")
     p.add_argument("--max_workers", type=int, help="parallel workers of the task runner (default: one per CPU)")
@@ -113,6 +115,7 @@ def _params_from_args(args) -> "ConvertParams":
         num_of_layers_keep_fp16=args.num_of_layers_keep_fp16,
         accuracy_target=args.accuracy_target,
         accuracy_target_samples=args.accuracy_target_samples,
+        accuracy_target_max_keep=args.accuracy_target_max_keep,
     )
     if args.fp8_params:
         fields["fp8_params"] = args.fp8_params

@@ -100,6 +100,9 @@ class ConvertParams(BaseModel):
         None, description="METRIC=VALUE on the model outputs, e.g. cos_dist=0.001: keep the fewest ops "
                           "in original precision that meet it")
     accuracy_target_samples: int = Field(32, ge=1, description="samples the accuracy-target search measures on")
+    accuracy_target_max_keep: int | None = Field(
+        None, ge=0, description="keep at most this many ops for the accuracy target; when it is not met "
+                                "by then, the best ops found so far stay kept and the run says so")
 
     task_runner: TaskRunnerName = Field("thread", description="how mapped tasks run")
     dask_address: str | None = Field(None, description="address of a running dask.distributed scheduler")
@@ -154,6 +157,8 @@ class ConvertParams(BaseModel):
                 AccuracyTarget.parse(self.accuracy_target)
             except FallbackError as exc:
                 raise ValueError(str(exc)) from None
+        if self.accuracy_target_max_keep is not None and not self.accuracy_target:
+            raise ValueError("--accuracy_target_max_keep bounds the --accuracy_target search: pass --accuracy_target too")
         needs_data = [f for f in ("precision_compare", "accuracy_target") if getattr(self, f)]
         if needs_data and not (self.compare_data or self.data_preprocess):
             raise ValueError(f"--{needs_data[0]} needs data: pass --compare_data or --data_preprocess PATH")

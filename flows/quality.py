@@ -61,8 +61,8 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
         noise = {n: v for n, v in ranked.items() if v == v}  # NaN (no signal) ranks last
         candidates = sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:TARGET_CANDIDATES]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,
-                                          params.accuracy_target_samples, candidates=candidates,
-                                          weights_dir=weights_dir)
+                                          params.accuracy_target_samples, max_keep=params.accuracy_target_max_keep,
+                                          candidates=candidates, weights_dir=weights_dir)
         plans = result.plans
         record.json_artifact(result.to_dict(), "accuracy_target.json")
         record.tags({"accuracy_target": result.message[:5000]})

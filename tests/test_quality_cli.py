@@ -54,9 +54,25 @@ def test_compare_keep_worst_and_accuracy_target_end_to_end(tmp_path, capsys):
     (["--precision_compare"], "needs data"),
     (["--num_of_layers_keep_fp16", "-1"], "num_of_layers_keep_fp16"),
     (["--num_of_layers_keep_fp16", "2"], "num_of_layers_keep_fp16"),
+    (["--accuracy_target", "cos_dist=0", "--compare_data", str(DATA / "eval.parquet"),
+      "--accuracy_target_max_keep", "-1"], "accuracy_target_max_keep"),
+    (["--accuracy_target_max_keep", "2"], "--accuracy_target too"),
 ])
 def test_bad_values_of_the_new_flags(tmp_path, capfd, flags, words):
     code = main(_args(tmp_path, *flags))
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "m_fp8.onnx").exists()
+
+
+def test_accuracy_target_max_keep_keeps_the_best_ops_found_and_says_the_target_is_not_met(tmp_path, capsys):
+    code = main(_args(tmp_path, "--quantize", "--data_preprocess", str(DATA / "calib.parquet"),
+                      "--compare_data", str(DATA / "eval.parquet"), "--accuracy_target", "snr_db=200",
+                      "--accuracy_target_max_keep", "2", "--accuracy_target_samples", "16"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "not met after keeping 2 op(s)" in out
+    assert len(_fp8_ops(tmp_path / "m_fp8.onnx")) == 2  # 4 FP8-able ops, the 2 chosen kept in float
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
+    assert run.data.metrics["accuracy_target_met"] == 0.0 and run.data.metrics["accuracy_target_kept_ops"] == 2
