@@ -32,7 +32,7 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
   limit and costs one rewrite + session + run per remaining candidate op per step.
 * ``target_keep_3``: base + ``--weight_granularity per_channel`` + the same target with
   ``--accuracy_target_max_keep 3``: the 3 ops the greedy search finds best on calibration data
-  (an eligible run: at most 3 ops kept).
+  (an eligible run: at most 3 ops kept); ``combined_target_keep_3``: the same on ``combined``.
 * ``per_channel``, ``scale_float``, ``gptq``, ``bias_correction``: base + one of
   ``--weight_granularity per_channel``, ``--scale_kind float``, ``--weight_rounding gptq``,
   ``--bias_correction``; ``combined``: base + all of them that exist; ``combined_keep_3``:
@@ -315,6 +315,11 @@ def base_runs(case: ModelCase, loss: str, flags: set[str]) -> list[RunSpec]:
         runs.append(RunSpec("combined", f"{text} + {settings}", [*base, *combined]))
         runs.append(RunSpec("combined_keep_3", f"{text} + {settings} + --num_of_layers_keep_fp16 3",
                             [*base, *combined, "--num_of_layers_keep_fp16", "3"], needs=("--num_of_layers_keep_fp16",)))
+        runs.append(RunSpec("combined_target_keep_3", f"{text} + {settings} + --accuracy_target "
+                            f"{case.accuracy_target} --accuracy_target_max_keep 3 (on 8 calibration samples)",
+                            [*base, *combined, "--accuracy_target", case.accuracy_target,
+                             "--compare_data", str(case.calibration_parquet), "--accuracy_target_samples", "8",
+                             "--accuracy_target_max_keep", "3"], needs=("--accuracy_target_max_keep",)))
         runs.append(RunSpec("combined_weights_only", f"--precision fp8_weight --quantize {loss} + {settings}",
                             ["--precision", "fp8_weight", *quantize_args(case, loss), *combined], full_fp8=False))
     runs.append(RunSpec("ort_fp8", "onnxruntime quantize_static QFLOAT8E4M3FN, Distribution, QDQ, Conv/MatMul/Gemm", []))
@@ -498,6 +503,7 @@ CONTRIBUTIONS = (
     ("combined_keep_3", "combined", "3 worst ops kept, on top of the weight techniques"),
     ("target", "quantize_{base}", "--accuracy_target fallback"),
     ("target_keep_3", "per_channel", "at most 3 ops kept by the accuracy-target search (measured effect), on per-channel scales"),
+    ("combined_target_keep_3", "combined", "at most 3 ops kept by the accuracy-target search, on all weight techniques"),
     ("ort_fp8", "quantize_{base}", "onnxruntime's FP8 quantizer instead of fp8-convert"),
 )
 
@@ -636,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume and entry["runs"].get(spec.name, {}).get("status") == "ok":
                 return
             print(f"[{now()}] {case.key} {spec.name}: {spec.settings}", flush=True)
-            timeout = args.target_timeout if spec.name.startswith("target") else args.timeout
+            timeout = args.target_timeout if "target" in spec.name else args.timeout
             run = measure(case, spec, reference, flags, cache, timeout)
             run["measured_at"] = now()
             entry["runs"][spec.name] = run
