@@ -311,41 +311,67 @@ def _two_matmuls(seed: int) -> onnx.ModelProto:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
 
 
+def _save_inline_and_external(tmp_path, seed: int = 0):
+    """The same two-MatMul model saved inline and with its weights in an external data file."""
+    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir(exist_ok=True)
+    onnx.save_model(_two_matmuls(seed), inline)
+    onnx.save_model(_two_matmuls(seed), external, save_as_external_data=True, location="m.data", size_threshold=0)
+    return inline, external
+
+
+def _spy_on_model_loads(monkeypatch, with_name: bool = False) -> list:
+    """Record every load the load-model task makes: whether it read the weights (and which file)."""
+    import tasks.load_model as load_task
+
+    loads = []
+    real_load = load_task._load
+
+    def spy(path, load_weights=True):
+        loads.append((os.path.basename(path), load_weights) if with_name else load_weights)
+        return real_load(path, load_weights)
+
+    monkeypatch.setattr(load_task, "_load", spy)
+    return loads
+
+
+def _run_cli(src, out, *flags: str, uri: str) -> None:
+    from flows.cli import main
+
+    out.parent.mkdir()
+    assert main(["--input_model", str(src), "--output_model", str(out), *flags, "--mlflow_tracking_uri", uri]) == 0
+
+
+def _convert_inline_then_external(tmp_path, loads: list, *flags: str) -> tuple[list, list]:
+    """fp8-convert with ``flags`` on both copies: the two outputs, and the loads of the external run."""
+    inline, external = _save_inline_and_external(tmp_path)
+    outs = [tmp_path / "a" / "fp8.onnx", tmp_path / "b" / "fp8.onnx"]
+    for src, out in zip((inline, external), outs):
+        loads.clear()
+        _run_cli(src, out, *flags, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return outs, list(loads)
+
+
 def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_path, monkeypatch):
     """--quantize (and per-channel scales) on a model with external data: weights never loaded by
     Python, the same FP8 model as from the inline copy, and new weights in the data file are a
     statistics-cache miss, not a stale hit."""
     from mlflow.tracking import MlflowClient
 
-    import tasks.load_model as load_task
-    from flows.cli import main
-
-    loads = []
-    real_load = load_task._load
-    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append(load_weights) or real_load(path, load_weights))
+    loads = _spy_on_model_loads(monkeypatch)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(9).standard_normal((16, 256)).astype(np.float32))
-    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
-    external.parent.mkdir()
-    onnx.save_model(_two_matmuls(0), inline)
-    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def convert(src, name):
-        out = tmp_path / name / "fp8.onnx"
-        out.parent.mkdir()
-        loads.clear()
-        assert main(["--input_model", str(src), "--output_model", str(out), "--quantize", "--quantize_loss_type", "mse",
-                     "--data_preprocess", str(calib), "--weight_granularity", "per_channel",
-                     "--cache_dir", str(tmp_path / "cache"), "--mlflow_tracking_uri", uri, "--experiment_name", "q"]) == 0
-        return out, list(loads)
-
-    (a, _), (b, loaded) = convert(inline, "a"), convert(external, "b")
+    flags = ["--quantize", "--quantize_loss_type", "mse", "--data_preprocess", str(calib), "--weight_granularity",
+             "per_channel", "--cache_dir", str(tmp_path / "cache"), "--experiment_name", "q"]
+    (a, b), loaded = _convert_inline_then_external(tmp_path, loads, *flags)
     assert loaded == [False], "the external weights were loaded into memory"
     assert a.read_bytes() == b.read_bytes()
-    c, _ = convert(external, "c")  # unchanged: a cache hit
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    external = tmp_path / "ext" / "m.onnx"
+    c, d = tmp_path / "c" / "fp8.onnx", tmp_path / "d" / "fp8.onnx"
+    _run_cli(external, c, *flags, uri=uri)  # unchanged: a cache hit
     onnx.save_model(_two_matmuls(1), external, save_as_external_data=True, location="m.data", size_threshold=0)
-    d, _ = convert(external, "d")  # same graph, new weights in the data file
+    _run_cli(external, d, *flags, uri=uri)  # same graph, new weights in the data file
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("q").experiment_id], order_by=["start_time ASC"])
     assert [r.data.tags["calibration_cache"] for r in runs] == ["miss", "miss", "hit", "miss"]
@@ -355,61 +381,30 @@ def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_pat
 def test_evaluation_and_comparison_stream_external_weights_and_match_inline(tmp_path, monkeypatch):
     """--eval_data and --precision_compare on a model with external data: onnxruntime reads the
     float weights from the data file (never loaded by Python); same numbers as the inline copy."""
-    import tasks.load_model as load_task
-    from flows.cli import main
-
-    loads = []
-    real_load = load_task._load
-    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append((os.path.basename(path), load_weights)) or real_load(path, load_weights))
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((24, 256)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x[:16])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    loads = _spy_on_model_loads(monkeypatch, with_name=True)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((24, 256)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:16])
     pq.write_table(pa.table({"x": pa.FixedShapeTensorArray.from_numpy_ndarray(x),
                              "label": pa.array(rng.integers(0, 256, 24))}), tmp_path / "eval.parquet")
-    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
-    external.parent.mkdir()
-    onnx.save_model(_two_matmuls(0), inline)
-    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
-    reports = []
-    for src, name in ((inline, "a"), (external, "b")):
-        out = tmp_path / name / "fp8.onnx"
-        out.parent.mkdir()
-        loads.clear()
-        assert main(["--input_model", str(src), "--output_model", str(out), "--fp8_params", "F143,F143,-4,-6",
-                     "--eval_data", str(tmp_path / "eval.parquet"), "--precision_compare",
-                     "--compare_data", str(tmp_path / "calib.npz"),
-                     "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
-        reports.append(((out.parent / "precision_compare.json").read_text(), out.read_bytes()))
-    assert loads == [("m.onnx", False), ("fp8.onnx", True)], loads  # float weights stay on disk
-    assert reports[0] == reports[1]
+    outs, loaded = _convert_inline_then_external(
+        tmp_path, loads, "--fp8_params", "F143,F143,-4,-6", "--eval_data", str(tmp_path / "eval.parquet"),
+        "--precision_compare", "--compare_data", str(tmp_path / "calib.npz"))
+    assert loaded == [("m.onnx", False), ("fp8.onnx", True)], loaded  # float weights stay on disk
+    a, b = ((out.parent / "precision_compare.json").read_text() + repr(out.read_bytes()) for out in outs)
+    assert a == b
 
 
 def test_fallback_streams_external_weights_and_matches_inline(tmp_path, monkeypatch):
     """--num_of_layers_keep_fp16 and --accuracy_target on a model with external data: trials read
     the float weights (of the original and of kept ops) from the data file; same result as inline."""
-    import tasks.load_model as load_task
-    from flows.cli import main
-
-    loads = []
-    real_load = load_task._load
-    monkeypatch.setattr(load_task, "_load", lambda path, load_weights=True: loads.append(load_weights) or real_load(path, load_weights))
+    loads = _spy_on_model_loads(monkeypatch)
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((16, 256)).astype(np.float32))
-    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
-    external.parent.mkdir()
-    onnx.save_model(_two_matmuls(0), inline)
-    onnx.save_model(_two_matmuls(0), external, save_as_external_data=True, location="m.data", size_threshold=0)
-    outs = []
-    for src, name in ((inline, "a"), (external, "b")):
-        out = tmp_path / name / "fp8.onnx"
-        out.parent.mkdir()
-        loads.clear()
-        assert main(["--input_model", str(src), "--output_model", str(out), "--fp8_params", "F152,F152,-4,-6",
-                     "--compare_data", str(tmp_path / "calib.npz"), "--num_of_layers_keep_fp16", "1",
-                     "--accuracy_target", "snr_db=200", "--accuracy_target_samples", "8",
-                     "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
-        outs.append(out.read_bytes())
-    assert loads == [False]
-    assert outs[0] == outs[1]
+    outs, loaded = _convert_inline_then_external(
+        tmp_path, loads, "--fp8_params", "F152,F152,-4,-6", "--compare_data", str(tmp_path / "calib.npz"),
+        "--num_of_layers_keep_fp16", "1", "--accuracy_target", "snr_db=200", "--accuracy_target_samples", "8")
+    assert loaded == [False]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
