@@ -13,13 +13,14 @@ import os
 from prefect import get_run_logger
 
 from flows.params import ConvertParams
-from flows.runners import capture_shards, map_search, mapped_runner
+from flows.runners import capture_shards, map_search, task_runner
 from fp8core.cache import StatsKey
+from fp8core.modelio import model_sha256
 from fp8core.capture import activations_to_capture
 from fp8core.plan import OpPlan
 from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
 from fp8core.weight_options import choose_weight_params
-from tasks.cache import HIT, load_cached_stats, prepared_model_sha256, store_stats
+from tasks.cache import HIT, load_cached_stats, store_stats
 from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats
 
@@ -40,7 +41,7 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
         source = ingest_calibration_data(params.data_preprocess, model, params.batch_size)
     record.tags({"calibration_fingerprint": source.fingerprint(), "calibration_samples": source.num_samples})
 
-    with mapped_runner(params) as runner:
+    with task_runner(params) as runner:  # the mapped steps' runner (flows/runners.py)
         with clock.stage("capture"):
             tensors = activations_to_capture(plans)
             stats = captured_statistics(model, tensors, source, params, record, runner, weights_dir)
@@ -71,7 +72,8 @@ def captured_statistics(model, tensors: list[str], source, params: ConvertParams
     if not tensors:
         return {}
     root = params.statistics_cache_dir
-    key = StatsKey.of(prepared_model_sha256(model, weights_dir), source.fingerprint(), tensors, params.batch_size)
+    # the model capture runs on: after opset conversion and input-shape fixing
+    key = StatsKey.of(model_sha256(model, weights_dir), source.fingerprint(), tensors, params.batch_size)
     stats, outcome = load_cached_stats(root, key)
     if stats is None:
         stats = capture_shards(model, tensors, source, params, runner, weights_dir)

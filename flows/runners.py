@@ -4,16 +4,14 @@ thread: one process, ThreadPoolTaskRunner (numpy and onnxruntime release the GIL
 process: ProcessPoolTaskRunner; dask: prefect-dask's DaskTaskRunner against --dask_address, or a
 temporary LocalCluster when no address is given.
 
-The mapped steps submit to a runner entered by :func:`mapped_runner`, not to the flow's own task
-runner: a deployed flow's runner is fixed when it is deployed, so this is what makes a deployment
+The mapped steps submit to a started :func:`task_runner` (``with task_runner(params) as runner``),
+not to the flow's own task runner: a deployed flow's runner is fixed when it is deployed, so this is what makes a deployment
 run honour its ``task_runner`` and ``dask_address`` parameters, as the CLI does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
 
 from prefect import unmapped
 
@@ -38,14 +36,8 @@ def uses_dask(params: ConvertParams) -> bool:
     return params.task_runner == "dask" or bool(params.dask_address)
 
 
-@contextlib.contextmanager
-def mapped_runner(params: ConvertParams) -> Iterator:
-    """The started task runner that the mapped capture and search submit to (module docstring)."""
-    with task_runner(params) as runner:
-        yield runner
-
-
 def task_runner(params: ConvertParams):
+    """The runner --task_runner / --dask_address / --max_workers ask for; enter it to submit to it."""
     if uses_dask(params):
         from prefect_dask import DaskTaskRunner
 

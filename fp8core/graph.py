@@ -240,6 +240,15 @@ def set_input_shapes(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> No
             d.dim_value = int(v)
 
 
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node attribute (strings decoded), or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
 def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are real inputs (not initializers listed as inputs, as IR<4 models do)."""
     inits = {i.name for i in graph.initializer}

@@ -363,16 +363,22 @@ def _write_external(model, tmpdir: str, name: str, weights_dir: str | None):
 
 def example_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs matching the model's inputs (dynamic dims -> ``batch``), for smoke runs."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    specs = []
     for vi in graph_inputs(model.graph):
         tt = vi.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+        specs.append((vi.name, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type),
+                      [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]))
+    return _random_feeds(specs, batch, seed)
+
+
+def _random_feeds(specs, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """(name, dtype, dims with None for dynamic) -> standard normal floats, zeros otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, dtype, dims in specs:
+        shape = [batch if d is None else d for d in dims]
+        feeds[name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                       else np.zeros(shape, dtype=dtype))
     return feeds
 
 
@@ -388,16 +394,12 @@ def session_example_feeds(session, batch: int = 1, seed: int = 0) -> dict[str, n
     """:func:`example_feeds` from an onnxruntime session's inputs, so a model file need not be
     parsed a second time (for an inline model that would be a second copy of every weight);
     None if an input has a type this table does not know."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for arg in session.get_inputs():
-        dtype = _ORT_INPUT_TYPES.get(arg.type)
-        if dtype is None:
-            return None
-        shape = [d if isinstance(d, int) and d >= 0 else batch for d in arg.shape]
-        feeds[arg.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                           else np.zeros(shape, dtype=dtype))
-    return feeds
+    inputs = session.get_inputs()
+    if any(arg.type not in _ORT_INPUT_TYPES for arg in inputs):
+        return None
+    return _random_feeds([(arg.name, _ORT_INPUT_TYPES[arg.type],
+                           [d if isinstance(d, int) and d >= 0 else None for d in arg.shape]) for arg in inputs],
+                         batch, seed)
 
 
 def validate_fp8_model(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray] | None = None) -> None:

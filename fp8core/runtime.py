@@ -73,7 +73,8 @@ def make_session(
     ``extra_outputs``: tensors of a model proto to expose as outputs too (captured activations),
     added to a copy of the graph; the caller's model is not modified. ``weights_dir``: the folder
     of a proto's external weights (loaded with ``load_weights=False``): onnxruntime reads them
-    from their data files itself, and Python never holds them.
+    from their data files itself, and Python never holds them. Both, and a hand-over, are set on
+    ``options``: give each session its own options.
     """
     options = options or session_options()
     if weights_dir is not None:
@@ -95,13 +96,13 @@ def make_session(
     return session
 
 
+_NUMPY_NATIVE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+                 onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
 def _handed_over(tensor: onnx.TensorProto) -> bool:
     return (not uses_external_data(tensor) and tensor.data_type in _NUMPY_NATIVE
             and tensor_nbytes(tensor) >= HANDOVER_MIN_BYTES)
-
-
-_NUMPY_NATIVE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
-                 onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 
 
 def _session_payload(model: onnx.ModelProto, options: ort.SessionOptions,

@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
-from fp8core.graph import GraphIndex, with_initializers, without_large_initializers
+from fp8core.graph import GraphIndex, node_attr, with_initializers, without_large_initializers
 from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weight_options import dequantized_weight
@@ -76,14 +76,6 @@ class LinearOp:
         return w_gkn.transpose(0, 2, 1).reshape(shape)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            value = onnx.helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
 def linear_ops(model: onnx.ModelProto, plans: list[OpPlan]) -> list[LinearOp]:
     """The FP8 ops GPTQ and bias correction apply to, in graph order (module docstring)."""
     index = GraphIndex(model.graph)
@@ -110,7 +102,7 @@ def _matmul_op(index: GraphIndex, node: onnx.NodeProto, op_type: str, w: onnx.Te
                params: QuantParams) -> LinearOp | None:
     if len(w.dims) != 2:
         return None
-    trans_b = bool(_attr(node, "transB", 0))
+    trans_b = bool(node_attr(node, "transB", 0))
     n = w.dims[0] if trans_b else w.dims[1]
     bias = reader = None
     bias_index = 0
@@ -124,24 +116,24 @@ def _matmul_op(index: GraphIndex, node: onnx.NodeProto, op_type: str, w: onnx.Te
             other = 1 if add.input[0] == node.output[0] else 0
             if _n_values(index, add.input[other]) == n and list(index.constant_tensor(add.input[other]).dims)[-1:] == [n]:
                 bias, reader, bias_index = add.input[other], add.name, other
-    feature_axis = 0 if op_type == "Gemm" and _attr(node, "transA", 0) else -1
+    feature_axis = 0 if op_type == "Gemm" and node_attr(node, "transA", 0) else -1
     return LinearOp(node.name, Rows(node.input[0], feature_axis), node.input[1], "nk" if trans_b else "kn",
                     params, bias, reader, bias_index,
-                    float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0)))
+                    float(node_attr(node, "alpha", 1.0)), float(node_attr(node, "beta", 1.0)))
 
 
 def _conv_op(index: GraphIndex, node: onnx.NodeProto, w: onnx.TensorProto, params: QuantParams) -> LinearOp | None:
     dims = list(w.dims)
     spatial = len(dims) - 2
-    group = int(_attr(node, "group", 1))
-    auto_pad = _attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    group = int(node_attr(node, "group", 1))
+    auto_pad = node_attr(node, "auto_pad", "NOTSET") or "NOTSET"
     if not 1 <= spatial <= 3 or group < 1 or dims[0] % group or auto_pad not in AUTO_PADS:
         return None
-    kernel = tuple(int(k) for k in (_attr(node, "kernel_shape", None) or dims[2:]))
+    kernel = tuple(int(k) for k in (node_attr(node, "kernel_shape", None) or dims[2:]))
     rows = Rows(node.input[0], kernel=kernel,
-                strides=tuple(_attr(node, "strides", None) or [1] * spatial),
-                dilations=tuple(_attr(node, "dilations", None) or [1] * spatial),
-                pads=tuple(_attr(node, "pads", None) or [0] * 2 * spatial),
+                strides=tuple(node_attr(node, "strides", None) or [1] * spatial),
+                dilations=tuple(node_attr(node, "dilations", None) or [1] * spatial),
+                pads=tuple(node_attr(node, "pads", None) or [0] * 2 * spatial),
                 auto_pad=auto_pad, group=group)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None and _n_values(index, bias) != dims[0]:

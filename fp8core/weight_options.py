@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from fp8core.formats import encode_to_dtype, get_format
-from fp8core.graph import GraphIndex
+from fp8core.graph import GraphIndex, node_attr
 from fp8core.losses import get_loss
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weights import WeightQuantizationError, output_channel_axis, quantize_per_channel
@@ -107,7 +107,7 @@ def real_scale_params(w: np.ndarray, axis: int | None, formats: list[str] | tupl
 
 def weight_axis(node: onnx.NodeProto, weight_rank: int) -> int:
     """The output-channel axis of ``node``'s weight (Gemm reads its transB)."""
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    trans_b = node_attr(node, "transB", 0)
     return output_channel_axis(node.op_type, weight_rank, trans_b)
 
 

@@ -8,15 +8,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fp8core.cache import CacheEntryCorrupt, StatsCache, StatsKey
-from fp8core.modelio import model_sha256
 from fp8core.stats import TensorStats
 
 HIT, MISS, CORRUPT = "hit", "miss", "corrupt"
-
-
-def prepared_model_sha256(model, weights_dir: str | None = None) -> str:
-    """sha256 of the model capture runs on (after opset conversion and input-shape fixing)."""
-    return model_sha256(model, weights_dir)
 
 
 @task(name="load-cached-statistics", cache_policy=NONE)

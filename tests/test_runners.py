@@ -9,7 +9,7 @@ import pytest
 from prefect import flow
 
 from flows.params import ConvertParams
-from flows.runners import map_search, mapped_runner, search_groups, task_runner, workers
+from flows.runners import map_search, search_groups, task_runner, workers
 from fp8core.search import search
 from fp8core.stats import TensorStats
 
@@ -41,7 +41,7 @@ def test_grouped_mapped_search_equals_searching_each_tensor(tmp_path):
 
     @flow
     def run():
-        with mapped_runner(params) as runner:
+        with task_runner(params) as runner:
             return map_search(stats, params, runner)
 
     results = run()
