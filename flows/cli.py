@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize_loss_type", "--calibration_loss_type", dest="quantize_loss_type", default="kld", choices=["mse", "mae", "snr", "kld", "cos_dist"])
     p.add_argument("--data_preprocess", metavar="PATH", help="calibration data: .parquet file or directory, .npz, .pkl")
     p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
-    p.add_argument("--batch_size", type=int, default=16, help="calibration samples per batch")
+    p.add_argument("--batch_size", type=int, help="calibration samples per batch (default: the model's fixed batch, else 16)")
+    p.add_argument("--input_batch_axis", metavar="NAME=AXIS,...",
+                   help="batch axis of inputs not batched on axis 0, or none: e.g. state=1,sr=none (default: found from the model)")
     p.add_argument("--cache_dir", metavar="DIR", help="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
     p.add_argument("--weight_granularity", choices=["per_tensor", "per_channel"], default="per_tensor",
                    help="FP8 weight scales: per tensor, or one real scale per output channel")
@@ -97,6 +99,7 @@ def _params_from_args(args) -> "ConvertParams":
         data_preprocess=args.data_preprocess,
         fp8_formats=args.fp8_formats,
         batch_size=args.batch_size,
+        input_batch_axis=args.input_batch_axis or {},
         cache_dir=args.cache_dir,
         weight_granularity=args.weight_granularity,
         scale_kind=args.scale_kind,
@@ -148,6 +151,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp8core.calibration import CalibrationDataError
     from fp8core.formats import UnknownFormatError
     from fp8core.graph import ModelError
+    from fp8core.inputs import InputLayoutError
     from fp8core.capture import CaptureError
     from fp8core.compare import CompareError
     from fp8core.fallback import FallbackError
@@ -155,7 +159,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp8core.search import NoFiniteValuesError
 
     return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError,
-            CaptureError, CompareError, FallbackError, NoFiniteValuesError)
+            CaptureError, CompareError, FallbackError, NoFiniteValuesError, InputLayoutError)
 
 
 def _check_paths_before_the_flow(params) -> None:

@@ -53,8 +53,10 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
         with clock.stage("load"):
             loaded = load_model(params.input_model, params.input_shape, params.convert_version,
-                                stream_weights=weights_can_stay_on_disk(params))
+                                stream_weights=weights_can_stay_on_disk(params), batch_axes=params.input_batch_axis)
         record.tags({"input_model_sha256": loaded.sha256, "input_opset": loaded.source_opset})
+        params = params.with_batch_size(loaded.model)
+        tell_user(loaded.notes)
 
         with clock.stage("plan"):
             plans = plan_ops(loaded.model, params)
@@ -90,8 +92,9 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         del to_encode, encoded
         with clock.stage("save"):
             streamed = loaded.weights_dir is not None  # then nothing below needs the FP8 model's weights
-            bytes_after = validate_and_save(fp8_model, params.output_model, params.external_data,
-                                            loaded.weights_dir, release=streamed)
+            bytes_after, agreement = validate_and_save(fp8_model, params.output_model, params.external_data,
+                                                       loaded.weights_dir, release=streamed,
+                                                       feeds=validation_reference(loaded, params))
 
         config = fp8_config(plans, loaded.opset)
         result = {
@@ -103,6 +106,8 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             "bytes_after": bytes_after,
             "mlflow_run_id": record.run_id,
             "mlflow_uri": tracking.tracking_uri(params.mlflow_tracking_uri),
+            "agreement": agreement,
+            "notes": loaded.notes,
             **quantize_logs,
             **fallback,
             **({"weight_adjust": weight_adjust} if weight_adjust else {}),
@@ -125,12 +130,34 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
             "model_bytes_after": result["bytes_after"],
             **{f"seconds_{k}": v for k, v in clock.seconds.items()},
             **{f"eval_{k}": v for k, v in result.get("evaluation", {}).items()},
+            **agreement,
         })
         record.json_artifact(config, "fp8_config.json")
         result["registered_model_version"] = register_if_accurate(record, params, result)
         publish_prefect_artifacts(record, params, result, plans)
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
         return staging.final_path(result)
+
+
+def tell_user(notes: list[str]) -> None:
+    """What was repaired or assumed about the input model: one line each, shown even when quiet."""
+    import logging
+
+    for note in notes:
+        get_run_logger().warning(note)
+        logging.getLogger("fp8").warning(note)
+
+
+def validation_reference(loaded, params: ConvertParams):
+    """Inputs the written FP8 model is validated on: the first calibration samples when there are
+    some (real shapes, real values), else the generated inputs the input model ran on."""
+    if params.data_preprocess:
+        from fp8core.calibration import open_dataset
+        from fp8core.validation import calibration_reference
+
+        return calibration_reference(loaded.model, open_dataset(params.data_preprocess), params.batch_size,
+                                     loaded.weights_dir)
+    return loaded.reference
 
 
 def weights_can_stay_on_disk(params: ConvertParams) -> bool:

@@ -16,6 +16,7 @@ from fp8core.graph import MIN_FP8_OPSET
 
 FormatName = Literal["F143", "F152", "E4M3FN", "E5M2"]
 LossName = Literal["mse", "mae", "snr", "kld", "cos_dist"]
+DEFAULT_BATCH_SIZE = 16
 TaskRunnerName = Literal["thread", "process", "dask"]
 
 
@@ -78,7 +79,12 @@ class ConvertParams(BaseModel):
     data_preprocess: str | None = Field(None, description="calibration data: .parquet file or dir, .npz, .pkl")
     fp8_formats: list[FormatName] = Field(
         default_factory=lambda: ["F143", "F152"], description="formats the search tries")
-    batch_size: int = Field(16, ge=1, le=4096, description="calibration samples per batch")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096,
+        description="calibration samples per batch (default: the model's fixed batch size if it has one, else 16)")
+    input_batch_axis: dict[str, int | None] = Field(
+        default={}, description="batch axis of inputs whose samples are not stacked on axis 0, "
+                                "e.g. {state: 1, sr: null} (null: no batch axis, fed as stored); found from the model by default")
     cache_dir: str | None = Field(
         None, description="cache of captured calibration statistics (default: $FP8_CACHE_DIR or ~/.cache/fp8-pipeline)")
     weight_granularity: Literal["per_tensor", "per_channel"] = Field(
@@ -136,6 +142,15 @@ class ConvertParams(BaseModel):
         # before pydantic's own ge=19 check, whose message does not say why or what to do
         if isinstance(v, int) and not isinstance(v, bool) and v < MIN_FP8_OPSET:
             raise ValueError(f"--convert_version {v}: FP8 needs opset >= {MIN_FP8_OPSET}; use {MIN_FP8_OPSET} or higher")
+        return v
+
+    @field_validator("input_batch_axis", mode="before")
+    @classmethod
+    def _parse_batch_axes(cls, v):
+        if isinstance(v, str):
+            from fp8core.inputs import parse_batch_axes
+
+            return parse_batch_axes(v)
         return v
 
     @field_validator("fp8_params", mode="before")
@@ -197,6 +212,15 @@ class ConvertParams(BaseModel):
     def logs_dir(self) -> str:
         return os.path.abspath(self.log_dir) if self.log_dir else self.output_dir
 
+    def with_batch_size(self, model) -> "ConvertParams":
+        """These params with ``batch_size`` resolved for ``model``: as given, else the model's
+        fixed batch size (an export with batch 1 takes batches of 1), else 16."""
+        if self.batch_size is not None:
+            return self
+        from fp8core.inputs import fixed_batch_size
+
+        return self.model_copy(update={"batch_size": fixed_batch_size(model) or DEFAULT_BATCH_SIZE})
+
     def as_flags(self) -> dict[str, str]:
         """Every parameter as a flat string dict (MLflow params)."""
         out = {}
@@ -206,6 +230,6 @@ class ConvertParams(BaseModel):
             elif isinstance(v, list):
                 v = ",".join(map(str, v))
             elif isinstance(v, dict):
-                v = " ".join(f"{n}={','.join(map(str, d))}" for n, d in v.items())
+                v = " ".join(f"{n}={','.join(map(str, d)) if isinstance(d, list) else d}" for n, d in v.items())
             out[k] = "" if v is None else str(v)
         return out

@@ -749,33 +749,27 @@ def _to_arrow_column(array: np.ndarray) -> pa.Array:
 # Checking the data against the model
 # --------------------------------------------------------------------------------------------
 Dim = int | str | None
-ModelInputSpec = tuple[np.dtype, tuple[Dim, ...] | None]
+ModelInputSpec = tuple[np.dtype, tuple[Dim, ...] | None, int | None]
 
 
 def model_input_specs(model: onnx.ModelProto) -> dict[str, ModelInputSpec]:
-    """``{name: (numpy dtype, shape)}`` of the graph inputs that are not initializers.
+    """``{name: (numpy dtype, shape, batch axis)}`` of the graph inputs that are not initializers.
 
-    A dimension is an int when fixed, None when symbolic (``dim_param``) or unknown; the shape is
-    None when the rank is unknown. The first dimension is the batch.
+    A dimension is an int when fixed, None when symbolic (``dim_param``), unknown, or stored as -1
+    or 0; the shape is None when the rank is unknown. The batch axis is where samples are stacked
+    (:func:`fp8core.inputs.batch_axes`), None for an input that has none (fed as stored).
     """
-    initializers = {init.name for init in model.graph.initializer}
-    specs: dict[str, ModelInputSpec] = {}
+    from fp8core.inputs import input_specs
+
     for graph_input in model.graph.input:
-        if graph_input.name in initializers:
-            continue
         if graph_input.type.WhichOneof("value") != "tensor_type":
             raise CalibrationDataError(
                 f"model input {graph_input.name!r} is not a tensor; calibration supports tensor "
                 "inputs only"
             )
-        tensor_type = graph_input.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = None
-        if tensor_type.HasField("shape"):
-            dims = tensor_type.shape.dim
-            shape = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in dims)
-        specs[graph_input.name] = (dtype, shape)
-    return specs
+    return {spec.name: (spec.dtype, None if spec.dims is None else
+                        tuple(d if isinstance(d, int) else None for d in spec.dims), spec.batch_axis)
+            for spec in input_specs(model)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -793,14 +787,15 @@ class ValidationSummary:
 
 def validate_against_model(
     source: CalibrationSource,
-    model_inputs: Mapping[str, tuple[Any, tuple[Dim, ...] | None]],
+    model_inputs: Mapping[str, tuple],
     batch_size: int,
 ) -> ValidationSummary:
     """Check that the data set can feed the model, before any long work starts.
 
     Rules, in order: the data set has samples; every model input has a column; the column holds
-    numeric tensors; the per-sample shape has the model's rank minus the batch axis and equals
-    every fixed model dimension; a fixed model batch dimension equals ``batch_size`` and divides
+    numeric tensors; the per-sample shape has the model's rank minus the batch axis (the whole
+    shape for an input with no batch axis: ``(dtype, shape, None)``; a 2-tuple means axis 0) and
+    equals every fixed model dimension; a fixed model batch dimension equals ``batch_size`` and divides
     the sample count; the dtype casts to the model's under numpy ``same_kind`` casting (float64 ->
     float32 yes, float -> int64 no). Then one streamed pass: no NaN or Inf, and no value beyond the
     model dtype's range (it would become Inf or wrap). The first failure raises
@@ -818,10 +813,11 @@ def validate_against_model(
             f"are {_quoted(source.columns)}; name one column after each model input"
         )
     summaries = {}
-    for name, (model_dtype, model_shape) in model_inputs.items():
-        model_dtype = np.dtype(model_dtype)
+    for name, spec in model_inputs.items():
+        model_dtype, model_shape = np.dtype(spec[0]), spec[1]
+        batch_axis = spec[2] if len(spec) > 2 else 0
         sample_shape, data_dtype = source.sample_shape(name), source.dtype(name)
-        _check_shape(name, sample_shape, model_shape, batch_size, source.num_samples)
+        _check_shape(name, sample_shape, model_shape, batch_axis, batch_size, source.num_samples)
         if not np.can_cast(data_dtype, model_dtype, casting="same_kind"):
             raise CalibrationDataError(
                 f"calibration input {name!r} is {data_dtype} but the model takes {model_dtype}, "
@@ -836,17 +832,18 @@ def _check_shape(
     name: str,
     sample_shape: tuple[int, ...],
     model_shape: tuple[Dim, ...] | None,
+    batch_axis: int | None,
     batch_size: int,
     num_samples: int,
 ) -> None:
     if model_shape is None:
         return  # rank unknown: anything goes
-    if len(model_shape) == 0:
-        raise CalibrationDataError(
-            f"model input {name!r} is a scalar with no batch axis; calibration feeds samples in "
-            "batches, so export the model with a batch dimension first"
-        )
-    expected = tuple(model_shape[1:])
+    if batch_axis is None:
+        expected = tuple(model_shape)
+        where = "(the whole input: it has no batch axis)"
+    else:
+        expected = tuple(model_shape[:batch_axis]) + tuple(model_shape[batch_axis + 1:])
+        where = "(batch axis excluded, ? = any)" if batch_axis == 0 else f"(batch axis {batch_axis} excluded, ? = any)"
     fits = len(expected) == len(sample_shape) and all(
         not isinstance(want, int) or want == have for want, have in zip(expected, sample_shape)
     )
@@ -854,9 +851,10 @@ def _check_shape(
         shown = "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in expected) + ")"
         raise CalibrationDataError(
             f"calibration input {name!r} samples have shape {sample_shape} but the model takes "
-            f"{shown} per sample (batch axis excluded, ? = any); store samples of the model's shape"
+            f"{shown} per sample {where}; store samples of the model's shape"
+            + ("" if batch_axis is None else ", or give the input's batch axis with --input_batch_axis")
         )
-    batch_dim = model_shape[0]
+    batch_dim = None if batch_axis is None else model_shape[batch_axis]
     if isinstance(batch_dim, int):
         if batch_size != batch_dim:
             raise CalibrationDataError(

@@ -12,8 +12,10 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from fp8core.bodies import expose_values
 from fp8core.calibration import CalibrationSource
 from fp8core.graph import _first_line, graph_inputs
+from fp8core.inputs import input_specs, stack_feeds
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session, session_options
 from fp8core.stats import TensorStats
@@ -35,12 +37,9 @@ def activations_to_capture(plans: list[OpPlan]) -> list[str]:
 
 
 def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch cast to the model's input dtypes (data was validated as castable)."""
-    feeds = {}
-    for vi in graph_inputs(model.graph):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        feeds[vi.name] = np.ascontiguousarray(batch[vi.name], dtype=dtype)
-    return feeds
+    """The batch in the model's layout and input dtypes (data was validated as castable): samples
+    stacked along each input's batch axis (:mod:`fp8core.inputs`)."""
+    return stack_feeds(input_specs(model), batch)
 
 
 RUN_SAMPLES = 2
@@ -49,11 +48,8 @@ per sample), so capture runs small slices of each batch; CPU throughput barely d
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
-    for vi in graph_inputs(model.graph):
-        dims = vi.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
-            return False
-    return True
+    specs = [s for s in input_specs(model) if s.batch_axis is not None]
+    return bool(specs) and all(s.fixed_batch is None for s in specs)
 
 
 def _failing_sample(session, tensors, model, batch, start) -> str:
@@ -86,7 +82,9 @@ def capture_stats(
     options = session_options()
     # Without the arena, activations of each batch go back to the OS: peak memory stays flat.
     options.enable_cpu_mem_arena = False
-    session = make_session(model, options, extra_outputs=tensors, weights_dir=weights_dir)
+    model_for_run, readable = expose_values(model, tensors)  # values inside If/Loop/Scan bodies too
+    session = make_session(model_for_run, options, extra_outputs=[readable[t] for t in tensors], weights_dir=weights_dir)
+    run_names = [readable[t] for t in tensors]
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size
     stats = {name: TensorStats() for name in tensors}
@@ -97,10 +95,11 @@ def capture_stats(
         if shard is None or index % shard[1] == shard[0]:
             for lo in range(0, n, step):
                 part = {k: v[lo:lo + step] for k, v in batch.items()}
+                feeds = input_feeds(model, part)
                 try:
-                    outputs = session.run(tensors, input_feeds(model, part))
+                    outputs = session.run(run_names, feeds)
                 except Exception:
-                    raise CaptureError(_failing_sample(session, tensors, model, part, start + lo)) from None
+                    raise CaptureError(_failing_sample(session, run_names, model, part, start + lo)) from None
                 for name, value in zip(tensors, outputs):
                     stats[name].update(value)
                 del outputs

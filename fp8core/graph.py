@@ -218,6 +218,44 @@ def assign_node_names(graph: onnx.GraphProto) -> None:
         taken.add(name)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """``(attribute name, body)`` of each graph attribute of a node (If branches, Loop/Scan bodies)."""
+    found = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            found.append((attr.name, attr.g))
+        found.extend((attr.name, g) for g in attr.graphs)
+    return found
+
+
+def walk_graphs(graph: onnx.GraphProto, path: tuple[onnx.NodeProto, ...] = ()):
+    """Yield ``(graph, path)`` for the graph and every subgraph inside it, depth first; ``path``
+    is the chain of control-flow nodes (If/Loop/Scan) that hold the graph, outermost first."""
+    yield graph, path
+    for node in graph.node:
+        for _, body in subgraphs(node):
+            yield from walk_graphs(body, path + (node,))
+
+
+def assign_subgraph_node_names(graph: onnx.GraphProto) -> None:
+    """Name unnamed nodes inside If/Loop/Scan bodies ``<holder>/<attr>/OpType_index`` (the
+    holder's name, the attribute, the position in the body), unique across the whole model."""
+    taken = {n.name for g, _ in walk_graphs(graph) for n in g.node if n.name}
+
+    def visit(g: onnx.GraphProto, prefix: str | None) -> None:
+        for index, node in enumerate(g.node):
+            if prefix is not None and not node.name:
+                name, k = f"{prefix}/{node.op_type}_{index}", 1
+                while name in taken:
+                    name, k = f"{prefix}/{node.op_type}_{index}_{k}", k + 1
+                node.name = name
+                taken.add(name)
+            for attr, body in subgraphs(node):
+                visit(body, f"{node.name}/{attr}")
+
+    visit(graph, None)
+
+
 def set_input_shapes(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:
     """Fix graph input dims (``--input_shape name=1,3,224,224``)."""
     inputs = {i.name: i for i in graph.input}
@@ -271,9 +309,20 @@ class GraphIndex:
                 if inp:
                     self.consumers[inp].append(node)
         self.graph_outputs = {o.name for o in graph.output}
+        # Constants of If/Loop/Scan bodies: a weight read inside a body is looked up like any other
+        # (ONNX names are unique across a graph and its bodies). Topology stays top-level.
+        self._body_constants: dict[str, onnx.NodeProto] = {}
+        for body, path in walk_graphs(graph):
+            if not path:
+                continue
+            for t in body.initializer:
+                self.initializers.setdefault(t.name, t)
+            for node in body.node:
+                if node.op_type == "Constant":
+                    self._body_constants[node.output[0]] = node
 
     def constant_node(self, name: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
+        node = self.producer.get(name) or self._body_constants.get(name)
         return node if node is not None and node.op_type == "Constant" else None
 
     def is_constant(self, name: str) -> bool:
@@ -352,22 +401,25 @@ def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:
         inferred = model
-    g = inferred.graph
     types: dict[str, int] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for t in g.initializer:
-        types[t.name] = t.data_type
-    index = GraphIndex(g)
-    for node in g.node:
-        if node.op_type == "Constant":
-            t = index.constant_tensor(node.output[0])
-            if t is not None:
-                types[node.output[0]] = t.data_type
+    index = GraphIndex(inferred.graph)
+    for g, _ in walk_graphs(inferred.graph):  # If/Loop/Scan bodies too
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            types[t.name] = t.data_type
+        for node in g.node:
+            if node.op_type == "Constant":
+                t = index.constant_tensor(node.output[0])
+                if t is not None:
+                    types[node.output[0]] = t.data_type
     return types
 
 
-def nodes_of_type(graph: onnx.GraphProto, op_types: Iterable[str]) -> list[onnx.NodeProto]:
+def nodes_of_type(graph: onnx.GraphProto, op_types: Iterable[str], bodies: bool = False) -> list[onnx.NodeProto]:
+    """Nodes of the given standard op types, in graph order; ``bodies``: inside If/Loop/Scan bodies
+    too (after the top-level nodes, body by body, depth first)."""
     wanted = set(op_types)
-    return [n for n in graph.node if n.op_type in wanted and n.domain in ("", "ai.onnx")]
+    graphs = [g for g, _ in walk_graphs(graph)] if bodies else [graph]
+    return [n for g in graphs for n in g.node if n.op_type in wanted and n.domain in ("", "ai.onnx")]

@@ -402,24 +402,44 @@ def session_example_feeds(session, batch: int = 1, seed: int = 0) -> dict[str, n
                          batch, seed)
 
 
-def validate_fp8_model(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray] | None = None) -> None:
-    """The FP8 model passes the full ONNX checker, loads in onnxruntime CPU and runs once.
+def validate_fp8_model(model: onnx.ModelProto | str, feeds=None, full_check: bool = True) -> dict[str, float]:
+    """The FP8 model passes the ONNX checker, loads in onnxruntime CPU and runs.
 
     ``model`` is a proto or a path; a path is checked on disk (``check_model(path, full_check=True)``),
-    the only way for models with external data or past 2 GiB.
+    the only way for models with external data or past 2 GiB. ``feeds``: a
+    :class:`fp8core.validation.Reference` (inputs of real shapes and the float model's outputs
+    there: the FP8 outputs must match in shape and finiteness, and their agreement is returned),
+    a plain feed dict (run only), or None (generated inputs; a model that does not run on them is
+    not an error then, since nothing says they are inputs it can take). ``full_check=False`` for
+    an input model that itself fails the full checker in ways the conversion cannot repair.
     """
+    from fp8core.validation import Reference, compare_outputs
+
     target = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
     try:
-        onnx.checker.check_model(target, full_check=True)
+        onnx.checker.check_model(target, full_check=full_check)
     except Exception as exc:
         raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     try:
         session = make_session(target)
-        if feeds is None:
-            feeds = session_example_feeds(session)
+    except Exception as exc:
+        raise ModelError(f"the FP8 model does not load in onnxruntime: {str(exc).splitlines()[0]}") from None
+    if isinstance(feeds, Reference):
+        try:
+            outputs = session.run(feeds.names, feeds.feeds)
+        except Exception as exc:
+            raise ModelError(f"the FP8 model does not run in onnxruntime on {feeds.source}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        return compare_outputs(feeds, outputs)
+    generated = feeds is None
+    if generated:
+        feeds = session_example_feeds(session)
         if feeds is None:
             proto = onnx.load(target, load_external_data=False) if isinstance(target, str) else target
             feeds = example_feeds(proto)
+    try:
         session.run(None, feeds)
     except Exception as exc:
-        raise ModelError(f"the FP8 model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+        if not generated:
+            raise ModelError(f"the FP8 model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+    return {}

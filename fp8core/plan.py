@@ -22,6 +22,7 @@ from fp8core.graph import (
     ModelError,
     nodes_of_type,
     tensor_elem_types,
+    walk_graphs,
 )
 
 Precision = Literal["fp8", "fp8_weight"]
@@ -118,8 +119,8 @@ def close_matches(name: str, candidates: list[str]) -> str:
 
 def check_skip_names(model: onnx.ModelProto, skip: list[str]) -> list[str]:
     """Raise for names that are not nodes; return warnings for names of ops that are never FP8."""
-    by_name = {n.name: n for n in model.graph.node}
-    fp8_names = [n.name for n in nodes_of_type(model.graph, FP8_OP_TYPES)]
+    by_name = {n.name: n for g, _ in walk_graphs(model.graph) for n in g.node}
+    fp8_names = [n.name for n in nodes_of_type(model.graph, FP8_OP_TYPES, bodies=True)]
     warnings = []
     for name in skip:
         if name not in by_name:
@@ -138,7 +139,8 @@ def plan_fp8_ops(
     activation_params: QuantParams | None = None,
     weight_params: QuantParams | None = None,
 ) -> list[OpPlan]:
-    """One OpPlan per Conv/MatMul/Gemm in graph order. Nodes must already be named.
+    """One OpPlan per Conv/MatMul/Gemm in graph order, those inside If/Loop/Scan bodies included
+    (their weights may be outer-scope initializers). Nodes must already be named.
 
     An input is a *weight* when it is a constant (initializer or Constant node), else an
     *activation*; a MatMul with two activations quantizes both as activations. With
@@ -150,9 +152,10 @@ def plan_fp8_ops(
     index = GraphIndex(model.graph)
     types = tensor_elem_types(model)
     skip = set(skip)
-    positions = {id(n): i for i, n in enumerate(model.graph.node)}
+    # by name: protobuf hands out a new wrapper object per access of a body's node, so ids differ
+    positions = {n.name: i for i, n in enumerate(n for g, _ in walk_graphs(model.graph) for n in g.node)}
     plans = []
-    for node in nodes_of_type(model.graph, FP8_OP_TYPES):
+    for node in nodes_of_type(model.graph, FP8_OP_TYPES, bodies=True):
         ins = []
         for i in QUANTIZED_INPUTS[node.op_type]:
             if i < len(node.input) and node.input[i]:
@@ -162,7 +165,7 @@ def plan_fp8_ops(
             ins = [q for q in ins if q.role == "weight"]
         elem_types = {types.get(q.tensor) for q in ins}
         elem = next(iter(elem_types)) if len(elem_types) == 1 else None
-        plan = OpPlan(node.name, node.op_type, positions[id(node)], True, "fp8", elem or 0, ins)
+        plan = OpPlan(node.name, node.op_type, positions[node.name], True, "fp8", elem or 0, ins)
         if node.name in skip:
             plan.fp8, plan.reason = False, "skipped: in --fp8_skip_op_names"
         elif not ins:  # before the type check: no inputs means no element type either

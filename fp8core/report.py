@@ -32,6 +32,12 @@ def summary_lines(result: dict) -> list[str]:
         f"  size: {human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}"
         f" ({100 * result['bytes_after'] / max(result['bytes_before'], 1):.0f}%)",
     ]
+    ag = result.get("agreement") or {}
+    if ag:
+        parts = [f"cosine {ag['output_cosine']:.4f}", f"SNR {ag['output_snr_db']:.1f} dB"] if "output_cosine" in ag else []
+        if "output_top1_agreement" in ag:
+            parts.append(f"top-1 agreement {ag['output_top1_agreement']:.4f}")
+        lines.append("  outputs vs the float model (validation inputs): " + ", ".join(parts))
     ev = result.get("evaluation")
     if ev:
         lines.append(

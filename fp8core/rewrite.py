@@ -28,11 +28,15 @@ from fp8core.graph import (
     GraphIndex,
     ModelError,
     assign_node_names,
+    assign_subgraph_node_names,
+    subgraphs,
+    walk_graphs,
     with_initializers,
     without_large_initializers,
     default_opset,
     set_input_shapes,
 )
+from fp8core.inputs import normalize_dynamic_dims, record_batch_axes
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weight_options import encode_real_scaled, scale_initializer
 
@@ -59,17 +63,31 @@ def prepare_model(
     model: onnx.ModelProto,
     opset: int,
     input_shapes: dict[str, list[int]] | None = None,
+    batch_axes: dict[str, int | None] | None = None,
+    notes: list[str] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with named nodes, fixed input shapes and the target opset.
 
     Nodes are named before the opset upgrade so that ``OpType_index`` counts the user's graph,
     not nodes the version converter adds. Large initializers are copied once, after the upgrade:
     the version converter serializes and re-parses whatever it is given (ResNet50: +600 MB peak).
+    Input dims stored as -1 or 0 become dynamic; ``batch_axes`` (``--input_batch_axis``) is
+    recorded in the model (:mod:`fp8core.inputs`); shapes the input model declares but its graph
+    does not produce are dropped (:func:`repair_declared_shapes`). What was changed about the
+    input model is appended to ``notes``, one line each.
     """
+    notes = [] if notes is None else notes
     light, large, added_inputs = without_large_initializers(model)
     assign_node_names(light.graph)
+    assign_subgraph_node_names(light.graph)
+    for name in normalize_dynamic_dims(light.graph):
+        notes.append(f"input {name!r} has dims stored as -1 or 0; they are read as dynamic")
     if input_shapes:
         set_input_shapes(light.graph, input_shapes)
+    record_batch_axes(light, batch_axes or {})
+    repaired = repair_declared_shapes(light, final=default_opset(light) >= opset)
+    if repaired:
+        notes.append(repaired)
     if default_opset(light) < opset:
         names = [n.name for n in light.graph.node]
         try:
@@ -84,7 +102,63 @@ def prepare_model(
             for node, name in zip(light.graph.node, names):
                 node.name = node.name or name
         assign_node_names(light.graph)
+        assign_subgraph_node_names(light.graph)
+        repaired = repair_declared_shapes(light)  # the upgraded ops' stricter inference may see more
+        if repaired and repaired not in notes:
+            notes.append(repaired)
     return with_initializers(light, large, added_inputs)
+
+
+def repair_declared_shapes(model: onnx.ModelProto, final: bool = True) -> str | None:
+    """Make a model whose declared shapes contradict its graph pass the full checker.
+
+    Exporters sometimes write output or value_info shapes their graph does not produce (a CRNN
+    declaring a rank-2 output its Reshape makes rank 3). The full checker, which every FP8 model
+    must pass, rejects that; it is a defect of the input, not of the conversion, so the declared
+    shapes (value_info everywhere, output shapes) are dropped, keeping element types, and shape
+    inference works the output shapes out again. Returns a note saying so, or None when nothing
+    was wrong. With ``final`` (no opset upgrade follows, whose stricter op versions may infer
+    more), raises ModelError when the input still fails the full checker.
+    """
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Inferred shape and existing shape differ" not in first and "shape" not in first.lower():
+        if not final:
+            return None
+        raise ModelError(f"the input model fails the full ONNX checker ({first[:200]}); this is a defect of "
+                         "the input model, not of the conversion: re-export it") from None
+    _drop_value_info(model.graph)
+    for out in model.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        for out, found in zip(model.graph.output, inferred.graph.output):
+            if found.type.tensor_type.HasField("shape"):
+                out.type.tensor_type.shape.CopyFrom(found.type.tensor_type.shape)
+    except Exception:
+        pass
+    if final:
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:
+            again = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"the input model fails the full ONNX checker ({again[:200]}); this is a defect of "
+                             "the input model, not of the conversion: re-export it") from None
+    if "Field 'shape'" in first:
+        return None  # only our own clearing of a shape (first pass) was seen
+    return f"the input model declares shapes its graph does not produce ({first[:160]}); they were dropped"
+
+
+def _drop_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                _drop_value_info(sub)
 
 
 def _scale_tensor(name: str, scale: int, elem_type: int) -> onnx.TensorProto:
@@ -105,11 +179,13 @@ class _Names:
     """Fresh tensor/node names that cannot collide with the graph's."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.used = {n.name for n in graph.node}
-        for n in graph.node:
-            self.used.update(n.output)
-        self.used.update(t.name for t in graph.initializer)
-        self.used.update(i.name for i in graph.input)
+        self.used: set[str] = set()
+        for g, _ in walk_graphs(graph):  # bodies too: their names share one namespace with the graph
+            self.used.update(n.name for n in g.node)
+            for n in g.node:
+                self.used.update(n.output)
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(i.name for i in g.input)
 
     def __call__(self, base: str) -> str:
         name, k = base, 1
@@ -129,6 +205,22 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
             for sub in subgraphs:
                 names |= _names_read(list(sub.node)) | {o.name for o in sub.output}
     return names
+
+
+def _drop_unread_body_constants(nodes: list[onnx.NodeProto], used: set[str]) -> None:
+    """Constant nodes and initializers of If/Loop/Scan bodies that nothing reads any more (weights
+    now stored in FP8) are removed from the bodies."""
+    for node in nodes:
+        for _, body in subgraphs(node):
+            keep = [n for n in body.node if not (n.op_type == "Constant" and n.output[0] not in used)]
+            if len(keep) != len(body.node):
+                del body.node[:]
+                body.node.extend(keep)
+            inits = [t for t in body.initializer if t.name in used]
+            if len(inits) != len(body.initializer):
+                del body.initializer[:]
+                body.initializer.extend(inits)
+            _drop_unread_body_constants(list(body.node), used)
 
 
 def _params_suffix(p: QuantParams) -> str:
@@ -217,28 +309,32 @@ def rewrite_to_fp8(
     by_name = {p.name: p for p in plans if p.fp8}
 
     new_inits: list[onnx.TensorProto] = []
-    done: dict[tuple[str, QuantParams], str] = {}  # (tensor, params) -> dequantized tensor name
+    stored: dict[tuple[str, QuantParams], tuple[str, str]] = {}  # FP8 initializer and scale of a weight
 
-    def weight_dq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
-        data = encoded.pop((tensor, p), None)
+    def weight_dq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
         real = isinstance(p, RealScaleParams)
-        if data is None:
-            value = source.constant_value(tensor)
-            data = encode_real_scaled(value, p) if real else encode(value, p.format, p.scale)
-            del value
         base = f"{tensor}_{_params_suffix(p)}"
-        q_name, s_name, out = fresh(f"{base}_fp8"), fresh(f"{base}_scale"), fresh(f"{base}_dq")
-        q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
-        del data
-        q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
-        scale = scale_initializer(s_name, p, elem_type) if real else _scale_tensor(s_name, p.scale, elem_type)
-        new_inits.extend([q, scale])
+        if (tensor, p) not in stored:  # encoded and stored once, even when read in several bodies
+            data = encoded.pop((tensor, p), None)
+            if data is None:
+                value = source.constant_value(tensor)
+                data = encode_real_scaled(value, p) if real else encode(value, p.format, p.scale)
+                del value
+            q_name, s_name = fresh(f"{base}_fp8"), fresh(f"{base}_scale")
+            q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
+            del data
+            q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
+            scale = scale_initializer(s_name, p, elem_type) if real else _scale_tensor(s_name, p.scale, elem_type)
+            new_inits.extend([q, scale])
+            stored[(tensor, p)] = (q_name, s_name)
+        q_name, s_name = stored[(tensor, p)]
+        out = fresh(f"{base}_dq")
         done[(tensor, p)] = out
         axis = {"axis": p.axis} if real and p.axis is not None else {}  # per-channel: 1-D scale along axis
         return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"),
                                  **axis)]
 
-    def activation_qdq(tensor: str, p: QuantParams, elem_type: int) -> list[onnx.NodeProto]:
+    def activation_qdq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
         base = f"{tensor}_{_params_suffix(p)}"
         s_name, q_out, out = fresh(f"{base}_scale"), fresh(f"{base}_q"), fresh(f"{base}_dq")
         new_inits.append(_scale_tensor(s_name, p.scale, elem_type))
@@ -256,31 +352,46 @@ def rewrite_to_fp8(
             dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp], [out], name=fresh(f"{base}_DequantizeLinear"))
         return [q, dq]
 
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        plan = by_name.get(node.name)
-        if plan is not None:
-            if node.op_type != plan.op_type:
-                raise ModelError(f"plan names {plan.name!r} as {plan.op_type} but the model has {node.op_type}")
-            node = copy.deepcopy(node)
-            # Weight DQs first: onnxruntime's default order (a reverse DFS from the outputs that
-            # takes the higher-numbered input producer first) then runs each weight DQ right
-            # before its op, not all of them up front - which held every weight in float at once
-            # (1 GB model: validation peak 1.21 -> 0.81 GB).
-            for q in sorted(plan.inputs, key=lambda q: q.role != "weight"):
-                if q.params is None:
-                    continue
-                key = (q.tensor, q.params)
-                if key not in done:
-                    make = weight_dq if q.role == "weight" else activation_qdq
-                    nodes.extend(make(q.tensor, q.params, plan.elem_type))
-                node.input[q.index] = done[key]
-        nodes.append(node)
+    def rewritten(body: onnx.GraphProto) -> list[onnx.NodeProto]:
+        """The graph's nodes with Q/DQ inserted before its FP8 ops, bodies of If/Loop/Scan rewritten
+        the same way in place (their Q/DQ nodes live in the body; FP8 weights and scales are
+        top-level initializers, which bodies can read)."""
+        done: dict[tuple[str, QuantParams], str] = {}  # (tensor, params) -> its dequantized name here
+        nodes: list[onnx.NodeProto] = []
+        for node in body.node:
+            plan = by_name.get(node.name)
+            if plan is not None:
+                if node.op_type != plan.op_type:
+                    raise ModelError(f"plan names {plan.name!r} as {plan.op_type} but the model has {node.op_type}")
+                node = copy.deepcopy(node)
+                # Weight DQs first: onnxruntime's default order (a reverse DFS from the outputs that
+                # takes the higher-numbered input producer first) then runs each weight DQ right
+                # before its op, not all of them up front - which held every weight in float at once
+                # (1 GB model: validation peak 1.21 -> 0.81 GB).
+                for q in sorted(plan.inputs, key=lambda q: q.role != "weight"):
+                    if q.params is None:
+                        continue
+                    key = (q.tensor, q.params)
+                    if key not in done:
+                        make = weight_dq if q.role == "weight" else activation_qdq
+                        nodes.extend(make(q.tensor, q.params, plan.elem_type, done))
+                    node.input[q.index] = done[key]
+            elif any(True for _ in subgraphs(node)):
+                node = copy.deepcopy(node)
+                for _, sub in subgraphs(node):
+                    sub_nodes = rewritten(sub)
+                    del sub.node[:]
+                    sub.node.extend(sub_nodes)
+            nodes.append(node)
+        return nodes
+
+    nodes = rewritten(graph)
 
     # Originals of weights now stored as FP8 go when nothing else reads them, subgraphs included
     # (an If/Loop body may read an outer-scope initializer by name).
     still_used = _names_read(nodes) | {o.name for o in graph.output}
     kept_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] not in still_used)]
+    _drop_unread_body_constants(kept_nodes, still_used)
     kept_inits = [t for t in list(graph.initializer) + large if t.name in still_used]
     graph_input_names = {t.name for t in graph.initializer} | {t.name for t in large}
     del graph.node[:]

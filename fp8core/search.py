@@ -98,9 +98,10 @@ def candidate_scales(stats: TensorStats, fmt: str | FP8Format) -> range:
       saturates at both s and s + 1 (``|x| >= t >= M 2^(s+1)``), so ``q = sign(x) M 2^s`` and
       ``sign(x) M 2^(s+1)``. At s + 1 every nonzero value's error ``|x| - M 2^s'`` is strictly
       smaller, so mse, mae and snr are strictly better; q is proportional to sign(x) at both
-      scales, so cos_dist is equal, and the values fall into the same groups (zero, positive,
-      negative), so kld is equal - and then mse breaks the tie. So s + 1 beats s: no scale below
-      ``s_lo`` can win. (``t`` is taken as the lower edge of its bin, which only widens the
+      scales, so cos_dist is equal; for kld, every nonzero value lies beyond ``max |q|`` at s,
+      and at s + 1 all but those exactly equal to ``M 2^(s+1)``: kld's P is the same, its Q
+      the same or larger, so kld is the same or smaller - and then mse breaks a tie. So s + 1
+      beats s: no scale below ``s_lo`` can win. (``t`` is taken as the lower edge of its bin, which only widens the
       window.)
 
     Hence every winner lies in ``[s_lo, max(s_zero, 0)]``. E5M2 (the format with infinities)

@@ -25,10 +25,17 @@ def rewrite_graph(model: onnx.ModelProto, plans: list[OpPlan], encoded, weights_
 
 @task(name="validate-and-save", cache_policy=NONE, **IO_RETRIES)
 def validate_and_save(model: onnx.ModelProto, path: str, external_data: str = "auto", weights_dir: str | None = None,
-                      release: bool = False, feeds=None) -> int:
+                      release: bool = False, feeds=None) -> tuple[int, dict[str, float]]:
     """Write atomically (external data past 2 GB), validating the written copy before it replaces ``path``.
 
     ``release``: the caller is done with ``model``; its weights are dropped once written.
+    ``feeds``: a :class:`fp8core.validation.Reference` (inputs of real shapes and the float
+    outputs there). Returns the bytes written and the FP8 outputs' agreement with the float ones.
     """
-    return save_model_atomic(model, path, external_data, weights_dir=weights_dir,
-                             check=lambda written: validate_fp8_model(written, feeds), release=release)
+    agreement: dict[str, float] = {}
+
+    def check(written: str) -> None:
+        agreement.update(validate_fp8_model(written, feeds))
+
+    size = save_model_atomic(model, path, external_data, weights_dir=weights_dir, check=check, release=release)
+    return size, agreement

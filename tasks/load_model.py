@@ -13,6 +13,7 @@ from tasks.retry import IO_RETRIES
 
 from fp8core.graph import default_opset, files_sha256, load_model as _load, model_files
 from fp8core.rewrite import prepare_model, target_opset
+from fp8core.validation import Reference, check_same_outputs, probe_reference
 
 
 @dataclasses.dataclass
@@ -24,22 +25,38 @@ class LoadedModel:
     opset: int
     model: onnx.ModelProto  # prepared: named nodes, fixed input shapes, target opset
     weights_dir: str | None = None  # set when large external weights were left on disk
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was repaired or assumed, one line each
+    reference: Reference | None = None  # generated inputs the model runs on, and its outputs
 
 
 @task(name="load-model", cache_policy=NONE, **IO_RETRIES)
 def load_model(path: str, input_shape: dict[str, list[int]], convert_version: int | None,
-               stream_weights: bool = False) -> LoadedModel:
-    """``stream_weights``: leave external weights on disk; encoding reads them one at a time."""
+               stream_weights: bool = False, batch_axes: dict[str, int | None] | None = None) -> LoadedModel:
+    """``stream_weights``: leave external weights on disk; encoding reads them one at a time.
+
+    The prepared model is run on generated inputs of shapes the input model takes; when the opset
+    was upgraded, it must give the input model's outputs there (an upgrade that changes what the
+    model computes is an error, not a silently wrong FP8 model)."""
     original = _load(path, load_weights=False)
     files = model_files(path, original)  # the .onnx and its external data: all of it is the model
     weights_dir = os.path.dirname(os.path.abspath(path))
     if not stream_weights:
         original = _load(path) if len(files) > 1 else original
         weights_dir = None
+    data_dir = weights_dir if len(files) > 1 else None
     opset = target_opset(original, convert_version)
-    prepared = prepare_model(original, opset, input_shape)
+    notes: list[str] = []
+    prepared = prepare_model(original, opset, input_shape, batch_axes, notes)
+    upgraded = default_opset(original) < opset
+    reference = probe_reference(original if upgraded and not input_shape else prepared, data_dir)
+    if reference is not None and upgraded and not input_shape:
+        check_same_outputs(reference, prepared, f"the opset upgrade {default_opset(original)} -> {opset} "
+                           "changed what the model computes (an onnx.version_converter defect)", data_dir)
+    if reference is None:
+        notes.append("the model ran on no generated inputs (dynamic dims tried: 1, 16, 64, 224, 512); "
+                     "the FP8 model is validated on calibration data only (give --input_shape or --data_preprocess)")
     return LoadedModel(os.path.abspath(path), files_sha256(files), sum(os.path.getsize(f) for f in files),
-                       default_opset(original), opset, prepared, weights_dir if len(files) > 1 else None)
+                       default_opset(original), opset, prepared, data_dir, notes, reference)
 
 
 @task(name="read-written-model", cache_policy=NONE, **IO_RETRIES)

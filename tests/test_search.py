@@ -19,10 +19,11 @@ from hypothesis.extra import numpy as hnp
 
 from fp8core import losses
 from fp8core.formats import get_format, representable_values, round_trip
-from fp8core.losses import LOSSES, UnknownLossError, get_loss
+from fp8core.losses import KLD_BINS, KLD_EPSILON, LOSSES, UnknownLossError, get_loss
 from fp8core.search import (SCALE_LIMITS, NoFiniteValuesError, ScaleRangeError,
                             brute_force_search, candidate_scales, search, search_weight)
-from fp8core.stats import BinnedValues, TensorStats, bin_interior_representative, bin_keys
+from fp8core.stats import (BIN_LOWER_EDGE, BIN_WIDTH, NUM_BINS, BinnedValues, TensorStats,
+                           bin_interior_representative, bin_keys)
 
 FORMATS = ("F143", "F152")
 WIDE = range(-60, 61)
@@ -267,18 +268,26 @@ def test_loss_brute_force_forms_match_textbook_formulas():
 
 def kld_by_dictionaries(x: np.ndarray, q: np.ndarray) -> float:
     """kld's docstring, written out value by value."""
+    mags = [abs(float(v)) for v in x.astype(np.float32)]
+    cells = [int(k) & (NUM_BINS // 2 - 1) for k in bin_keys(x).tolist()]
+    top = max(BIN_LOWER_EDGE[c] + BIN_WIDTH[c] for c in cells)  # A
+    where = [min(math.floor((BIN_LOWER_EDGE[c] + BIN_WIDTH[c] / 2) * KLD_BINS / top),
+                 KLD_BINS - 1) for c in cells]
+    r = max(abs(float(v)) for v in q.astype(np.float32))
     p_count, groups = {}, {}
-    for b, g in zip(bin_keys(x).tolist(), (q.astype(np.float64) + 0.0).tolist()):
+    for m, b, g in zip(mags, where, (abs(q.astype(np.float64))).tolist()):
         p_count[b] = p_count.get(b, 0) + 1
-        mass, bins = groups.setdefault(g, [0, set()])
-        groups[g][0] += 1
-        bins.add(b)
+        if m <= r:  # saturated values (|x| > R) are missing from Q
+            groups.setdefault(g, [0, set()])
+            groups[g][0] += 1
+            groups[g][1].add(b)
     q_count = {b: 0.0 for b in p_count}
     for mass, bins in groups.values():
         for b in bins:
             q_count[b] += mass / len(bins)
     n = len(x)
-    return sum(c / n * math.log(c / q_count[b]) for b, c in p_count.items())
+    return sum(c / n * math.log(c / (q_count[b] + KLD_EPSILON * (c - q_count[b])))
+               for b, c in p_count.items())
 
 
 @pytest.mark.parametrize("scale", [-9, -4, 0, 6])
@@ -297,11 +306,14 @@ def test_loss_edge_cases():
     assert losses.cos_dist(x, zeros) == 1.0
     assert losses.snr(zeros, zeros) == 0.0
     assert losses.kld(x, x) == 0.0
-    # flushing to zero merges the bins of 1, 3 and -2; a group over equally filled bins is free
-    assert losses.kld(x, zeros) == 0.0
-    uneven = np.array([1.0, 1.0, -2.0, 3.0], np.float32)
-    assert losses.kld(uneven, np.zeros(4, np.float32)) == pytest.approx(
-        0.5 * math.log(2 / (4 / 3)) + 2 * 0.25 * math.log(1 / (4 / 3)))
+    # flushing everything to zero: every nonzero value lies beyond R = 0, Q has none of them
+    assert losses.kld(x, zeros) == pytest.approx(math.log(1 / KLD_EPSILON))
+    # flushing values that share the first linear bin [0, A/2048) with zero is free ...
+    spread = np.array([1000.0, 1e-3, -2e-3, 0.0], np.float32)
+    assert losses.kld(spread, np.array([1000.0, 0, 0, 0], np.float32)) == 0.0
+    # ... a saturated value (beyond R) is missing from Q: ln(1/eps) for it, alone in its bin
+    assert losses.kld(spread, np.array([990.0, 1e-3, -2e-3, 0.0], np.float32)) == pytest.approx(
+        0.25 * math.log(1 / KLD_EPSILON))
     assert losses.cos_dist(x, 4 * x) == pytest.approx(0.0, abs=1e-16)
 
 

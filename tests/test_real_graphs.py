@@ -1,0 +1,139 @@
+"""Real-export shapes convert in both modes with default flags, pass the full checker and stay
+close to the float model in onnxruntime (issue 9). One graph per failure kind: tests/real_graphs.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from flows.cli import main
+from fp8core.inputs import batch_axes, fixed_batch_size, input_specs, stack_feeds
+from fp8core.validation import run_float
+from tests import real_graphs
+
+MIN_COSINE = 0.98  # FP8 E4M3 keeps ~3 significant bits per value: a few % error per layer
+
+
+def _convert(tmp_path, name, model, data, *flags):
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    src = folder / f"{name}.onnx"
+    onnx.save(model, src)
+    before = src.read_bytes()
+    calib = folder / "calib.npz"
+    np.savez(calib, **data)
+    out = folder / f"{name}_fp8.onnx"
+    args = ["--input_model", str(src), "--output_model", str(out),
+            "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment_name", "real-graphs", *flags]
+    if "--quantize" in flags:
+        args += ["--data_preprocess", str(calib)]
+    code = main(args)
+    assert code == 0, f"{name} {flags}: exit {code}"
+    assert src.read_bytes() == before  # the input is never touched
+    return src, out
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _check_close(src, out, data):
+    onnx.checker.check_model(str(out), full_check=True)
+    float_model = onnx.load(src)
+    specs = input_specs(float_model)
+    n = fixed_batch_size(float_model) or 4
+    feeds = stack_feeds(specs, {k: v[:n] if specs_axis(specs, k) is not None else v[:1] for k, v in data.items()})
+    _, want = run_float(float_model, feeds)
+    _, got = run_float(onnx.load(out), feeds)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape
+        assert np.isfinite(g).all()
+        assert _cosine(w, g) > MIN_COSINE
+
+
+def specs_axis(specs, name):
+    return next(s.batch_axis for s in specs if s.name == name)
+
+
+@pytest.mark.parametrize("name", sorted(real_graphs.ALL))
+@pytest.mark.parametrize("mode", ["fast", "quantize"])
+def test_real_export_shapes_convert_validate_and_match(tmp_path, name, mode):
+    model, data = real_graphs.ALL[name]()
+    flags = ("--quantize",) if mode == "quantize" else ()
+    src, out = _convert(tmp_path, name, model, data, *flags)
+    _check_close(src, out, data)
+
+
+def test_ops_inside_if_branches_become_fp8_and_read_outer_weights(tmp_path):
+    model, data = real_graphs.if_branches()
+    src, out = _convert(tmp_path, "if", model, data, "--quantize")
+    fp8 = onnx.load(out)
+    branch_ops = {}
+    for node in fp8.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                branch_ops[attr.name] = [n.op_type for n in attr.g.node]
+    for branch in ("then_branch", "else_branch"):
+        assert "QuantizeLinear" in branch_ops[branch] and "DequantizeLinear" in branch_ops[branch], branch_ops
+    config = json.loads((out.parent / "fp8_config.json").read_text()) if (out.parent / "fp8_config.json").exists() else None
+    quantize = json.loads((out.parent / "quantize.json").read_text())
+    names = [op["name"] for op in quantize["ops"]]
+    assert any("then_branch" in n for n in names) and any("else_branch" in n for n in names), names
+    # the outer-scope float weight is gone, stored once in FP8
+    assert "w_then" not in {t.name for t in fp8.graph.initializer}
+    del config
+
+
+def test_batch_axes_are_found_from_the_model():
+    model, _ = real_graphs.state_batch_axis_one()
+    assert batch_axes(model) == {"x": 0, "state": 1, "sr": None}
+    model, _ = real_graphs.crnn_bad_declared_shape()
+    assert batch_axes(model) == {"x": 0}
+
+
+def test_fixed_batch_one_needs_no_batch_size_flag(tmp_path):
+    model, data = real_graphs.fixed_batch_one()
+    _convert(tmp_path, "b1", model, data, "--quantize")  # no --batch_size: the model's own batch of 1
+
+
+def test_conflicting_batch_size_is_one_clear_line(tmp_path, capsys):
+    model, data = real_graphs.fixed_batch_one()
+    src = tmp_path / "b1.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", **data)
+    code = main(["--input_model", str(src), "--output_model", str(tmp_path / "o.onnx"), "--quantize",
+                 "--data_preprocess", str(tmp_path / "c.npz"), "--batch_size", "4",
+                 "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "fixed batch size of 1" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_input_batch_axis_flag_overrides_and_bad_values_are_one_line(tmp_path, capsys):
+    model, data = real_graphs.state_batch_axis_one()
+    src, out = _convert(tmp_path, "state", model, data, "--quantize", "--input_batch_axis", "state=1,sr=none")
+    _check_close(src, out, data)
+    code = main(["--input_model", str(src), "--output_model", str(tmp_path / "o2.onnx"),
+                 "--input_batch_axis", "state=one", "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2 and "--input_batch_axis" in capsys.readouterr().err
+
+
+def test_already_quantized_model_says_so(tmp_path, capsys):
+    model, data = real_graphs.conv_integer()
+    _convert(tmp_path, "ci", model, data)
+    err = capsys.readouterr()
+    assert "already quantized" in (err.err + err.out)
+
+
+def test_float16_model_keeps_float16_scales_and_io(tmp_path):
+    model, data = real_graphs.float16_cnn()
+    _, out = _convert(tmp_path, "f16", model, data, "--quantize")
+    fp8 = onnx.load(out)
+    scales = [t for t in fp8.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    assert fp8.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert fp8.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
