@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.params import ConvertParams
 from flows.quality import apply_fallback, compare_precision
+from fp8core.plan import already_quantized_note
 from fp8core.report import fp8_config
 from fp8core.staging import StagedOutputs
 from fp8core.weight_options import choose_weight_params
@@ -60,6 +61,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
         with clock.stage("plan"):
             plans = plan_ops(loaded.model, params)
+        tell_user([note for note in [already_quantized_note(loaded.model, plans)] if note])
 
         if params.quantize:
             from flows.calibrate import calibrate

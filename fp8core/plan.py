@@ -180,3 +180,24 @@ def plan_fp8_ops(
                 q.params = None
         plans.append(plan)
     return plans
+
+
+QUANTIZED_OP_TYPES = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
+                      "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                      "QAttention", "QGemm", "MatMulNBits")
+
+
+def already_quantized_note(model: onnx.ModelProto, plans: list[OpPlan]) -> str | None:
+    """One line for a model that is already (partly) quantized, or None: its integer/QDQ ops are
+    left as they are and only its float Conv/MatMul/Gemm can become FP8."""
+    counts: dict[str, int] = {}
+    for g, _ in walk_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in QUANTIZED_OP_TYPES:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return None
+    found = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
+    fp8 = sum(p.fp8 for p in plans)
+    return (f"the model is already quantized ({found}); those ops are left as they are, and only its float "
+            f"Conv/MatMul/Gemm become FP8 ({fp8} of them)" + ("; convert the float model instead" if not fp8 else ""))

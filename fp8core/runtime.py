@@ -86,14 +86,36 @@ def make_session(
         raise ValueError("extra_outputs needs a model proto")
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
-    session = ort.InferenceSession(
-        model,
-        sess_options=options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(disabled_optimizers),
-    )
+    try:
+        session = ort.InferenceSession(
+            model,
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(disabled_optimizers),
+        )
+    except Exception as exc:
+        if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+            raise
+        # onnxruntime's optimizer can fail on models that are valid: with static input shapes it
+        # folds shape computations of the If branch that will not run and then rejects that
+        # branch (a voice-activity model's 8 kHz LSTM). ORT_DISABLE_ALL computes ONNX semantics.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        _warn_once(f"onnxruntime's graph optimizer fails on this model ({str(exc).strip().splitlines()[0][:160]}); "
+                   "it runs with graph_optimization_level=ORT_DISABLE_ALL, which is how to run the FP8 model too")
     session.fp8_handed_over = handed_over  # onnxruntime uses their buffers: keep them alive
     return session
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("fp8").warning(message)
 
 
 _NUMPY_NATIVE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,

@@ -37,6 +37,8 @@ os.environ.update(
     # Prefect's console handler would log "Stopping temporary server" at interpreter exit, after
     # pytest has closed the captured stream; the CLI sets this level by default anyway.
     PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="CRITICAL",
+    # statistics captured by an earlier run (other code) must not feed this one
+    FP8_CACHE_DIR=str(_PREFECT_HOME / "stats-cache"),
 )
 
 

@@ -483,8 +483,18 @@ def test_model_input_specs_reads_non_initializer_inputs():
         initializer=[weight],
     )
     specs = model_input_specs(helper.make_model(graph))
-    assert specs == {"x": (np.dtype(np.float16), (None, 3, None)),
-                     "ids": (np.dtype(np.int64), None)}  # fmt: skip
+    assert specs == {"x": (np.dtype(np.float16), (None, 3, None), 0),
+                     "ids": (np.dtype(np.int64), None, 0)}  # fmt: skip
+
+
+def test_inputs_without_batch_axis_or_batched_on_another_axis(tmp_path):
+    """A recurrent state ``[2, batch, 8]`` is stored per sample as ``[2, 8]``; a scalar sample
+    rate, which has no batch axis, per sample as a scalar."""
+    source = _parquet_source(tmp_path, {"state": np.zeros((6, 2, 8), np.float32), "sr": np.full(6, 16000, np.int64)})
+    spec = {"state": (np.float32, (2, None, 8), 1), "sr": (np.int64, (), None)}
+    assert validate_against_model(source, spec, 3).num_samples == 6
+    with pytest.raises(CalibrationDataError, match=r"takes \(2, 9\) per sample \(batch axis 1"):
+        validate_against_model(source, {"state": (np.float32, (2, None, 9), 1)}, 3)
 
 
 def test_model_input_specs_feed_validation(tmp_path):
