@@ -133,6 +133,27 @@ def opset_of(path: Path) -> int:
     return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
+def count_quant_nodes(path: Path) -> dict:
+    """Q/DQ and integer-op counts of a model, subgraphs included (did the quantizer touch it?)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                                "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul"):
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
+    return counts
+
+
 def evaluate(spec: zoo.ModelSpec, path: Path, evaluation, reference) -> tuple[dict | None, str | None, float]:
     t0 = time.perf_counter()
     try:
@@ -191,6 +212,7 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
             r.update(ok=False, error="exit code 0 but no output model written")
         if r["ok"]:
             r["out_bytes"] = out.stat().st_size
+            r["quant_nodes"] = count_quant_nodes(out)
             metric, err, secs = evaluate(spec, out, data.evaluation, reference)
             r["eval_seconds"] = round(secs, 1)
             if err:
@@ -273,7 +295,7 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
             else:
                 extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["metric"].items()}
                 lines.append(f"  {key}: {extra} ({r['seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB, "
-                             f"{fmt_mb(r['out_bytes'])})")
+                             f"{fmt_mb(r['out_bytes'])}, quantization nodes {r.get('quant_nodes', {}) or 'none'})")
     path.write_text("\n".join(lines) + "\n")
 
 
