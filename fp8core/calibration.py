@@ -465,7 +465,9 @@ def _common_length(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
         listed = ", ".join(f"{name!r}: {n}" for name, n in lengths.items())
         raise CalibrationDataError(
             f"calibration data {path} arrays have different sample counts ({listed}); the first "
-            "axis of every array is the sample axis and must have the same length"
+            "axis of every array is the sample axis and must have the same length (store an input "
+            "batched on another axis per sample, e.g. a state [2, batch, 128] as [N, 2, 128], and a "
+            "scalar input as [N])"
         )
     return next(iter(lengths.values()), 0)
 
