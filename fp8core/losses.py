@@ -215,7 +215,7 @@ def cos_dist(e: ErrorSums) -> float:
 
 
 KLD_BINS = 2048
-"""Linear bins of the kld histogram over ``[0, A]`` (TensorRT's and onnxruntime's histogram size)."""
+"""Linear bins of kld's histogram over ``[0, A]`` (TensorRT's and onnxruntime's histogram size)."""
 KLD_EPSILON = 1e-4
 """Smoothing weight of kld: the ``eps`` of onnxruntime's and MXNet's ``smooth_distribution``."""
 
@@ -228,7 +228,7 @@ def kld_histograms(joint: JointHistogram) -> tuple[np.ndarray, np.ndarray]:
     occupied = joint.count > 0
     top = float(np.max((lo + width)[occupied]))  # A
     position = np.minimum(np.floor((lo + 0.5 * width) * (KLD_BINS / top)), KLD_BINS - 1)
-    position = position.astype(np.int64)
+    position = np.where(fine == 0, 0, position).astype(np.int64)  # zero's stats bin: at 0
     p = np.bincount(position, weights=count, minlength=KLD_BINS)
     kept = occupied & ~joint.saturated
     if not kept.any():
@@ -239,36 +239,52 @@ def kld_histograms(joint: JointHistogram) -> tuple[np.ndarray, np.ndarray]:
                                      return_inverse=True)
     pair_count = np.bincount(pair_index.reshape(-1), weights=count[kept])
     pair_group, pair_fine = pair_ids // NUM_BINS, pair_ids % NUM_BINS
-    pair_width = BIN_WIDTH[pair_fine]
     groups = group_values.size
     group_count = np.bincount(pair_group, weights=pair_count, minlength=groups)
-    group_width = np.bincount(pair_group, weights=pair_width, minlength=groups)
-    share = group_count[pair_group] * (pair_width / group_width[pair_group])
-    pair_position = np.minimum(np.floor(
-        (BIN_LOWER_EDGE[pair_fine] + 0.5 * pair_width) * (KLD_BINS / top)), KLD_BINS - 1)
+    group_bins = np.bincount(pair_group, minlength=groups)
+    # pairs are sorted by group, then by magnitude: a group's first and last pairs bound it
+    first = np.searchsorted(pair_group, np.arange(groups))
+    last = np.append(first[1:], pair_group.size) - 1
+    pair_lo = BIN_LOWER_EDGE[pair_fine]
+    pair_hi = pair_lo + BIN_WIDTH[pair_fine]
+    wide = (pair_hi[last] - pair_lo[first] > top / KLD_BINS)[pair_group]
+    share = np.where(wide, (group_count / group_bins)[pair_group], pair_count)
+    pair_position = np.minimum(np.floor((pair_lo + 0.5 * BIN_WIDTH[pair_fine]) * (KLD_BINS / top)),
+                               KLD_BINS - 1)
+    pair_position[pair_fine == 0] = 0
+    pair_position[wide & (group_values[pair_group] == 0.0)] = 0  # flushed values sit at 0
     q = np.bincount(pair_position.astype(np.int64), weights=share, minlength=KLD_BINS)
     return p, q
 
 
-@_register(needs_histogram=True, tie_atol=1e-12)
+KLD_TIE_ATOL = 1e-3
+"""kld values this close to the best tie, and mse chooses among them (:mod:`fp8core.search`)."""
+
+
+@_register(needs_histogram=True, tie_atol=KLD_TIE_ATOL)
 def kld(e: ErrorSums) -> float:
     """KL divergence of x's linear magnitude histogram P from the histogram Q that q keeps of it.
 
     Entropy calibration as TensorRT does it (and onnxruntime's ``calibrate.py``,
-    ``get_entropy_threshold``), fitted to FP8 groups instead of INT8's equal steps:
+    ``get_entropy_threshold``), fitted to FP8's groups instead of INT8's equal steps:
 
     * **Bins.** ``KLD_BINS = 2048`` linear bins of width ``w = A / 2048`` over ``[0, A]``,
-      A the largest magnitude; a value at magnitude m is in bin ``min(floor(m / w), 2047)``.
-      ``P(b)``: the number of values in bin b.
+      A the largest magnitude. ``P(b)``: the number of values in bin b.
     * **Q.** The round trip merges the values into groups, one per distinct ``|q|``.
       ``R = max |q|`` is the largest magnitude q reaches; a value with ``|x| > R`` is
-      *saturated*. As TensorRT expands each quantized bin evenly over its nonzero bins, each
-      group's values within range are spread evenly over the bins they occupy:
-      ``Q(b) = sum over groups g present in b of n(g) / bins(g)``. Saturated values are not in Q
-      (TensorRT also builds Q from the histogram without the clipped tail).
+      *saturated*. As TensorRT expands each quantized bin evenly over its nonzero bins, a
+      group wider than a linear bin (from the lowest to the highest :mod:`fp8core.stats` bin
+      it occupies) is spread evenly over those stats bins (they never straddle a group
+      boundary), which add up in the linear bins; the zero group, if that wide, sits at 0 (bin
+      0): flushed values are at 0. A group no wider than a linear bin keeps its values where
+      they are: at this resolution it has lost nothing, wherever the bin edges fall. Saturated
+      values are not in Q at all (TensorRT also builds Q from the histogram without the
+      clipped tail).
     * **Loss.** ``sum_b P(b)/N ln(P(b) / Qe(b))`` over the bins with ``P(b) > 0``, N values,
       ``Qe = Q + eps (P - Q)`` with ``eps = KLD_EPSILON = 1e-4`` (onnxruntime's and MXNet's
       smoothing constant): Qe > 0 wherever P is, so the loss is finite. Natural log.
+    * **Ties.** kld values within ``KLD_TIE_ATOL = 1e-3`` nats of the best tie in the search,
+      and the smallest mse among them wins (:mod:`fp8core.search`).
 
     Bounds: ``Qe >= eps P`` gives every term ``<= P/N ln(1/eps)``, so ``kld <= ln(1/eps) = 9.21``,
     reached when every value saturates; Qe sums to at most N over P's support, so by Gibbs'
@@ -276,40 +292,47 @@ def kld(e: ErrorSums) -> float:
 
     Why this measures what matters:
 
-    * A group confined to one bin costs nothing, and so does a group over equally filled bins;
-      rounding costs only as the shape lost inside a group, seen at resolution ``A / 2048``.
-      FP8's steps are 1/8 to 1/16 of the value, so for values that stay in range the cost is
-      small and, power-of-two scales moving the grid by whole binades, nearly the same at every
-      scale: where kld ties, the search's mse tie-break decides.
-    * Flushing values to zero is free while they share bin 0 with zero (``|x| < A / 2048``),
-      however many they are: next to A they are below FP8's own resolution.
+    * A value that stays nonzero and in range costs only the shape its group loses, seen at
+      resolution ``A / 2048``; a group over equally filled bins costs nothing, and so does a
+      group inside one linear bin's width (without that rule, a spike - swish's minimum, a
+      clip - in a narrow group that happens to straddle a bin edge cost 0.04 nats at every E4M3
+      scale, and the search took E5M2 at 4x the mse). FP8's steps are 1/8 to 1/16 of the
+      value, and power-of-two scales move that grid by whole binades, so this part is small and
+      nearly the same at every sensible scale (1e-5 to 1e-4 nats apart on Gaussian data, from
+      where the groups meet the bins; 1e-3 nats is the cost of saturating one value in 10^4).
+      Hence the tie: among those scales mse, which measures the rounding itself, decides. KL
+      alone would not: it compares shapes, and on a flat stretch of the density even a few
+      coarse levels keep the shape.
+    * Flushing to zero is free for values that share bin 0 with zero (``|x| < A / 2048``),
+      however many they are: next to A they are below FP8's own resolution. A value flushed from
+      further out is missing from Q where it was, like a saturated one.
     * A saturated value is missing from Q: alone in its bin it costs ``ln(1/eps) = 9.2`` nats
-      times its share of the values, as much as a value the quantized tensor cannot hold at all.
-      So the search saturates only when that buys more than it costs, and in practice picks the
-      smallest scale at which (almost) nothing saturates.
+      times its share of the values - as much as a value the quantized tensor cannot hold at all.
+      So the search saturates only when that buys more than it costs, and in practice picks a
+      scale at which (almost) nothing saturates.
 
-    The old kld used this module's log-scale bins (32 per binade, down to float32's smallest
-    values): flushing the many tiny values merged thousands of bins, saturating the few large
-    ones merged a handful, so it saturated; on a text-line recogniser the character error rate
-    went from 0.125% (FP32) to 99%. TensorRT folds the clipped tail into P's last bin and compares
-    P and Q on ``[0, threshold]``; that needs its floor on the threshold (128 of 2048 bins),
-    because a threshold inside bin 0 makes P and Q the same single spike (kld 0, the best).
+    The old kld used :mod:`fp8core.stats`' log-scale bins (32 per binade, down to float32's
+    smallest values): flushing the many tiny values merged thousands of bins, saturating the few
+    large ones merged a handful, so it saturated; on a text-line recogniser the character error
+    rate went from 0.125% (FP32) to 99%. TensorRT folds the clipped tail into P's last bin and
+    compares P and Q on ``[0, threshold]``; that needs its floor on the threshold (128 of 2048
+    bins), because a threshold inside bin 0 makes P and Q the same single spike (kld 0, the best).
     Here P keeps every value where it is, over ``[0, A]`` for every candidate, so no floor is
-    needed, and Q only grows when fewer values saturate (:func:`fp8core.search.candidate_scales`
-    relies on this).
+    needed; and when every nonzero value saturates, the next scale's Q only adds the values
+    equal to its R (:func:`fp8core.search.candidate_scales` relies on this).
 
-    **From the bins.** P and Q need, per value, only its linear bin, ``|q|`` and whether it
-    is saturated. Both forms (brute force and binned) place a value at the centre of its
-    :mod:`fp8core.stats` bin, ``lo + width/2``, and take ``A`` as the upper edge of the highest
-    occupied bin (``max |x| <= A < max |x| (1 + 1/32)``), so they agree exactly; saturation
-    is decided per value in the brute-force form and exactly from the bin for FP8 round trips
-    (:func:`_joint_from_bins`). The approximation, against a histogram of the exact ``|x|``: a
-    stats bin is ``|x| / 32`` wide at most. Below ``A / 64`` that is narrower than a linear bin,
-    so a value lands in its own linear bin or a neighbour. Above, the histogram is the stats
-    bins themselves, 32 per binade: still 4 bins per E4M3 step and 8 per E5M2 step, so the shape
-    inside a group is still seen, and the stats bins never straddle a group boundary, where
-    exact linear bins do (a group that covers a tenth of a bin is charged like one covering all
-    of it). tests/test_kld.py bounds the difference on raw arrays.
+    **From the bins.** P and Q need, per value, only its stats bin, ``|q|`` and whether it is
+    saturated. A stats bin goes to the linear bin of its centre ``lo + width/2`` (stats bin 0,
+    zero and magnitudes below ``2^-131``, to bin 0), ``A`` is the upper edge of the highest
+    occupied stats bin (``max |x| <= A < max |x| (1 + 1/32)``), and both forms (brute force and
+    binned) do exactly this, so they agree exactly; saturation is decided per value in the
+    brute-force form and exactly from the bin for FP8 round trips (:func:`_joint_from_bins`).
+    The approximation, against linear bins of the exact ``|x|``: a stats bin is at most
+    ``|x| / 32`` wide. Below ``A / 64`` that is narrower than a linear bin,
+    so a value lands in its own linear bin or a neighbour. Above, P is the stats bins themselves,
+    32 per binade: still 4 bins per E4M3 step and 8 per E5M2 step, so the shape inside a group
+    is still seen, and the sampling noise of 2048 sparsely filled bins is left out.
+    tests/test_kld.py bounds the difference on raw arrays.
     """
     j = e.joint
     if j is None:

@@ -269,22 +269,31 @@ def test_loss_brute_force_forms_match_textbook_formulas():
 def kld_by_dictionaries(x: np.ndarray, q: np.ndarray) -> float:
     """kld's docstring, written out value by value."""
     mags = [abs(float(v)) for v in x.astype(np.float32)]
-    cells = [int(k) & (NUM_BINS // 2 - 1) for k in bin_keys(x).tolist()]
+    cells = [int(k) & (NUM_BINS // 2 - 1) for k in bin_keys(x).tolist()]  # stats bin of |x|
     top = max(BIN_LOWER_EDGE[c] + BIN_WIDTH[c] for c in cells)  # A
-    where = [min(math.floor((BIN_LOWER_EDGE[c] + BIN_WIDTH[c] / 2) * KLD_BINS / top),
-                 KLD_BINS - 1) for c in cells]
+
+    def linear_bin(c):
+        if c == 0:
+            return 0
+        return min(math.floor((BIN_LOWER_EDGE[c] + BIN_WIDTH[c] / 2) * KLD_BINS / top),
+                   KLD_BINS - 1)
+
     r = max(abs(float(v)) for v in q.astype(np.float32))
     p_count, groups = {}, {}
-    for m, b, g in zip(mags, where, (abs(q.astype(np.float64))).tolist()):
-        p_count[b] = p_count.get(b, 0) + 1
+    for m, c, g in zip(mags, cells, (abs(q.astype(np.float64))).tolist()):
+        p_count[linear_bin(c)] = p_count.get(linear_bin(c), 0) + 1
         if m <= r:  # saturated values (|x| > R) are missing from Q
-            groups.setdefault(g, [0, set()])
-            groups[g][0] += 1
-            groups[g][1].add(b)
+            groups.setdefault(g, {})
+            groups[g][c] = groups[g].get(c, 0) + 1
     q_count = {b: 0.0 for b in p_count}
-    for mass, bins in groups.values():
-        for b in bins:
-            q_count[b] += mass / len(bins)
+    for g, in_cells in groups.items():
+        low = min(BIN_LOWER_EDGE[c] for c in in_cells)
+        high = max(BIN_LOWER_EDGE[c] + BIN_WIDTH[c] for c in in_cells)
+        wide = high - low > top / KLD_BINS
+        mass = sum(in_cells.values())
+        for c, n in in_cells.items():
+            b = 0 if (g == 0 and wide) else linear_bin(c)
+            q_count[b] = q_count.get(b, 0.0) + (mass / len(in_cells) if wide else n)
     n = len(x)
     return sum(c / n * math.log(c / (q_count[b] + KLD_EPSILON * (c - q_count[b])))
                for b, c in p_count.items())
