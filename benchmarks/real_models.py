@@ -117,6 +117,24 @@ def ort_quantize_main(argv: list[str]) -> int:
                         weight_type=QuantType.QFLOAT8E4M3FN,
                         calibrate_method=CalibrationMethod.Distribution)
     else:
+        # Per-channel QDQ needs opset >= 13 (DequantizeLinear's axis); below that onnxruntime
+        # writes a model that does not load. A user upgrades the opset first, so do that here.
+        import onnx
+
+        m = onnx.load(model)
+        opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        if opset < 13:
+            from onnx import version_converter
+
+            try:
+                upgraded = version_converter.convert_version(m, 13)
+                model = str(Path(out).with_name("opset13_input.onnx"))
+                onnx.save(upgraded, model)
+                print(f"NOTE: opset {opset} upgraded to 13 with onnx.version_converter first "
+                      "(per-channel needs 13)", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"NOTE: opset {opset}; upgrade to 13 failed ({type(e).__name__}), "
+                      "quantized as it is", flush=True)
         quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
@@ -219,6 +237,10 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
                 r["run_error"] = err
             else:
                 r["metric"] = metric
+        notes = [ln[6:] for ln in (wd / f"{key}.stdout").read_text(errors="replace").splitlines()
+                 if ln.startswith("NOTE: ")]
+        if notes:
+            r["note"] = "; ".join(notes)
         rec["runs"][key] = r
         shown = (f"{spec.primary}={r['metric'][spec.primary]:.4f}" if "metric" in r
                  else r.get("run_error") or r.get("error"))
@@ -238,7 +260,7 @@ def cell(rec: dict, key: str) -> str:
         return "FAILED"
     if "run_error" in r:
         return "RUN FAILED"
-    return f"{r['metric'][rec['primary']]:.4f}"
+    return f"{r['metric'][rec['primary']]:.4f}" + (" (opset 13)" if "upgraded to 13" in r.get("note", "") else "")
 
 
 def fmt_mb(n: int) -> str:
@@ -255,7 +277,10 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "not run in onnxruntime. Time and peak RSS: fp8-convert fast / --quantize "
              "(subprocess wall clock including Prefect/MLflow start-up; peak RSS of the largest "
              "process). ORT FP8: `quantize_static` QDQ QFLOAT8E4M3FN, Distribution; ORT INT8: "
-             "QDQ per-channel QInt8 weights / QUInt8 activations, MinMax. All default flags.", "",
+             "QDQ per-channel QInt8 weights / QUInt8 activations, MinMax. All default flags."
+             + (f" Models {', '.join(meta['argv_models'])} re-run then; the others are from the run of "
+                f"{meta['merged_from']['date']} (fp8-pipeline {meta['merged_from']['git']})."
+                if meta.get("merged_from") else ""), "",
              "| model | kind | opset | fp32 size | metric | fast | --quantize | time fast / quantize | "
              "peak RSS fast / quantize | ORT FP8 | ORT INT8 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -288,6 +313,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
         if "error" in rec:
             lines.append(f"  Setup failed: {rec['error']}")
         for key, r in rec.get("runs", {}).items():
+            if r.get("note"):
+                lines.append(f"  {key} note: {r['note']}")
             if not r["ok"]:
                 lines.append(f"  {key} FAILED: `{r['error']}`")
             elif "run_error" in r:
@@ -322,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="output path without suffix (.md and .json are written)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per conversion")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--merge", action="store_true",
+                   help="update only these models' records in an existing --out .json (others kept)")
     args = p.parse_args(argv)
     names = args.models.split(",") if args.models else [m.name for m in zoo.MODELS]
     unknown = [n for n in names if n not in zoo.BY_NAME]
@@ -332,9 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "git": git_head(), "onnxruntime": onnxruntime.__version__,
-            "argv": argv}
+            "argv": argv, "argv_models": names}
     workdir = Path(tempfile.mkdtemp(prefix="fp8_real_models_"))
     records = []
+    kept: dict[str, dict] = {}
+    if args.merge and args.out.with_suffix(".json").exists():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        kept = {r["name"]: r for r in previous["models"] if r["name"] not in names}
+        meta["merged_from"] = previous["meta"]
+    order = [m.name for m in zoo.MODELS]
     t0 = time.perf_counter()
     try:
         for name in names:
@@ -348,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "primary": spec.primary, "runs": {},
                                 "error": f"harness: {type(e).__name__}: {e}"})
             meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+            everything = sorted([*kept.values(), *records], key=lambda r: order.index(r["name"]))
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": records}, indent=1,
-                                                                default=str) + "\n")
-            write_markdown(records, meta, args.out.with_suffix(".md"))
+            args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": everything},
+                                                                indent=1, default=str) + "\n")
+            write_markdown(everything, meta, args.out.with_suffix(".md"))
     finally:
         if args.keep:
             print(f"working directory kept: {workdir}")
