@@ -200,5 +200,26 @@ def conv_integer():
     return m, {"x": rng.standard_normal((SAMPLES, 3, 8, 8)).astype(np.float32)}
 
 
+def loop_body_matmul():
+    """A ``Loop`` (3 iterations) whose body multiplies the carried state by an outer-scope weight:
+    ``h <- tanh(h W)``, then a top-level MatMul head."""
+    rng = np.random.default_rng(10)
+    body = h.make_graph(
+        [h.make_node("Identity", ["cond_in"], ["cond_out"]),
+         h.make_node("MatMul", ["h_in", "w_loop"], ["hw"]),
+         h.make_node("Tanh", ["hw"], ["h_out"])], "body",
+        [h.make_tensor_value_info("iter", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("h_in", T.FLOAT, None)],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("h_out", T.FLOAT, None)])
+    inits = [nh.from_array(_w(rng, (8, 8), 0.5), "w_loop"), nh.from_array(_w(rng, (8, 3)), "w_head"),
+             nh.from_array(np.array(3, np.int64), "trips"), nh.from_array(np.array(True), "go")]
+    nodes = [h.make_node("Loop", ["trips", "go", "x"], ["h_final"], body=body),
+             h.make_node("MatMul", ["h_final", "w_head"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+               [h.make_tensor_value_info("y", T.FLOAT, ["N", 3])], inits, 16)
+    return m, {"x": rng.standard_normal((SAMPLES, 8)).astype(np.float32)}
+
+
 ALL = {f.__name__: f for f in (if_branches, resize_opset11, upsample_opset9, crnn_bad_declared_shape,
-                               minus_one_dims, fixed_batch_one, state_batch_axis_one, float16_cnn, conv_integer)}
+                               minus_one_dims, fixed_batch_one, state_batch_axis_one, float16_cnn, conv_integer,
+                               loop_body_matmul)}

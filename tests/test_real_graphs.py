@@ -137,3 +137,22 @@ def test_float16_model_keeps_float16_scales_and_io(tmp_path):
     assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
     assert fp8.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert fp8.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_input_shape_overrides_dims_stored_as_minus_one(tmp_path):
+    model, data = real_graphs.minus_one_dims()
+    src, out = _convert(tmp_path, "m1", model, data, "--input_shape", "x=1,3,10,10")
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 10, 10]
+
+
+def test_loop_body_op_is_captured_and_converted(tmp_path):
+    model, data = real_graphs.loop_body_matmul()
+    _, out = _convert(tmp_path, "loop", model, data, "--quantize")
+    body = next(a.g for n in onnx.load(out).graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    assert "QuantizeLinear" in [n.op_type for n in body.node]
+    ops = json.loads((out.parent / "quantize.json").read_text())["ops"]
+    loop_op = next(op for op in ops if "body" in op["name"])
+    activation = next(t for t in loop_op["tensors"] if t["role"] == "activation")
+    # every value the body's MatMul saw: 3 iterations x 12 samples x 8 features
+    assert activation["statistics"]["count"] == 3 * len(data["x"]) * 8
