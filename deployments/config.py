@@ -48,7 +48,7 @@ class WatchedModel(BaseModel):
     calibration_dir: str = Field(..., description="directory under data_dir; its newest calibration data is used")
     calibration_pattern: str = Field("*", description="glob filtering the candidates in calibration_dir")
     eval_data: str | None = Field(None, description="labelled data relative to data_dir (accuracy, targets)")
-    output_model: str | None = Field(None, description="relative to output_dir (default <name>_fp8.onnx)")
+    output_model: str | None = Field(None, description="relative to output_dir (default: the entry name with _fp8.onnx)")
     quantize_loss_type: LossName = "kld"
     fp8_formats: list[FormatName] = Field(default_factory=lambda: ["F143", "F152"])
     fp8_skip_op_names: list[str] = Field(default_factory=list)

@@ -12,7 +12,7 @@ import os
 
 from prefect import get_run_logger
 
-from flows.params import ConvertParams
+from flows.params import ConvertParams, FP8Params
 from flows.runners import capture_shards, map_search, task_runner
 from fp8core.cache import StatsKey
 from fp8core.modelio import model_sha256
@@ -33,7 +33,7 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
     then reads from their data files (onnxruntime for capture, one weight at a time for search).
     """
     log = get_run_logger()
-    if "fp8_params" in params.model_fields_set:
+    if "fp8_params" in params.model_fields_set and params.fp8_params != FP8Params():  # a form submits the default
         log.warning("--fp8_params is ignored with --quantize: formats and scales are searched")
         logging.getLogger("fp8").warning("--fp8_params is ignored with --quantize: formats and scales are searched")
 

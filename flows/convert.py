@@ -47,7 +47,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
     eval_data = params.eval_data
     log = get_run_logger()
     clock = Stopwatch()
-    run_name = f"{os.path.basename(params.input_model)} {'quantize' if params.quantize else 'fast'}"
+    run_name = run_title(params)
     # logs are staged and appear only if the run succeeds; the MLflow run records either outcome
     with StagedOutputs(params.logs_dir) as staging, tracking.conversion_run(params, run_name, verbose) as record:
         record.tags({"prefect_flow_run_id": str(flow_run.get_id() or ""), "mode": "quantize" if params.quantize else "fast"})
@@ -139,6 +139,26 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         publish_prefect_artifacts(record, params, result, plans)
         log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
         return staging.final_path(result)
+
+
+def run_title(params: ConvertParams) -> str:
+    """The MLflow run name: the model and what tells this run apart from its neighbours."""
+    parts = [os.path.basename(params.input_model)]
+    if params.quantize:
+        parts += ["quantize", params.quantize_loss_type]
+    else:
+        parts += ["fast", params.fp8_params.as_flag()]
+    if params.precision != "fp8":
+        parts.append(params.precision)
+    parts += [flag for flag, on in (("per_channel", params.weight_granularity == "per_channel"),
+                                    ("float_scales", params.scale_kind == "float"),
+                                    ("gptq", params.weight_rounding == "gptq"),
+                                    ("bias_correction", params.bias_correction)) if on]
+    if params.num_of_layers_keep_fp16:
+        parts.append(f"keep{params.num_of_layers_keep_fp16}")
+    if params.accuracy_target:
+        parts.append(f"target {params.accuracy_target}")
+    return " ".join(parts)
 
 
 def tell_user(notes: list[str]) -> None:

@@ -62,14 +62,14 @@ class ConvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_model: str = Field(..., description="path of the FP32/FP16 ONNX model")
-    output_model: str | None = Field(None, description="where to write the FP8 model (default: <input>_fp8.onnx)")
+    output_model: str | None = Field(None, description="where to write the FP8 model (default: the input path with _fp8 before .onnx)")
     input_shape: dict[str, list[int]] = Field(
-        default_factory=dict, description="fix dynamic input dims: {input_name: [1, 3, 224, 224]}")
+        default={}, description="fix dynamic input dims: {input_name: [1, 3, 224, 224]}")
     precision: Literal["fp8", "fp8_weight"] = Field(
         "fp8", description="fp8: FP8 inputs and weights; fp8_weight: FP8 weights only")
     fp8_skip_op_names: list[str] = Field(
-        default_factory=list, description="ops kept in original precision, e.g. Conv_0, Gemm_121")
-    fp8_params: FP8Params = Field(default_factory=FP8Params, description="fast-mode formats and scales")
+        default=[], description="ops kept in original precision, e.g. Conv_0, Gemm_121")
+    fp8_params: FP8Params = Field(default=FP8Params(), description="fast-mode formats and scales")
     convert_version: int | None = Field(None, ge=MIN_FP8_OPSET, description="output opset (>= 19; default max(model, 21))")
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="write weights to a data file beside the model: auto (when past ~1.9 GiB), always, never")
@@ -78,7 +78,7 @@ class ConvertParams(BaseModel):
     quantize_loss_type: LossName = Field("kld", description="loss minimised by the search")
     data_preprocess: str | None = Field(None, description="calibration data: .parquet file or dir, .npz, .pkl")
     fp8_formats: list[FormatName] = Field(
-        default_factory=lambda: ["F143", "F152"], description="formats the search tries")
+        default=["F143", "F152"], description="formats the search tries")
     batch_size: int | None = Field(
         None, ge=1, le=4096,
         description="calibration samples per batch (default: the model's fixed batch size if it has one, else 16)")
@@ -123,7 +123,7 @@ class ConvertParams(BaseModel):
     register_model: bool = Field(
         False, description="register the FP8 model in the MLflow model registry when it meets its accuracy targets")
     registered_model_name: str | None = Field(
-        None, description="registered model name (default: <input model file stem>-fp8)")
+        None, description="registered model name (default: the input file name without .onnx, then -fp8)")
     min_accuracy_fp8: float | None = Field(
         None, ge=0, le=1, description="accuracy target: FP8 top-1 accuracy on eval_data needed to register")
     min_agreement: float | None = Field(
