@@ -163,8 +163,9 @@ def kld_of_exact_magnitudes(x: np.ndarray, q: np.ndarray) -> float:
                     minlength=KLD_BINS).astype(np.float64)
     kept = mag <= qmag.max()
     used = p > 0
+    floor = used.sum() / (2.0 * x.size)
     if not kept.any():
-        return float(np.log(1 / KLD_EPSILON))
+        return max(0.0, float(np.log(1 / KLD_EPSILON)) - floor)
     fine = bin_keys(x) & (NUM_BINS // 2 - 1)
     values, group = np.unique(qmag[kept], return_inverse=True)
     pairs, index = np.unique(group * NUM_BINS + fine[kept], return_inverse=True)
@@ -184,7 +185,8 @@ def kld_of_exact_magnitudes(x: np.ndarray, q: np.ndarray) -> float:
         overlap[-1] += max(0.0, h - max(edges[-1], l))  # past max |x|: the last bin
         q_hist += s * overlap / (h - l)
     pp, qq = p[used], q_hist[used]
-    return max(0.0, float(np.sum(pp * np.log(pp / (qq + KLD_EPSILON * (pp - qq)))) / pp.sum()))
+    kl = float(np.sum(pp * np.log(pp / (qq + KLD_EPSILON * (pp - qq)))) / pp.sum())
+    return max(0.0, kl - floor)
 
 
 @pytest.mark.parametrize("name", list(RANDOM))
@@ -221,24 +223,36 @@ def test_kld_picks_the_same_or_a_neighbouring_scale_as_mse_on_gaussian_data(std,
 
 def test_saturation_costs_ln_one_over_eps_per_value_and_flushing_within_bin_zero_is_free():
     x = np.array([100.0, 50.0, 1e-3, -1e-3, 0.0, 0.0, 20.0, -30.0], np.float32)
+    floor = 5 / (2 * 8)  # 5 occupied linear bins (the 4 values near 0 share bin 0), 8 values
     assert losses.kld(x, x) == 0.0
     assert losses.kld(x, np.where(np.abs(x) < 0.01, 0, x).astype(np.float32)) == 0.0
     clipped = np.clip(x, -60, 60)  # 100 saturates to 60 (R = 60): missing from Q
-    assert losses.kld(x, clipped) == pytest.approx(math.log(1 / KLD_EPSILON) / x.size)
+    assert losses.kld(x, clipped) == pytest.approx(math.log(1 / KLD_EPSILON) / 8 - floor)
     # all flushed: every nonzero value lies beyond R = 0 and is missing from Q; the four
     # nonzero ones alone in their bins cost ln(1/eps) each, and bin 0 holds 4 values, Q 2
     assert losses.kld(x, np.zeros_like(x)) == pytest.approx(
-        4 / 8 * math.log(1 / KLD_EPSILON) + 4 / 8 * math.log(4 / (2 + KLD_EPSILON * 2)))
+        4 / 8 * math.log(1 / KLD_EPSILON) + 4 / 8 * math.log(4 / (2 + KLD_EPSILON * 2)) - floor)
+
+
+def test_below_the_noise_floor_candidates_tie_and_mse_decides():
+    """64 values: the counting noise of their groups is not a difference between formats."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal(64) * 0.3).astype(np.float32)
+    stats = TensorStats.from_array(w)
+    by_kld, by_mse = search(stats, "kld"), search(stats, "mse")
+    assert (by_kld.format, by_kld.scale) == (by_mse.format, by_mse.scale)
+    assert by_kld.loss == 0.0
 
 
 def test_a_wide_group_is_spread_evenly_over_its_stats_bins():
-    """Four values in four stats bins, one of them three times: one group (q = 1.125, nothing
-    beyond it) over ~0.25 of a range of 1.125: wider than a linear bin, so Q spreads its 6
-    values evenly, 1.5 per bin."""
-    x = np.array([0.9, 0.95, 0.95, 0.95, 1.02, 1.1], np.float32)
+    """Four values in four stats bins, 10, 30, 10 and 10 times: one group (q = 1.125, nothing
+    beyond it) over ~0.25 of a range of 1.125: wider than a linear bin, so Q spreads its 60
+    values evenly, 15 per bin."""
+    x = np.repeat(np.array([0.9, 0.95, 1.02, 1.1], np.float32), [10, 30, 10, 10])
     q = np.full_like(x, 1.125)
-    p = np.array([1, 3, 1, 1], np.float64)
-    expected = float(np.sum(p / 6 * np.log(p / (1.5 + KLD_EPSILON * (p - 1.5)))))
+    p = np.array([10, 30, 10, 10], np.float64)
+    expected = float(np.sum(p / 60 * np.log(p / (15 + KLD_EPSILON * (p - 15))))) - 4 / 120
+    assert expected > 0
     assert losses.kld(x, q) == pytest.approx(expected, rel=1e-12)
 
 

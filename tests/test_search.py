@@ -295,8 +295,9 @@ def kld_by_dictionaries(x: np.ndarray, q: np.ndarray) -> float:
             b = 0 if (g == 0 and wide) else linear_bin(c)
             q_count[b] = q_count.get(b, 0.0) + (mass / len(in_cells) if wide else n)
     n = len(x)
-    return sum(c / n * math.log(c / (q_count[b] + KLD_EPSILON * (c - q_count[b])))
-               for b, c in p_count.items())
+    kl = sum(c / n * math.log(c / (q_count[b] + KLD_EPSILON * (c - q_count[b])))
+             for b, c in p_count.items())
+    return max(0.0, kl - len(p_count) / (2 * n))
 
 
 @pytest.mark.parametrize("scale", [-9, -4, 0, 6])
@@ -316,13 +317,15 @@ def test_loss_edge_cases():
     assert losses.snr(zeros, zeros) == 0.0
     assert losses.kld(x, x) == 0.0
     # flushing everything to zero: every nonzero value lies beyond R = 0, Q has none of them
-    assert losses.kld(x, zeros) == pytest.approx(math.log(1 / KLD_EPSILON))
+    # (less the noise floor: 3 occupied bins / (2 * 3 values))
+    assert losses.kld(x, zeros) == pytest.approx(math.log(1 / KLD_EPSILON) - 0.5)
     # flushing values that share the first linear bin [0, A/2048) with zero is free ...
     spread = np.array([1000.0, 1e-3, -2e-3, 0.0], np.float32)
     assert losses.kld(spread, np.array([1000.0, 0, 0, 0], np.float32)) == 0.0
     # ... a saturated value (beyond R) is missing from Q: ln(1/eps) for it, alone in its bin
+    # (2 occupied bins, 4 values: floor 1/4)
     assert losses.kld(spread, np.array([990.0, 1e-3, -2e-3, 0.0], np.float32)) == pytest.approx(
-        0.25 * math.log(1 / KLD_EPSILON))
+        0.25 * math.log(1 / KLD_EPSILON) - 0.25)
     assert losses.cos_dist(x, 4 * x) == pytest.approx(0.0, abs=1e-16)
 
 
