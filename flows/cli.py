@@ -215,8 +215,21 @@ def _return_large_frees_to_the_os() -> None:
         pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, containers, Prefect cancellation): handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     _return_large_frees_to_the_os()
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     argv = sys.argv[1:] if argv is None else argv
     verbose = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"}) + argv.count("--verbose")
     _configure_environment(verbose)
@@ -231,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         from fp8core.report import summary_lines
 
         result = run_conversion(params, verbose=args.verbose)
+    except _Terminated:
+        print("fp8-convert: terminated (SIGTERM); no output written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fp8-convert: interrupted; no output written", file=sys.stderr)
         return 130

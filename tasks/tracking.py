@@ -165,6 +165,7 @@ def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> It
     """Open an MLflow run for one conversion; mark it FINISHED, FAILED (with the error) or KILLED."""
     _quiet_mlflow(verbose)
     from mlflow.tracking import MlflowClient
+    from prefect.exceptions import ExternalSignal
 
     uri = tracking_uri(params.mlflow_tracking_uri)
     client = MlflowClient(tracking_uri=uri)
@@ -173,8 +174,9 @@ def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> It
     rec.params(params.as_flags())
     try:
         yield rec
-    except KeyboardInterrupt:
-        client.set_tag(rec.run_id, "error", "interrupted (Ctrl-C)")
+    except (KeyboardInterrupt, ExternalSignal) as exc:  # Ctrl-C; SIGTERM (Prefect turns it into TerminationSignal)
+        client.set_tag(rec.run_id, "error", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                       else "terminated (SIGTERM)")
         client.set_terminated(rec.run_id, "KILLED")
         raise
     except BaseException as exc:
