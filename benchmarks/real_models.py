@@ -176,7 +176,12 @@ def evaluate(spec: zoo.ModelSpec, path: Path, evaluation, reference) -> tuple[di
     t0 = time.perf_counter()
     try:
         outputs = spec.run_eval(zoo.make_session(path), evaluation)
-        return spec.metric(reference, outputs), None, time.perf_counter() - t0
+        metric = dict(spec.metric(reference, outputs))
+        arrays = [np.asarray(a) for o in outputs for a in (o if isinstance(o, (list, tuple)) else [o])]
+        nonfinite = sum(int((~np.isfinite(a)).sum()) for a in arrays if a.dtype.kind == "f")
+        if nonfinite:
+            metric["nonfinite_outputs"] = nonfinite  # NaN/Inf in the quantized model's outputs
+        return metric, None, time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - a model that does not run is a result
         line = " ".join(str(e).split())[:300] or type(e).__name__
         return None, f"onnxruntime: {type(e).__name__}: {line}", time.perf_counter() - t0
