@@ -10,8 +10,8 @@ INT8 QDQ), each scored with a task metric against the original model.
 Models, data and metrics: ``real_models_zoo.py``. For each model, in a temporary directory:
 the calibration feeds are written as ``calib.npz`` (``{input: array}`` in the model's own
 layout, the samples concatenated along each input's batch axis; a scalar input stored once),
-then, each as a subprocess with its wall time and peak RSS (``os.wait4``'s ``ru_maxrss``: the
-largest process of the run's tree):
+then, each as a subprocess with its wall time and peak RSS (``ru_maxrss`` from ``os.wait4`` in
+a small launcher process: the largest process of the run's tree):
 
 1. ``fp8-convert --input_model m.onnx --output_model out_fast.onnx`` (default flags);
 2. ``fp8-convert ... --quantize --data_preprocess calib.npz`` (default flags);
@@ -50,9 +50,24 @@ LOSSES = ("mse", "mae", "snr", "kld", "cos_dist")
 # --------------------------------------------------------------------------------------------
 # Subprocesses
 # --------------------------------------------------------------------------------------------
+# A small launcher between the harness and the measured command: a child's ru_maxrss starts at
+# its parent's RSS at fork time (Linux keeps the high-water mark across exec), so forking the
+# command from the harness (hundreds of MB of data) would inflate it. The launcher is a bare
+# interpreter (~10 MB) that runs the command and writes the command's ru_maxrss (KiB).
+_LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float, log_name: str) -> dict:
     """Run ``cmd``; {ok, seconds, peak_rss_mb, error (last stderr line), log}."""
     out_path, err_path = cwd / f"{log_name}.stdout", cwd / f"{log_name}.stderr"
+    rss_path = cwd / f"{log_name}.maxrss"
+    cmd = [sys.executable, "-S", "-c", _LAUNCHER, str(rss_path), *cmd]
     t0 = time.perf_counter()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
@@ -71,8 +86,12 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float, log_name:
             time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
+    try:
+        max_rss_kib = int(rss_path.read_text())
+    except (OSError, ValueError):  # killed on timeout: the launcher's own view of its tree
+        max_rss_kib = rusage.ru_maxrss
     result = {"ok": proc.returncode == 0 and not timed_out, "seconds": round(seconds, 2),
-              "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1), "returncode": proc.returncode}
+              "peak_rss_mb": round(max_rss_kib / 1024, 1), "returncode": proc.returncode}
     if not result["ok"]:
         lines = [ln.strip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()]
         result["error"] = (f"timed out after {timeout:.0f} s" if timed_out
