@@ -136,3 +136,34 @@ def test_calibration_data_that_does_not_match_gives_one_clear_line(tmp_path, cap
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "image" in err[0], err
     assert not out.exists()
+
+
+def test_every_run_logs_output_agreement_matching_an_independent_comparison(runs):
+    """Without eval data a run still logs how close the FP8 outputs are to the float ones, on the
+    first calibration samples; recomputed here with pyarrow + onnxruntime (ORT_DISABLE_ALL)."""
+    import onnxruntime as ort
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(DATA / "calib.parquet").slice(0, 4)
+    column = table.column("image").combine_chunks()
+    images = column.to_numpy_ndarray().astype(np.float32)  # fixed_shape_tensor cells
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def logits(path):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": images})[0].astype(np.float64)
+
+    want, got = logits(DATA / "demo_model.onnx"), logits(runs["calibrated"]["mse"])
+    cosine = float((want * got).sum() / np.sqrt((want * want).sum() * (got * got).sum()))
+    snr = 10 * np.log10((want * want).sum() / ((want - got) ** 2).sum())
+    agree = float((want.argmax(1) == got.argmax(1)).mean())
+    client = MlflowClient(tracking_uri=runs["uri"])
+    exp = client.get_experiment_by_name("quantize-tests")
+    run = next(r for r in client.search_runs([exp.experiment_id])
+               if r.data.params.get("quantize_loss_type") == "mse" and r.data.tags.get("mode") == "quantize")
+    assert run.data.metrics["output_cosine"] == pytest.approx(cosine, abs=1e-6)
+    assert run.data.metrics["output_snr_db"] == pytest.approx(snr, abs=1e-3)
+    assert run.data.metrics["output_top1_agreement"] == pytest.approx(agree)
+    fast = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mode") == "fast")
+    assert {"output_cosine", "output_snr_db"} <= set(fast.data.metrics)  # fast mode too
