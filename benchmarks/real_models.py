@@ -261,6 +261,10 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
                 r["run_error"] = err
             else:
                 r["metric"] = metric
+        ops = [ln.strip() for ln in (wd / f"{key}.stdout").read_text(errors="replace").splitlines()
+               if ln.strip().startswith("ops:")]
+        if ops:
+            r["converter_ops"] = ops[0][4:].strip()  # fp8-convert's own count of FP8 / kept ops
         notes = [ln[6:] for ln in (wd / f"{key}.stdout").read_text(errors="replace").splitlines()
                  if ln.startswith("NOTE: ")]
         if notes:
@@ -346,7 +350,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
             else:
                 extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["metric"].items()}
                 lines.append(f"  {key}: {extra} ({r['seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB, "
-                             f"{fmt_mb(r['out_bytes'])}, quantization nodes {r.get('quant_nodes', {}) or 'none'})")
+                             f"{fmt_mb(r['out_bytes'])}, quantization nodes {r.get('quant_nodes', {}) or 'none'}"
+                             + (f"; converter: {r['converter_ops']}" if r.get("converter_ops") else "") + ")")
     path.write_text("\n".join(lines) + "\n")
 
 
