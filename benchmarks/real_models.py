@@ -261,14 +261,7 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
                 r["run_error"] = err
             else:
                 r["metric"] = metric
-        ops = [ln.strip() for ln in (wd / f"{key}.stdout").read_text(errors="replace").splitlines()
-               if ln.strip().startswith("ops:")]
-        if ops:
-            r["converter_ops"] = ops[0][4:].strip()  # fp8-convert's own count of FP8 / kept ops
-        notes = [ln[6:] for ln in (wd / f"{key}.stdout").read_text(errors="replace").splitlines()
-                 if ln.startswith("NOTE: ")]
-        if notes:
-            r["note"] = "; ".join(notes)
+        r.update(stdout_facts(wd / f"{key}.stdout"))  # converter's ops line, harness notes
         rec["runs"][key] = r
         shown = (f"{spec.primary}={r['metric'][spec.primary]:.4f}" if "metric" in r
                  else r.get("run_error") or r.get("error"))
@@ -355,6 +348,37 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def stdout_facts(path: Path) -> dict:
+    """fp8-convert's ops line and harness NOTE lines from a run's captured stdout."""
+    if not path.exists():
+        return {}
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
+    facts = {}
+    ops = [ln for ln in lines if ln.startswith("ops:")]
+    if ops:
+        facts["converter_ops"] = ops[0][4:].strip()
+    notes = [ln[6:] for ln in lines if ln.startswith("NOTE: ")]
+    if notes:
+        facts["note"] = "; ".join(notes)
+    return facts
+
+
+def annotate(out: Path, workdir: Path) -> int:
+    data = json.loads(out.with_suffix(".json").read_text())
+    for rec in data["models"]:
+        for key, r in rec.get("runs", {}).items():
+            r.update(stdout_facts(workdir / rec["name"] / f"{key}.stdout"))
+            o = workdir / rec["name"] / {"fast": "out_fast.onnx", "quantize": "out_q.onnx",
+                                         "ort_fp8": "out_ort_fp8.onnx", "ort_int8": "out_ort_int8.onnx"
+                                         }.get(key, f"out_q_{key[9:]}.onnx")
+            if r["ok"] and "quant_nodes" not in r and o.exists():
+                r["quant_nodes"] = count_quant_nodes(o)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    write_markdown(data["models"], data["meta"], out.with_suffix(".md"))
+    print(f"annotated {out.with_suffix('.json')} from {workdir}")
+    return 0
+
+
 def git_head() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, text=True,
@@ -380,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--merge", action="store_true",
                    help="update only these models' records in an existing --out .json (others kept)")
+    p.add_argument("--annotate-from", type=Path, metavar="WORKDIR",
+                   help="only add fp8-convert's ops line and notes from a --keep working directory "
+                        "to the existing --out .json/.md (for results of an older harness)")
     args = p.parse_args(argv)
+    if args.annotate_from:
+        return annotate(args.out, args.annotate_from)
     names = args.models.split(",") if args.models else [m.name for m in zoo.MODELS]
     unknown = [n for n in names if n not in zoo.BY_NAME]
     if unknown:
