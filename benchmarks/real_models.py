@@ -8,8 +8,8 @@ INT8 QDQ), each scored with a task metric against the original model.
     python benchmarks/real_models.py --losses             # + --quantize_loss_type mse,mae,...
 
 Models, data and metrics: ``real_models_zoo.py``. For each model, in a temporary directory:
-the calibration feeds are written as ``calib.npz`` (``{input: array}`` in the model's own
-layout, the samples concatenated along each input's batch axis; a scalar input stored once),
+the calibration feeds are written as ``calib.npz`` as the CLI takes it (``{input: array[N, ...]}``,
+one row per sample with the input's batch axis removed; a scalar input as ``[N]``),
 then, each as a subprocess with its wall time and peak RSS (``ru_maxrss`` from ``os.wait4`` in
 a small launcher process: the largest process of the run's tree):
 
@@ -121,11 +121,7 @@ def ort_quantize_main(argv: list[str]) -> int:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            n = max((v.shape[axes.get(k, 0)] for k, v in data.items()
-                     if axes.get(k, 0) is not None), default=1)
-            self.feeds = iter([
-                {k: (v if axes.get(k, 0) is None else np.take(v, [i], axis=axes.get(k, 0)))
-                 for k, v in data.items()} for i in range(n)])
+            self.feeds = iter(zoo.unstack_calibration(data, axes))
 
         def get_next(self):
             return next(self.feeds, None)

@@ -9,16 +9,16 @@ Each :class:`ModelSpec` gives
 
 * ``build(cache_dir) -> Path``: the ONNX model in the cache (copied from the package, or derived);
 * ``data(model_path) -> Data``: calibration feeds (a list of per-call feeds, each a
-  ``dict[str, np.ndarray]`` exactly as ``session.run`` takes them, batch of 1 where the model
-  has a batch) and an evaluation set (whatever ``run`` takes); calibration and evaluation
+  ``dict[str, np.ndarray]`` exactly as ``session.run`` takes them, a batch of 1) and an
+  evaluation set (whatever ``run`` takes); calibration and evaluation
   samples are disjoint (different photos, texts, seeds or files);
 * ``run(session, eval_set) -> list``: runs one model over the evaluation set (default: one
   ``session.run`` per feed dict; streaming models carry their own state from call to call);
 * ``metric(fp32_outputs, fp8_outputs) -> dict``: the task metric of a quantized model against
   the FP32 (or FP16) original; ``primary`` names the headline key;
-* ``batch_axes``: where each input's batch axis is (``None``: a scalar / shared input with no
-  batch axis). :func:`stack_calibration` concatenates the per-call feeds along these axes into
-  the model's own layout, which is what ``--data_preprocess calib.npz`` receives.
+* ``batch_axes``: where each input's batch axis is in the model's layout (``None``: a scalar
+  with no batch axis). :func:`stack_calibration` turns the per-call feeds into what
+  ``--data_preprocess calib.npz`` takes: one row per sample, the batch axis removed.
 
 Data are built by script from PyPI packages and the standard library only: text rendered with
 matplotlib's bundled DejaVu fonts, words from CPython's ``pydoc_data`` topics, captchas from the
@@ -118,16 +118,36 @@ def copy_from_package(package: str, relative: str, name: str, requirement: str =
 
 def stack_calibration(feeds: list[dict[str, np.ndarray]], batch_axes: dict[str, int | None]
                       ) -> dict[str, np.ndarray]:
-    """The per-call feeds concatenated along each input's batch axis (the model's own layout);
-    an input without a batch axis (a scalar such as a sample rate) is stored once, as it is."""
+    """The per-call feeds (batch of 1) as the CLI's calibration file holds them (README,
+    "Batch axis per input"): one row per sample on axis 0 with the model's batch axis removed,
+    e.g. a state fed as [2, 1, 128] (batch axis 1) is stored as [N, 2, 128]; an input with no
+    batch axis (a scalar sample rate) is stored once per sample, as [N]."""
     out = {}
     for name in feeds[0]:
         axis = batch_axes.get(name, 0)
-        if axis is None:
-            out[name] = np.asarray(feeds[0][name])
-        else:
-            out[name] = np.concatenate([np.asarray(f[name]) for f in feeds], axis=axis)
+        rows = []
+        for f in feeds:
+            value = np.asarray(f[name])
+            if axis is not None:
+                assert value.shape[axis] == 1, (name, value.shape, axis)
+                value = np.take(value, 0, axis=axis)
+            rows.append(value)
+        out[name] = np.stack(rows)
     return out
+
+
+def unstack_calibration(stacked: dict[str, np.ndarray], batch_axes: dict[str, int | None]
+                        ) -> list[dict[str, np.ndarray]]:
+    """Inverse of :func:`stack_calibration`: one ``session.run`` feed per sample."""
+    n = len(next(iter(stacked.values())))
+    feeds = []
+    for i in range(n):
+        feed = {}
+        for name, rows in stacked.items():
+            axis = batch_axes.get(name, 0)
+            feed[name] = rows[i] if axis is None else np.expand_dims(rows[i], axis)
+        feeds.append(feed)
+    return feeds
 
 
 def make_session(path, disable_all: bool = True):
