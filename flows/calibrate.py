@@ -17,7 +17,7 @@ from flows.runners import capture_shards, map_search, task_runner
 from fp8core.cache import StatsKey
 from fp8core.modelio import model_sha256
 from fp8core.capture import activations_to_capture
-from fp8core.plan import OpPlan
+from fp8core.plan import OpPlan, keep_unreached
 from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
 from fp8core.weight_options import choose_weight_params
 from tasks.cache import HIT, load_cached_stats, store_stats
@@ -45,6 +45,15 @@ def calibrate(model, plans: list[OpPlan], params: ConvertParams, record, clock, 
         with clock.stage("capture"):
             tensors = activations_to_capture(plans)
             stats = captured_statistics(model, tensors, source, params, record, runner, weights_dir)
+            unreached = {name for name, s in stats.items() if s.total_count == 0}
+            if unreached:
+                plans, kept = keep_unreached(plans, unreached)
+                stats = {k: v for k, v in stats.items() if k not in unreached}
+                note = (f"{len(kept)} op(s) kept in original precision: the calibration data never reaches them "
+                        f"(inside an If branch or loop no sample takes): {', '.join(kept[:6])}"
+                        + (" ..." if len(kept) > 6 else ""))
+                log.warning(note)
+                logging.getLogger("fp8").warning(note)
             stats.update(weight_stats(model, plans, weights_dir))
 
         with clock.stage("search"):

@@ -201,3 +201,20 @@ def already_quantized_note(model: onnx.ModelProto, plans: list[OpPlan]) -> str |
     fp8 = sum(p.fp8 for p in plans)
     return (f"the model is already quantized ({found}); those ops are left as they are, and only its float "
             f"Conv/MatMul/Gemm become FP8 ({fp8} of them)" + ("; convert the float model instead" if not fp8 else ""))
+
+
+UNREACHED_REASON = ("kept: the calibration data never reaches it (inside an If branch or loop that "
+                    "no sample takes), so its input scale cannot be calibrated")
+
+
+def keep_unreached(plans: list[OpPlan], unreached: set[str]) -> tuple[list[OpPlan], list[str]]:
+    """Keep in original precision the FP8 ops whose activation input no calibration sample
+    computed; returns the plans and the names of the ops kept so."""
+    kept = []
+    for plan in plans:
+        if plan.fp8 and any(q.tensor in unreached for q in plan.input("activation")):
+            plan.fp8, plan.reason = False, UNREACHED_REASON
+            for q in plan.inputs:
+                q.params = None
+            kept.append(plan.name)
+    return plans, kept

@@ -30,15 +30,17 @@ def _model(nodes, inputs, outputs, inits, opset, check=True):
 
 def if_branches():
     """``If(sr == 16000)`` with a Conv in each branch: the then-branch's weight is an outer-scope
-    initializer, the else-branch's a Constant inside the body; ``sr`` is a scalar input (no
-    batch axis), as in a streaming voice-activity model."""
+    initializer, the else-branch's a Constant inside the body, and its input is computed inside
+    the branch; ``sr`` is a scalar input (no batch axis), as in a streaming voice-activity model.
+    The calibration data takes both branches (a batch of 6 holds one sample rate)."""
     rng = np.random.default_rng(1)
     w_then, w_else = _w(rng, (4, 3, 3, 3)), _w(rng, (4, 3, 3, 3))
     then_g = h.make_graph([h.make_node("Conv", ["x", "w_then"], ["c_then"], pads=[1, 1, 1, 1]),
                            h.make_node("Relu", ["c_then"], ["y_then"])], "then", [],
                           [h.make_tensor_value_info("y_then", T.FLOAT, None)])
     else_g = h.make_graph([h.make_node("Constant", [], ["w_else"], value=nh.from_array(w_else, "w_else_value")),
-                           h.make_node("Conv", ["x", "w_else"], ["c_else"], pads=[1, 1, 1, 1]),
+                           h.make_node("Neg", ["x"], ["x_neg"]),  # computed in the branch: captured only if it runs
+                           h.make_node("Conv", ["x_neg", "w_else"], ["c_else"], pads=[1, 1, 1, 1]),
                            h.make_node("Sigmoid", ["c_else"], ["y_else"])], "else", [],
                           [h.make_tensor_value_info("y_else", T.FLOAT, None)])
     nodes = [h.make_node("Equal", ["sr", "sr16k"], ["is16k"]),
@@ -48,7 +50,7 @@ def if_branches():
                [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
                [nh.from_array(w_then, "w_then"), nh.from_array(np.array(16000, np.int64), "sr16k")], 16)
     data = {"x": rng.standard_normal((SAMPLES, 3, 8, 8)).astype(np.float32),
-            "sr": np.full(SAMPLES, 16000, np.int64)}
+            "sr": np.repeat(np.array([16000, 8000], np.int64), SAMPLES // 2)}
     return m, data
 
 

@@ -70,7 +70,7 @@ def test_real_export_shapes_convert_validate_and_match(tmp_path, name, mode):
 
 def test_ops_inside_if_branches_become_fp8_and_read_outer_weights(tmp_path):
     model, data = real_graphs.if_branches()
-    src, out = _convert(tmp_path, "if", model, data, "--quantize")
+    src, out = _convert(tmp_path, "if", model, data, "--quantize", "--batch_size", "6")
     fp8 = onnx.load(out)
     branch_ops = {}
     for node in fp8.graph.node:
@@ -156,3 +156,14 @@ def test_loop_body_op_is_captured_and_converted(tmp_path):
     activation = next(t for t in loop_op["tensors"] if t["role"] == "activation")
     # every value the body's MatMul saw: 3 iterations x 12 samples x 8 features
     assert activation["statistics"]["count"] == 3 * len(data["x"]) * 8
+
+
+def test_a_branch_no_calibration_sample_takes_is_kept_and_said(tmp_path, capsys):
+    model, data = real_graphs.if_branches()
+    data = {**data, "sr": np.full_like(data["sr"], 16000)}  # the else branch never runs
+    src, out = _convert(tmp_path, "if1", model, data, "--quantize")
+    config = json.loads((out.parent / "quantize.json").read_text())
+    kept = [op for op in config["ops"] if not op["fp8"]]
+    assert [op["name"] for op in kept] == ["If_1/else_branch/Conv_2"] and "never reaches" in kept[0]["reason"]
+    assert "never reaches them" in capsys.readouterr().err
+    _check_close(src, out, data)
