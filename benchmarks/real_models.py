@@ -376,11 +376,22 @@ def annotate(out: Path, workdir: Path) -> int:
 
 
 def git_head() -> str:
+    """Revision of the fp8-pipeline that ``fp8-convert`` runs (the installed ``fp8core``): its
+    ``REVISION`` file (a snapshot made with ``git archive``) or ``git rev-parse``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fp8core")
+    root = Path(spec.origin).parent.parent if spec and spec.origin else BENCH_DIR
+    if (root / "REVISION").exists():
+        return f"{(root / 'REVISION').read_text().strip()} in {root}"
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                               capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fp8core", "flows", "tasks"],
+                               cwd=root, text=True, capture_output=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
     except Exception:  # noqa: BLE001
-        return "unknown"
+        return f"unknown ({root})"
 
 
 def main(argv: list[str] | None = None) -> int:
