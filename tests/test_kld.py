@@ -9,8 +9,8 @@ Three properties (issue 9, part 4):
     ``MAX_SATURATED`` of the values. The old log-bin kld saturated the outliers of swish
     activations: 500x the mse (kept here, written out, as the regression it was);
 (b) kld from the streamed, merged bins equals kld on the raw arrays (the brute-force form) to
-    1e-9; and both stay within ``EXACT_ATOL`` (near the optimum) of the same definition on a
-    histogram of the exact magnitudes - the approximation kld's docstring describes;
+    1e-9; and both stay within ``EXACT_ATOL`` (or 10%) of the same definition on a histogram
+    of the exact magnitudes - the approximation kld's docstring describes;
 (c) on Gaussian data kld picks the same format as mse and the same or a neighbouring scale.
 """
 
@@ -31,7 +31,7 @@ from fp8core.stats import BIN_LOWER_EDGE, BIN_WIDTH, NUM_BINS, TensorStats, bin_
 FORMATS = ("F143", "F152")
 MSE_MARGIN = 2.0
 MAX_SATURATED = 1e-3
-EXACT_ATOL = 0.03  # measured: <= 0.019 at 50k values, the sampling noise of 2048 sparse bins
+EXACT_ATOL = 0.01
 N = 100_000
 
 
@@ -151,42 +151,22 @@ def test_binned_kld_equals_kld_on_the_raw_arrays(name, seed):
 
 
 def kld_of_exact_magnitudes(x: np.ndarray, q: np.ndarray) -> float:
-    """kld's definition with nothing taken at a stats bin's centre: P counts the exact ``|x|`` in
-    2048 linear bins over ``[0, max |x|]``; Q's share of each occupied stats bin is spread
-    uniformly over that bin's interval and integrated over the linear bins."""
+    """kld's definition with nothing taken at a stats bin's centre: the exact ``|x|`` in 2048
+    linear bins over ``[0, max |x|]``, flushing measured by the largest value flushed."""
     x = np.asarray(x, np.float32).reshape(-1)
+    q = np.asarray(q, np.float32).reshape(-1)
     mag = np.abs(x.astype(np.float64))
-    qmag = np.abs(np.asarray(q, np.float32).astype(np.float64)).reshape(-1)
-    a = mag.max()
-    w = a / KLD_BINS
-    p = np.bincount(np.minimum(np.floor(mag / w), KLD_BINS - 1).astype(np.int64),
-                    minlength=KLD_BINS).astype(np.float64)
-    kept = mag <= qmag.max()
+    w = mag.max() / KLD_BINS
+    where = np.minimum(np.floor(mag / w), KLD_BINS - 1).astype(np.int64)
+    p = np.bincount(where, minlength=KLD_BINS).astype(np.float64)
+    kept = mag <= np.abs(q.astype(np.float64)).max()
+    flushed = kept & (q == 0)
+    if flushed.any() and mag[flushed].max() >= w:
+        where = np.where(flushed, 0, where)
+    q_hist = np.bincount(where[kept], minlength=KLD_BINS).astype(np.float64)
     used = p > 0
-    floor = used.sum() / (2.0 * x.size)
-    if not kept.any():
-        return max(0.0, float(np.log(1 / KLD_EPSILON)) - floor)
-    fine = bin_keys(x) & (NUM_BINS // 2 - 1)
-    values, group = np.unique(qmag[kept], return_inverse=True)
-    pairs, index = np.unique(group * NUM_BINS + fine[kept], return_inverse=True)
-    count = np.bincount(index).astype(np.float64)
-    g, f = pairs // NUM_BINS, pairs % NUM_BINS
-    lo, hi = BIN_LOWER_EDGE[f], BIN_LOWER_EDGE[f] + BIN_WIDTH[f]
-    first = np.searchsorted(g, np.arange(values.size))
-    last = np.append(first[1:], g.size) - 1
-    wide = (hi[last] - lo[first] > w)[g]
-    share = np.where(wide, (np.bincount(g, weights=count) / np.bincount(g))[g], count)
-    q_hist = np.zeros(KLD_BINS)
-    at_zero = wide & (values[g] == 0)
-    q_hist[0] += share[at_zero].sum()
-    edges = np.arange(KLD_BINS + 1) * w
-    for l, h, s in zip(lo[~at_zero], hi[~at_zero], share[~at_zero]):
-        overlap = np.clip(np.minimum(edges[1:], h) - np.maximum(edges[:-1], l), 0, None)
-        overlap[-1] += max(0.0, h - max(edges[-1], l))  # past max |x|: the last bin
-        q_hist += s * overlap / (h - l)
     pp, qq = p[used], q_hist[used]
-    kl = float(np.sum(pp * np.log(pp / (qq + KLD_EPSILON * (pp - qq)))) / pp.sum())
-    return max(0.0, kl - floor)
+    return max(0.0, float(np.sum(pp * np.log(pp / (qq + KLD_EPSILON * (pp - qq)))) / pp.sum()))
 
 
 @pytest.mark.parametrize("name", list(RANDOM))
@@ -199,8 +179,8 @@ def test_kld_is_close_to_the_same_definition_on_exact_magnitudes(name):
         for s in window[:: max(1, len(window) // 12)]:
             q = round_trip(x, fmt, s)
             binned, exact = losses.kld(x, q), kld_of_exact_magnitudes(x, q)
-            # far from the optimum both are large; near it they differ by the sampling noise of
-            # 2048 sparsely filled linear bins, which the stats bins leave out
+            # values near a linear bin's edge may land in its neighbour: they move the cost of
+            # a saturated or flushed value only when it shares a bin with kept ones
             assert binned == pytest.approx(exact, rel=0.1, abs=EXACT_ATOL), (fmt, s)
             if min(binned, exact) < 0.2:
                 near.append(abs(binned - exact))
@@ -223,37 +203,34 @@ def test_kld_picks_the_same_or_a_neighbouring_scale_as_mse_on_gaussian_data(std,
 
 def test_saturation_costs_ln_one_over_eps_per_value_and_flushing_within_bin_zero_is_free():
     x = np.array([100.0, 50.0, 1e-3, -1e-3, 0.0, 0.0, 20.0, -30.0], np.float32)
-    floor = 5 / (2 * 8)  # 5 occupied linear bins (the 4 values near 0 share bin 0), 8 values
     assert losses.kld(x, x) == 0.0
     assert losses.kld(x, np.where(np.abs(x) < 0.01, 0, x).astype(np.float32)) == 0.0
     clipped = np.clip(x, -60, 60)  # 100 saturates to 60 (R = 60): missing from Q
-    assert losses.kld(x, clipped) == pytest.approx(math.log(1 / KLD_EPSILON) / 8 - floor)
+    assert losses.kld(x, clipped) == pytest.approx(math.log(1 / KLD_EPSILON) / 8)
     # all flushed: every nonzero value lies beyond R = 0 and is missing from Q; the four
     # nonzero ones alone in their bins cost ln(1/eps) each, and bin 0 holds 4 values, Q 2
     assert losses.kld(x, np.zeros_like(x)) == pytest.approx(
-        4 / 8 * math.log(1 / KLD_EPSILON) + 4 / 8 * math.log(4 / (2 + KLD_EPSILON * 2)) - floor)
+        4 / 8 * math.log(1 / KLD_EPSILON) + 4 / 8 * math.log(4 / (2 + KLD_EPSILON * 2)))
 
 
-def test_below_the_noise_floor_candidates_tie_and_mse_decides():
-    """64 values: the counting noise of their groups is not a difference between formats."""
+def test_flushing_past_bin_zero_costs_and_rounding_within_range_does_not():
+    x = np.array([100.0, 10.0, 1.0, 0.5, 0.0], np.float32)  # bin width 102 / 2048 ~ 0.05
+    coarse = np.array([112.0, 8.0, 1.0, 0.5, 0.0], np.float32)  # rounded, nothing lost
+    assert losses.kld(x, coarse) == 0.0
+    flushed = np.array([100.0, 10.0, 1.0, 0.0, 0.0], np.float32)  # 0.5 lost, 10 bins out
+    # its bin has nothing left (ln 1/eps); bin 0 holds 1 value, Q puts 2 there
+    assert losses.kld(x, flushed) == pytest.approx(
+        (math.log(1 / KLD_EPSILON) + math.log(1 / (2 - KLD_EPSILON))) / 5)
+
+
+def test_small_tensors_kld_and_mse_agree():
+    """64 values: no candidate near the optimum loses a value, so kld ties and mse decides."""
     rng = np.random.default_rng(5)
     w = (rng.standard_normal(64) * 0.3).astype(np.float32)
     stats = TensorStats.from_array(w)
     by_kld, by_mse = search(stats, "kld"), search(stats, "mse")
     assert (by_kld.format, by_kld.scale) == (by_mse.format, by_mse.scale)
     assert by_kld.loss == 0.0
-
-
-def test_a_wide_group_is_spread_evenly_over_its_stats_bins():
-    """Four values in four stats bins, 10, 30, 10 and 10 times: one group (q = 1.125, nothing
-    beyond it) over ~0.25 of a range of 1.125: wider than a linear bin, so Q spreads its 60
-    values evenly, 15 per bin."""
-    x = np.repeat(np.array([0.9, 0.95, 1.02, 1.1], np.float32), [10, 30, 10, 10])
-    q = np.full_like(x, 1.125)
-    p = np.array([10, 30, 10, 10], np.float64)
-    expected = float(np.sum(p / 60 * np.log(p / (15 + KLD_EPSILON * (p - 15))))) - 4 / 120
-    assert expected > 0
-    assert losses.kld(x, q) == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_search_breaks_near_ties_of_kld_by_mse():

@@ -279,25 +279,18 @@ def kld_by_dictionaries(x: np.ndarray, q: np.ndarray) -> float:
                    KLD_BINS - 1)
 
     r = max(abs(float(v)) for v in q.astype(np.float32))
-    p_count, groups = {}, {}
-    for m, c, g in zip(mags, cells, (abs(q.astype(np.float64))).tolist()):
+    flushed = [c for m, c, g in zip(mags, cells, q.tolist()) if g == 0 and m <= r]
+    at_zero = bool(flushed) and max(BIN_LOWER_EDGE[c] + BIN_WIDTH[c] for c in flushed) > (
+        top / KLD_BINS)
+    p_count, q_count = {}, {}
+    for m, c, g in zip(mags, cells, q.tolist()):
         p_count[linear_bin(c)] = p_count.get(linear_bin(c), 0) + 1
         if m <= r:  # saturated values (|x| > R) are missing from Q
-            groups.setdefault(g, {})
-            groups[g][c] = groups[g].get(c, 0) + 1
-    q_count = {b: 0.0 for b in p_count}
-    for g, in_cells in groups.items():
-        low = min(BIN_LOWER_EDGE[c] for c in in_cells)
-        high = max(BIN_LOWER_EDGE[c] + BIN_WIDTH[c] for c in in_cells)
-        wide = high - low > top / KLD_BINS
-        mass = sum(in_cells.values())
-        for c, n in in_cells.items():
-            b = 0 if (g == 0 and wide) else linear_bin(c)
-            q_count[b] = q_count.get(b, 0.0) + (mass / len(in_cells) if wide else n)
+            b = 0 if (g == 0 and at_zero) else linear_bin(c)
+            q_count[b] = q_count.get(b, 0) + 1
     n = len(x)
-    kl = sum(c / n * math.log(c / (q_count[b] + KLD_EPSILON * (c - q_count[b])))
-             for b, c in p_count.items())
-    return max(0.0, kl - len(p_count) / (2 * n))
+    return sum(c / n * math.log(c / (q_count.get(b, 0) + KLD_EPSILON * (c - q_count.get(b, 0))))
+               for b, c in p_count.items())
 
 
 @pytest.mark.parametrize("scale", [-9, -4, 0, 6])
@@ -317,15 +310,13 @@ def test_loss_edge_cases():
     assert losses.snr(zeros, zeros) == 0.0
     assert losses.kld(x, x) == 0.0
     # flushing everything to zero: every nonzero value lies beyond R = 0, Q has none of them
-    # (less the noise floor: 3 occupied bins / (2 * 3 values))
-    assert losses.kld(x, zeros) == pytest.approx(math.log(1 / KLD_EPSILON) - 0.5)
+    assert losses.kld(x, zeros) == pytest.approx(math.log(1 / KLD_EPSILON))
     # flushing values that share the first linear bin [0, A/2048) with zero is free ...
     spread = np.array([1000.0, 1e-3, -2e-3, 0.0], np.float32)
     assert losses.kld(spread, np.array([1000.0, 0, 0, 0], np.float32)) == 0.0
     # ... a saturated value (beyond R) is missing from Q: ln(1/eps) for it, alone in its bin
-    # (2 occupied bins, 4 values: floor 1/4)
     assert losses.kld(spread, np.array([990.0, 1e-3, -2e-3, 0.0], np.float32)) == pytest.approx(
-        0.25 * math.log(1 / KLD_EPSILON) - 0.25)
+        0.25 * math.log(1 / KLD_EPSILON))
     assert losses.cos_dist(x, 4 * x) == pytest.approx(0.0, abs=1e-16)
 
 
