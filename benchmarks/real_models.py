@@ -91,6 +91,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float, log_name:
     except (OSError, ValueError):  # killed on timeout: the launcher's own view of its tree
         max_rss_kib = rusage.ru_maxrss
     result = {"ok": proc.returncode == 0 and not timed_out, "seconds": round(seconds, 2),
+              "loadavg_1m_after": round(os.getloadavg()[0], 1),
               "peak_rss_mb": round(max_rss_kib / 1024, 1), "returncode": proc.returncode}
     if not result["ok"]:
         lines = [ln.strip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -202,6 +203,9 @@ def evaluate(spec: zoo.ModelSpec, path: Path, evaluation, reference) -> tuple[di
         return None, f"onnxruntime: {type(e).__name__}: {line}", time.perf_counter() - t0
 
 
+meta_loads: list[float] = []
+
+
 def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
     rec: dict = {"name": spec.name, "kind": spec.kind, "package": spec.package,
                  "source": spec.source, "covers": spec.covers, "notes": spec.notes,
@@ -259,6 +263,7 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
                 r["metric"] = metric
         r.update(stdout_facts(wd / f"{key}.stdout"))  # converter's ops line, harness notes
         rec["runs"][key] = r
+        meta_loads.append(r["loadavg_1m_after"])
         shown = (f"{spec.primary}={r['metric'][spec.primary]:.4f}" if "metric" in r
                  else r.get("run_error") or r.get("error"))
         print(f"[{spec.name}] {key}: {r['seconds']:.1f} s, {r['peak_rss_mb']:.0f} MB: {shown}", flush=True)
@@ -295,6 +300,9 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "(subprocess wall clock including Prefect/MLflow start-up; peak RSS of the largest "
              "process). ORT FP8: `quantize_static` QDQ QFLOAT8E4M3FN, Distribution; ORT INT8: "
              "QDQ per-channel QInt8 weights / QUInt8 activations, MinMax. All default flags."
+             + (f" Load average (1 min) after the conversions: {meta['loadavg']} on "
+                f"{os.cpu_count()} CPUs; above the CPU count other work shared the machine and "
+                "the wall times are upper bounds." if meta.get("loadavg") else "")
              + (f" Models {', '.join(meta['argv_models'])} re-run then; the others are from the run of "
                 f"{meta['merged_from']['date']} (fp8-pipeline {meta['merged_from']['git']})."
                 if meta.get("merged_from") else ""), "",
@@ -448,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "primary": spec.primary, "runs": {},
                                 "error": f"harness: {type(e).__name__}: {e}"})
             meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+            if meta_loads:
+                meta["loadavg"] = f"min {min(meta_loads)}, median {float(np.median(meta_loads)):.1f}, max {max(meta_loads)}"
             everything = sorted([*kept.values(), *records], key=lambda r: order.index(r["name"]))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": everything},

@@ -145,7 +145,7 @@ def unstack_calibration(stacked: dict[str, np.ndarray], batch_axes: dict[str, in
         feed = {}
         for name, rows in stacked.items():
             axis = batch_axes.get(name, 0)
-            feed[name] = rows[i] if axis is None else np.expand_dims(rows[i], axis)
+            feed[name] = np.asarray(rows[i]) if axis is None else np.expand_dims(rows[i], axis)
         feeds.append(feed)
     return feeds
 
