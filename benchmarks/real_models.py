@@ -305,7 +305,9 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
                 "the wall times are upper bounds." if meta.get("loadavg") else "")
              + (f" Models {', '.join(meta['argv_models'])} re-run then; the others are from the run of "
                 f"{meta['merged_from']['date']} (fp8-pipeline {meta['merged_from']['git']})."
-                if meta.get("merged_from") else ""), "",
+                if meta.get("merged_from") else "")
+             + (f" Combined from {meta['combined']}; the wall times overlap." if meta.get("combined") else ""),
+             "",
              "| model | kind | opset | fp32 size | metric | fast | --quantize | time fast / quantize | "
              "peak RSS fast / quantize | ORT FP8 | ORT INT8 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,6 +385,33 @@ def annotate(out: Path, workdir: Path) -> int:
     return 0
 
 
+def combine(out: Path, parts: list[Path]) -> int:
+    records: dict[str, dict] = {}
+    metas = []
+    for part in parts:
+        data = json.loads(part.read_text())
+        metas.append(data["meta"])
+        for rec in data["models"]:
+            records[rec["name"]] = rec
+            rec.setdefault("part", len(metas))
+    order = [m.name for m in zoo.MODELS]
+    models = sorted(records.values(), key=lambda r: order.index(r["name"]))
+    meta = dict(metas[0])
+    meta["parts"] = [{"date": m["date"], "git": m["git"], "models": m.get("argv_models"),
+                      "loadavg": m.get("loadavg"), "total_seconds": m.get("total_seconds")} for m in metas]
+    loads = [m.get("loadavg") for m in metas if m.get("loadavg")]
+    if loads:
+        meta["loadavg"] = "; ".join(loads)
+    meta.pop("merged_from", None)
+    meta["combined"] = (f"{len(parts)} parts run side by side on the same machine "
+                        f"(converter {', '.join(sorted({m['git'] for m in metas}))})")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": models}, indent=1,
+                                                   default=str) + "\n")
+    write_markdown(models, meta, out.with_suffix(".md"))
+    print(f"combined {len(models)} models into {out.with_suffix('.md')}")
+    return 0
+
+
 def git_head() -> str:
     """Revision of the fp8-pipeline that ``fp8-convert`` runs (the installed ``fp8core``): its
     ``REVISION`` file (a snapshot made with ``git archive``) or ``git rev-parse``."""
@@ -422,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--annotate-from", type=Path, metavar="WORKDIR",
                    help="only add fp8-convert's ops line and notes from a --keep working directory "
                         "to the existing --out .json/.md (for results of an older harness)")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="only write --out from the records of several result files (a later file's "
+                        "record of a model replaces an earlier one), e.g. parts run in parallel")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.out, args.combine)
     if args.annotate_from:
         return annotate(args.out, args.annotate_from)
     names = args.models.split(",") if args.models else [m.name for m in zoo.MODELS]
