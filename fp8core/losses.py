@@ -14,7 +14,7 @@ sums (:class:`ErrorSums`), and those sums come either
   ``sum (x/|x| - q/|q|)^2 = S2/|x|^2 + 2 u S1/|x| + n u^2``.
 
 ``kld`` is a function of counts instead: how many values of each bin round to each ``q``, and
-whether they lie beyond ``max |q|`` (:class:`JointHistogram`), exact in both forms.
+whether they saturate (:class:`JointHistogram`), exact in both forms.
 
 The registry :data:`LOSSES` maps a name to a :class:`Loss`; :func:`get_loss` looks one up.
 """
@@ -39,7 +39,8 @@ class UnknownLossError(ValueError):
 class JointHistogram:
     """Counts of values per (x's bin, q value, saturated or not); rows may repeat (they add up).
 
-    ``saturated``: the values of the row lie beyond ``R = max |q|`` (``|x| > R``), the largest
+    ``saturated``: the values of the row lie beyond the saturation bound R (``|x| > R``): the
+    format's largest value times ``2^s`` when the search knows it, else ``max |q|``, the largest
     magnitude the round trip reaches (see :func:`kld`).
     """
 
@@ -62,8 +63,11 @@ class ErrorSums:
     joint: JointHistogram | None = None  # only built for losses that need it (kld)
 
 
-def error_sums_from_arrays(x: np.ndarray, q: np.ndarray, with_histogram: bool = False) -> ErrorSums:
-    """Brute force: the sums straight from the values and their round trip, in float64."""
+def error_sums_from_arrays(x: np.ndarray, q: np.ndarray, with_histogram: bool = False,
+                           saturation_bound: float | None = None) -> ErrorSums:
+    """Brute force: the sums straight from the values and their round trip, in float64.
+
+    ``saturation_bound``: R of :class:`JointHistogram` (default ``max |q|``)."""
     x32 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     q32 = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
     if x32.shape != q32.shape:
@@ -80,17 +84,21 @@ def error_sums_from_arrays(x: np.ndarray, q: np.ndarray, with_histogram: bool = 
     return ErrorSums(
         n=int(x32.size), sq_err=float(np.sum(err * err)), abs_err=float(np.abs(err).sum()),
         x_sq=x_sq, q_sq=q_sq, unit_sq_dist=unit_sq_dist,
-        joint=_joint_from_arrays(x32, q32) if with_histogram else None,
+        joint=_joint_from_arrays(x32, q32, saturation_bound) if with_histogram else None,
     )
 
 
-def error_sums_from_bins(bins: BinnedValues, q: np.ndarray, with_histogram: bool = False) -> ErrorSums:
-    """From the bins: ``q[i]`` is the FP8 round trip shared by every value of part ``i``."""
+def error_sums_from_bins(bins: BinnedValues, q: np.ndarray, with_histogram: bool = False,
+                         saturation_bound: float | None = None) -> ErrorSums:
+    """From the bins: ``q[i]`` is the FP8 round trip shared by every value of part ``i``.
+
+    ``saturation_bound``: R of :class:`JointHistogram` (default ``max |q|``); on the grid of
+    :mod:`fp8core.stats` (an FP8 value times a power of two) for the binned form to be exact."""
     q = np.asarray(q, dtype=np.float64)
     n = bins.count.astype(np.float64)
     s1, s2, r = bins.sum_dev, bins.sum_dev_sq, bins.reference
     c = r - q
-    joint = _joint_from_bins(bins, q) if with_histogram else None
+    joint = _joint_from_bins(bins, q, saturation_bound) if with_histogram else None
     x_sq, q_sq = float(np.sum(s2 + 2.0 * r * s1 + n * r * r)), float(np.sum(n * q * q))
     unit_sq_dist = math.nan
     if x_sq > 0 and q_sq > 0:
@@ -105,23 +113,23 @@ def error_sums_from_bins(bins: BinnedValues, q: np.ndarray, with_histogram: bool
     )
 
 
-def _joint_from_bins(bins: BinnedValues, q: np.ndarray) -> JointHistogram:
-    """One row per bin part. Which parts lie beyond ``R = max |q|`` is decided from the bin alone,
-    exactly, when ``q`` is a power-of-two-scaled FP8 round trip: then R is on the grid of
-    :mod:`fp8core.stats`, so no part straddles it - an interior part (magnitudes in
-    ``[lo, lo + w)``, above ``lo`` in an even bin) is beyond R iff ``lo >= R``, an edge part (all
-    equal to ``lo``) iff ``lo > R``."""
-    r = float(np.max(np.abs(q))) if q.size else 0.0
+def _joint_from_bins(bins: BinnedValues, q: np.ndarray, bound: float | None) -> JointHistogram:
+    """One row per bin part. Which parts lie beyond R is decided from the bin alone, exactly,
+    when R is an FP8 value times a power of two (``max |q|`` of an FP8 round trip, or the
+    format's largest value times ``2^s``): then R is on the grid of :mod:`fp8core.stats`, so no
+    part straddles it - an interior part (magnitudes in ``[lo, lo + w)``, above ``lo`` in an
+    even bin) is beyond R iff ``lo >= R``, an edge part (all equal to ``lo``) iff ``lo > R``."""
+    r = bound if bound is not None else (float(np.max(np.abs(q))) if q.size else 0.0)
     lo = BIN_LOWER_EDGE[bins.key & (NUM_BINS // 2 - 1)]
     edge = (bins.representative.view(np.uint32) & np.uint32((1 << KEY_SHIFT) - 1)) == 0
     saturated = np.where(edge, lo > r, lo >= r)
     return JointHistogram(bins.key, q, bins.count, saturated)
 
 
-def _joint_from_arrays(x32: np.ndarray, q32: np.ndarray) -> JointHistogram:
+def _joint_from_arrays(x32: np.ndarray, q32: np.ndarray, bound: float | None) -> JointHistogram:
     keys = bin_keys(x32)
-    r = np.float32(np.max(np.abs(q32))) if q32.size else np.float32(0)
-    saturated = (np.abs(x32) > r).astype(np.intp)
+    r = bound if bound is not None else (float(np.max(np.abs(q32))) if q32.size else 0.0)
+    saturated = (np.abs(x32.astype(np.float64)) > r).astype(np.intp)
     q_bits = q32.view(np.uint32)
     if np.all(q_bits & 0xFFFF == 0):
         # Fast path for FP8 round trips (<= 4 significant bits): the top 16 bits name q exactly.
@@ -252,13 +260,13 @@ def kld(e: ErrorSums) -> float:
 
     * **Bins.** ``KLD_BINS = 2048`` linear bins of width ``w = A / 2048`` over ``[0, A]``,
       A the largest magnitude. ``P(b)``: the number of values in bin b.
-    * **Q.** ``R = max |q|`` is the largest magnitude the round trip reaches; a value with
-      ``|x| > R`` is *saturated*. Q counts where the quantized tensor keeps each value, at the
-      histogram's resolution: a saturated value is not in Q; a value flushed to zero is at 0,
-      in bin 0, once the values flushed reach past ``w`` (below that, flushing has lost nothing
-      at this resolution); every other value stays in its bin. (Values that a round trip
-      rounds down onto R without saturating count as saturated too; with power-of-two scales
-      the same values do so at every scale that saturates nothing, so no ranking changes.)
+    * **Q.** R is the saturation bound: the format's largest value times ``2^s`` in the search,
+      ``max |q|`` for a bare ``kld(x, q)`` (there a value rounded down onto the top q without
+      saturating counts as saturated too; between formats that would decide, so the search
+      gives R). A value with ``|x| > R`` is *saturated*. Q counts where the quantized tensor
+      keeps each value, at the histogram's resolution: a saturated value is not in Q; a value
+      flushed to zero is at 0, in bin 0, once the values flushed reach past ``w`` (below that,
+      flushing has lost nothing at this resolution); every other value stays in its bin.
     * **Loss.** ``sum_b P(b)/N ln(P(b) / Qe(b))`` over the bins with ``P(b) > 0``, N values,
       ``Qe = Q + eps (P - Q)`` with ``eps = KLD_EPSILON = 1e-4`` (onnxruntime's and MXNet's
       smoothing constant): Qe > 0 wherever P is, so the loss is finite. Natural log.

@@ -98,11 +98,11 @@ def candidate_scales(stats: TensorStats, fmt: str | FP8Format) -> range:
       saturates at both s and s + 1 (``|x| >= t >= M 2^(s+1)``), so ``q = sign(x) M 2^s`` and
       ``sign(x) M 2^(s+1)``. At s + 1 every nonzero value's error ``|x| - M 2^s'`` is strictly
       smaller, so mse, mae and snr are strictly better; q is proportional to sign(x) at both
-      scales, so cos_dist is equal; for kld, every nonzero value lies beyond ``max |q|`` at s,
-      and at s + 1 all but those exactly equal to ``M 2^(s+1)``: kld's P is the same, its Q
-      the same or larger, so kld is the same or smaller - and then mse breaks a tie. So s + 1
-      beats s: no scale below ``s_lo`` can win. (``t`` is taken as the lower edge of its bin, which only widens the
-      window.)
+      scales, so cos_dist is equal; for kld, every nonzero value lies beyond the saturation
+      bound ``M 2^s`` at s, and at s + 1 all but those exactly equal to ``M 2^(s+1)``: kld's P
+      is the same, its Q the same or larger, so kld is the same or smaller - and then mse
+      breaks a tie. So s + 1 beats s: no scale below ``s_lo`` can win. (``t`` is taken as the
+      lower edge of its bin, which only widens the window.)
 
     Hence every winner lies in ``[s_lo, max(s_zero, 0)]``. E5M2 (the format with infinities)
     additionally starts where ``a / 2^s`` stays below ``2^127``: below that, float32 division
@@ -186,7 +186,8 @@ def search(stats: TensorStats, loss_name: str = "kld",
         tried = candidate_scales(stats, name) if scales is None else _validated_scales(scales)
         for s in tried:
             q = round_trip(bins.representative, name, s)
-            sums = error_sums_from_bins(bins, q, loss.needs_histogram)
+            sums = error_sums_from_bins(bins, q, loss.needs_histogram,
+                                        math.ldexp(get_format(name).max, s))
             candidates.append(Candidate(name, s, loss.of_sums(sums), mse.of_sums(sums)))
     return _result(loss, candidates, names)
 
@@ -204,7 +205,8 @@ def brute_force_search(x: np.ndarray, loss_name: str,
     candidates = []
     for name in names:
         for s in _validated_scales(scales):
-            sums = error_sums_from_arrays(values, round_trip(values, name, s), loss.needs_histogram)
+            sums = error_sums_from_arrays(values, round_trip(values, name, s),
+                                          loss.needs_histogram, math.ldexp(get_format(name).max, s))
             candidates.append(Candidate(name, s, loss.of_sums(sums), mse.of_sums(sums)))
     return _result(loss, candidates, names)
 
