@@ -288,9 +288,9 @@ def kld(e: ErrorSums) -> float:
     Why not more of TensorRT:
 
     * TensorRT also spreads each quantized bin's mass evenly over its nonzero bins in Q (the
-      "expand"), so that Q loses the shape inside each step. With INT8's equal steps and a
-      moving threshold that trades resolution for clipping. FP8's relative grid is the same at
-      every power-of-two scale in the normal range, so that term cannot tell scales apart; it
+      "expand"), so that Q loses the shape inside each step; with INT8's equal steps and a
+      moving threshold, that term trades resolution against clipping. FP8's relative grid is
+      the same at every power-of-two scale in the normal range, so it cannot tell scales apart; it
       only compares formats, and there it measures where repeated values fall (flat image
       regions, swish's minimum, clips: a spike inside a step costs ``ln(steps' bins)`` whatever
       its rounding error), not error. Measured with it (spread over the stats bins): on
