@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.params import FormatName, LossName
+from flows.params import DEFAULT_LOSS, FormatName, LossName
 
 CALIBRATION_SUFFIXES = (".parquet", ".npz", ".pkl", ".pickle")
 STATE_FILE = "requantize_state.json"
@@ -49,7 +49,7 @@ class WatchedModel(BaseModel):
     calibration_pattern: str = Field("*", description="glob filtering the candidates in calibration_dir")
     eval_data: str | None = Field(None, description="labelled data relative to data_dir (accuracy, targets)")
     output_model: str | None = Field(None, description="relative to output_dir (default: the entry name with _fp8.onnx)")
-    quantize_loss_type: LossName = "kld"
+    quantize_loss_type: LossName = DEFAULT_LOSS
     fp8_formats: list[FormatName] = Field(default_factory=lambda: ["F143", "F152"])
     fp8_skip_op_names: list[str] = Field(default_factory=list)
     batch_size: int = Field(16, ge=1, le=4096)

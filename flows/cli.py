@@ -40,6 +40,8 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.params import DEFAULT_LOSS
+
     p = _Parser(prog="fp8-convert", description="Convert an FP32/FP16 ONNX model to FP8 mixed precision (PopRT-compatible flags).")
     p.add_argument("--input_model", help="FP32/FP16 ONNX model (default: the demo model in data/)")
     p.add_argument("--output_model", help="where to write the FP8 model (default: <input>_fp8.onnx)")
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external_data", choices=["auto", "always", "never"], default="auto",
                    help="weights in a <output>.<hash>.data file beside the model: auto (when past ~1.9 GiB), always, never")
     p.add_argument("--quantize", "--calibration_with_data", dest="quantize", action="store_true", help="search format and scale per op on calibration data")
-    p.add_argument("--quantize_loss_type", "--calibration_loss_type", dest="quantize_loss_type", default="kld", choices=["mse", "mae", "snr", "kld", "cos_dist"])
+    p.add_argument("--quantize_loss_type", "--calibration_loss_type", dest="quantize_loss_type", default=DEFAULT_LOSS, choices=["mse", "mae", "snr", "kld", "cos_dist"],
+                   help=f"loss the format/scale search minimises (default {DEFAULT_LOSS}: best or tied best on every real model measured; README)")
     p.add_argument("--data_preprocess", metavar="PATH", help="calibration data: .parquet file or directory, .npz, .pkl")
     p.add_argument("--fp8_formats", default="F143,F152", metavar="FMT,FMT", help="formats the search tries")
     p.add_argument("--batch_size", type=int, help="calibration samples per batch (default: the model's fixed batch, else 16)")
@@ -188,6 +191,11 @@ def _configure_environment(verbose: int) -> None:
     """Quiet, offline Prefect and MLflow; set before they are imported."""
     import logging
 
+    import warnings
+
+    # requests imports urllib3's SOCKS support when a proxy variable names one; without PySocks
+    # that prints a DependencyWarning on every run although no SOCKS proxy is ever used
+    warnings.filterwarnings("ignore", message="SOCKS support in urllib3")
     user_log = logging.getLogger("fp8")  # warnings meant for the user, shown even when quiet
     if not user_log.handlers:
         handler = _StderrHandler()
