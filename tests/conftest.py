@@ -37,6 +37,10 @@ os.environ.update(
     # Prefect's console handler would log "Stopping temporary server" at interpreter exit, after
     # pytest has closed the captured stream; the CLI sets this level by default anyway.
     PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="CRITICAL",
+    # Dask worker processes (tests/test_dask.py) start their own temporary Prefect server on
+    # the session's database, which grows with every flow run of the suite: give them the
+    # CLI's start-up allowance (the default 20 s timed out late in a loaded full run)
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
     # statistics captured by an earlier run (other code) must not feed this one
     FP8_CACHE_DIR=str(_PREFECT_HOME / "stats-cache"),
 )
