@@ -25,6 +25,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
+from fp8core.graph import graph_inputs
+
 BATCH_AXES_KEY = "fp8_pipeline.input_batch_axes"
 BATCH_NAMES = ("batch", "batch_size", "n", "b", "bs", "n_batch", "batchsize", "unk__0")
 
@@ -73,15 +75,10 @@ def _dims(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
     return tuple(out)
 
 
-def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in graph.initializer}
-    return [i for i in graph.input if i.name not in inits]
-
-
 def normalize_dynamic_dims(graph: onnx.GraphProto) -> list[str]:
     """Clear input dims stored as ``dim_value`` <= 0 (they mean "any"); returns the inputs changed."""
     changed = []
-    for vi in real_inputs(graph):
+    for vi in graph_inputs(graph):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value <= 0:
                 d.Clear()
@@ -101,7 +98,7 @@ def record_batch_axes(model: onnx.ModelProto, axes: Mapping[str, int | None]) ->
     """Store the user's batch axes in the model (validated against its inputs)."""
     if not axes:
         return
-    specs = {vi.name: _dims(vi) for vi in real_inputs(model.graph)}
+    specs = {vi.name: _dims(vi) for vi in graph_inputs(model.graph)}
     for name, axis in axes.items():
         if name not in specs:
             raise InputLayoutError(f"--input_batch_axis names {name!r}, which is not a model input; "
@@ -142,7 +139,7 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
        other inputs (1 for a fixed-batch-1 export), and has none when no axis has that size.
     """
     recorded = recorded_batch_axes(model)
-    inputs = [(vi.name, _dims(vi)) for vi in real_inputs(model.graph)]
+    inputs = [(vi.name, _dims(vi)) for vi in graph_inputs(model.graph)]
     batch_names = _batch_dim_names(inputs)
     axes: dict[str, int | None] = {}
     for name, dims in inputs:
@@ -192,7 +189,7 @@ def _common_fixed_batch(inputs, axes) -> int:
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     axes = batch_axes(model)
     return [InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
-                      _dims(vi), axes[vi.name]) for vi in real_inputs(model.graph)]
+                      _dims(vi), axes[vi.name]) for vi in graph_inputs(model.graph)]
 
 
 def fixed_batch_size(model: onnx.ModelProto) -> int | None:
@@ -220,11 +217,6 @@ def stack_feeds(specs: Iterable[InputSpec], samples: Mapping[str, np.ndarray]) -
             values = np.moveaxis(values, 0, spec.batch_axis)
         feeds[spec.name] = np.ascontiguousarray(values, dtype=spec.dtype)
     return feeds
-
-
-def unstack_sample_count(spec: InputSpec, value: np.ndarray) -> int:
-    """How many samples a model-layout array holds (1 when the input has no batch axis)."""
-    return 1 if spec.batch_axis is None else int(np.shape(value)[spec.batch_axis])
 
 
 PROBE_SIZES = (1, 16, 64, 224, 512)
