@@ -3,7 +3,7 @@
 A YAML (or JSON) file::
 
     data_dir: ../data                # models, calibration and eval data live under here
-    output_dir: ../out/nightly       # FP8 models, logs and the state file go under here
+    output_dir: ~/.local/share/fp8-pipeline/nightly   # FP8 models, logs, state file
     experiment_name: fp8-nightly     # MLflow experiment (runs grouped per model by run name)
     models:
       - name: demo
@@ -12,10 +12,10 @@ A YAML (or JSON) file::
         calibration_pattern: "calib*.parquet"
         eval_data: eval.parquet          # optional, relative to data_dir
         output_model: demo_fp8.onnx      # optional, relative to output_dir (default <name>_fp8.onnx)
-        quantize_loss_type: kld
         min_accuracy_fp8: 0.95           # optional accuracy target for the model registry
 
-``data_dir`` and ``output_dir`` are relative to the config file. Every other path is relative to
+``data_dir`` and ``output_dir`` are relative to the config file (or absolute; ``~`` and
+``$VARIABLES`` are expanded). Every other path is relative to
 its root and must stay inside it after resolving ``..`` and symlinks: a config cannot make the
 flow read or write elsewhere (:class:`ConfigError`).
 """
@@ -84,8 +84,8 @@ class ResolvedConfig:
     def __init__(self, path: Path, raw: WatchConfig):
         self.path = path
         self.raw = raw
-        self.data_dir = (path.parent / raw.data_dir).resolve()
-        self.output_dir = (path.parent / raw.output_dir).resolve()
+        self.data_dir = (path.parent / _expanded(raw.data_dir)).resolve()
+        self.output_dir = (path.parent / _expanded(raw.output_dir)).resolve()
         if not self.data_dir.is_dir():
             raise ConfigError(f"{path}: data_dir {self.data_dir} is not a directory; fix data_dir (relative to the config file)")
         self.models = raw.models
@@ -96,6 +96,10 @@ class ResolvedConfig:
 
     def output_path(self, model: WatchedModel) -> Path:
         return inside(self.output_dir, model.output_model or f"{model.name}_fp8.onnx", f"{self.path}: {model.name}.output_model")
+
+
+def _expanded(root: str) -> Path:
+    return Path(os.path.expandvars(root)).expanduser()
 
 
 def inside(root: Path, relative: str, what: str) -> Path:

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.errors import UsageError, is_user_error, one_line
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "data" / "demo_model.onnx"
 DEMO_CALIB = REPO / "data" / "calib.parquet"
@@ -21,11 +23,7 @@ DEMO_EVAL = REPO / "data" / "eval.parquet"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        raise _UsageError(f"{message} (see fp8-convert --help)")
-
-
-class _UsageError(Exception):
-    pass
+        raise UsageError(f"{message} (see fp8-convert --help)")
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
@@ -72,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")
     p.add_argument("--compare_data", metavar="PATH", help="data for --precision_compare / --accuracy_target (default: --data_preprocess)")
     p.add_argument("--compare_samples", type=int, metavar="N", help="compare on at most N samples")
-    p.add_argument("--num_of_layers_keep_fp16", type=int, default=0, metavar="K", help="keep the K worst FP8 ops in original precision")
-    p.add_argument("--accuracy_target", metavar="METRIC=VALUE", help="e.g. cos_dist=0.001: keep the fewest ops in original precision that meet it")
+    p.add_argument("--num_of_layers_keep_fp16", type=int, default=0, metavar="K", help="keep in original precision the K FP8 ops whose return helps the model output most (measured)")
+    p.add_argument("--accuracy_target", metavar="METRIC=VALUE", help="e.g. cos_dist=0.001: keep the ops that help most in original precision until it is met")
     p.add_argument("--accuracy_target_samples", type=int, default=32, metavar="N", help="samples the accuracy-target search uses")
     p.add_argument("--accuracy_target_max_keep", type=int, metavar="N",
                    help="keep at most N ops for the accuracy target (the best N found when it is not met)")
@@ -134,35 +132,6 @@ def _params_from_args(args) -> "ConvertParams":
     else:
         fields.update(input_model=args.input_model, output_model=args.output_model)
     return ConvertParams(**fields)
-
-
-def _one_line(exc: BaseException) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ").strip().splitlines()[0]
-        # our own validators already name the flag; pydantic's built-in messages do not
-        return f"--{loc}: {msg}" if loc and not msg.startswith("--") else msg
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pydantic import ValidationError
-
-    from fp8core.calibration import CalibrationDataError
-    from fp8core.formats import UnknownFormatError
-    from fp8core.graph import ModelError
-    from fp8core.inputs import InputLayoutError
-    from fp8core.capture import CaptureError
-    from fp8core.compare import CompareError
-    from fp8core.fallback import FallbackError
-    from fp8core.modelio import OutputError
-    from fp8core.search import NoFiniteValuesError
-
-    return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, _UsageError,
-            CaptureError, CompareError, FallbackError, NoFiniteValuesError, InputLayoutError)
 
 
 def _check_paths_before_the_flow(params) -> None:
@@ -261,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            print(f"fp8-convert: error: {_one_line(exc)}", file=sys.stderr)
+        if is_user_error(exc):
+            print(f"fp8-convert: error: {one_line(exc)}", file=sys.stderr)
             return 2
         if verbose:
             raise
-        print(f"fp8-convert: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)", file=sys.stderr)
+        print(f"fp8-convert: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
     print("\n".join(summary_lines(result)))
     return 0

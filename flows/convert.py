@@ -13,6 +13,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.errors import failed_state, is_user_error, one_line, quiet_user_error_tracebacks
 from flows.params import ConvertParams
 from flows.quality import apply_fallback, compare_precision
 from fp8core.plan import already_quantized_note
@@ -24,6 +25,9 @@ from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
 from tasks.evaluate import evaluate_accuracy
 from tasks.load_model import load_model, read_written_model
 from tasks.plan_ops import plan_ops
+
+
+quiet_user_error_tracebacks()
 
 
 class Stopwatch:
@@ -44,6 +48,17 @@ class Stopwatch:
 @flow(name="fp8-convert", log_prints=False)
 def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
     """Convert one ONNX model to FP8 mixed precision and record the run in MLflow."""
+    try:
+        return convert(params, verbose)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise  # internal: Prefect keeps the traceback
+        get_run_logger().error(one_line(exc))
+        return failed_state(exc)
+
+
+def convert(params: ConvertParams, verbose: int) -> dict:
+    """The pipeline, inside the flow run."""
     eval_data = params.eval_data
     log = get_run_logger()
     clock = Stopwatch()
@@ -79,7 +94,7 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
         if params.num_of_layers_keep_fp16 or params.accuracy_target:
             with clock.stage("fallback"):
                 plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record,
-                                                 loaded.weights_dir)
+                                                 staging.path, loaded.weights_dir)
 
         to_encode, weight_adjust = loaded.model, []
         if params.weight_rounding == "gptq" or params.bias_correction:

@@ -106,10 +106,11 @@ class ConvertParams(BaseModel):
     compare_data: str | None = Field(None, description="data for --precision_compare (default: --data_preprocess)")
     compare_samples: int | None = Field(None, ge=1, description="compare on at most this many samples")
     num_of_layers_keep_fp16: int = Field(
-        0, ge=0, description="keep the K FP8 ops with the worst loss in original precision (PopRT 1.5)")
+        0, ge=0, description="keep in original precision the K FP8 ops whose return helps the model output most, "
+                       "measured one by one on the calibration data (PopRT 1.5)")
     accuracy_target: str | None = Field(
-        None, description="METRIC=VALUE on the model outputs, e.g. cos_dist=0.001: keep the fewest ops "
-                          "in original precision that meet it")
+        None, description="METRIC=VALUE on the model outputs, e.g. cos_dist=0.001: keep few ops in "
+                          "original precision, the ones that help most, until it is met")
     accuracy_target_samples: int = Field(32, ge=1, description="samples the accuracy-target search measures on")
     accuracy_target_max_keep: int | None = Field(
         None, ge=0, description="keep at most this many ops for the accuracy target; when it is not met "

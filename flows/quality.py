@@ -1,9 +1,9 @@
 """Accuracy steps of the pipeline: high-precision fallback before conversion, comparison after.
 
-* ``--num_of_layers_keep_fp16 K``: keep the K ops that hurt most in original precision, ranked by
-  the noise each op adds itself in a precision comparison (or, without data, the search loss);
-* ``--accuracy_target METRIC=VALUE``: greedily keep the ops whose return to original precision
-  improves the model output most until the target is met;
+* ``--num_of_layers_keep_fp16 K``: keep in original precision the K ops whose return, each alone,
+  improves the model output most (measured on a few samples; without data, the search loss);
+* ``--accuracy_target METRIC=VALUE``: the same measurement in the target's metric, then a
+  bisection on how many of the most helpful ops to keep (fp8core/fallback.py);
 * ``--precision_compare``: every FP8 op output and model output, original vs FP8.
 """
 
@@ -12,61 +12,61 @@ from __future__ import annotations
 from flows.params import ConvertParams
 from fp8core.plan import OpPlan
 from tasks.compare import precision_compare
-from tasks.fallback import accuracy_target_fallback, keep_worst
+from tasks.fallback import accuracy_target_fallback, keep_k, op_sensitivity, sensitivity_chart
 
 
 def comparison_data(params: ConvertParams) -> str | None:
     return params.compare_data or params.data_preprocess
 
 
-TARGET_CANDIDATES = 64
-"""Ops (the noisiest first) the accuracy-target search may return to original precision. Each
-greedy step tries every remaining candidate (a rewrite, a session and a run on a few samples);
-with the encoded FP8 weights reused across trials that is about a second per trial on
-MiniLM/EfficientNet. 8 candidates missed MiniLM's cos_dist=0.0025, which 3 kept ops can meet."""
-
-
-def _rank_by_added_noise(model, plans: list[OpPlan], params: ConvertParams, data: str,
-                         weights_dir: str | None) -> dict[str, float]:
-    """Per FP8 op, the noise it adds itself, from one precision comparison on a few samples."""
+def _candidates(model, plans: list[OpPlan], params: ConvertParams, data: str, weights_dir: str | None) -> list[str]:
+    """The FP8 ops whose effect is measured: all of them, or on models with more than
+    MAX_MEASURED_OPS the ones adding the most noise in a precision comparison on a few samples."""
     from fp8core.calibration import open_dataset
     from fp8core.compare import compare_models
-    from fp8core.fallback import op_losses_from_comparison
+    from fp8core.fallback import MAX_MEASURED_OPS, op_losses_from_comparison
     from fp8core.rewrite import rewrite_to_fp8
 
+    fp8_names = [p.name for p in plans if p.fp8]
+    if len(fp8_names) <= MAX_MEASURED_OPS:
+        return fp8_names
     report = compare_models(model, rewrite_to_fp8(model, plans, weights_dir=weights_dir), plans, open_dataset(data),
                             params.batch_size, params.compare_samples or params.accuracy_target_samples,
                             histogram_range="first_batch", weights_dir=weights_dir)
-    return op_losses_from_comparison(report)
+    noise = {n: v for n, v in op_losses_from_comparison(report).items() if v == v}  # NaN (no signal) last
+    return sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:MAX_MEASURED_OPS]
 
 
-def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record,
+def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record, log_folder: str,
                    weights_dir: str | None = None) -> tuple[list[OpPlan], dict]:
-    """Plans with ops returned to original precision by K-worst and/or the accuracy target."""
+    """Plans with ops returned to original precision by K-most-sensitive and/or the accuracy target."""
     out: dict = {}
     data = comparison_data(params)
-    ranked = _rank_by_added_noise(model, plans, params, data, weights_dir) if data else None
+    candidates = _candidates(model, plans, params, data, weights_dir) if data else None
     if params.num_of_layers_keep_fp16:
-        if ranked is not None:
-            losses, ranked_by = ranked, "precision compare (noise each op adds)"
+        if data:
+            sensitivity = op_sensitivity(model, plans, data, params.batch_size, params.accuracy_target_samples,
+                                         candidates, weights_dir)
+            record.json_artifact(sensitivity.to_dict(), "op_sensitivity.json")
+            record.artifact(sensitivity_chart(sensitivity, log_folder))
+            plans, kept = keep_k(plans, params.num_of_layers_keep_fp16, sensitivity=sensitivity)
         else:
-            losses, ranked_by = best_loss, f"search loss {params.quantize_loss_type}"
-        plans, kept = keep_worst(plans, losses, params.num_of_layers_keep_fp16, ranked_by)
+            plans, kept = keep_k(plans, params.num_of_layers_keep_fp16, op_losses=best_loss,
+                                 source=f"search loss {params.quantize_loss_type}")
         record.tags({"num_of_layers_keep_fp16": ",".join(kept) or "none"})
         out["kept_fp16"] = kept
     if params.accuracy_target:
-        # Each greedy step measures every candidate; the ops adding the most noise are the ones
-        # worth trying, which keeps the search to minutes on models with hundreds of FP8 ops.
-        fp8_names = [p.name for p in plans if p.fp8]
-        noise = {n: v for n, v in ranked.items() if v == v}  # NaN (no signal) ranks last
-        candidates = sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:TARGET_CANDIDATES]
+        candidates = [n for n in candidates if any(p.name == n and p.fp8 for p in plans)]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,
                                           params.accuracy_target_samples, max_keep=params.accuracy_target_max_keep,
                                           candidates=candidates, weights_dir=weights_dir)
         plans = result.plans
         record.json_artifact(result.to_dict(), "accuracy_target.json")
+        if result.sensitivity is not None:
+            record.artifact(sensitivity_chart(result.sensitivity, log_folder, "accuracy_target_sensitivity.png"))
         record.tags({"accuracy_target": result.message[:5000]})
-        record.metrics({"accuracy_target_met": float(result.met), "accuracy_target_kept_ops": len(result.kept)})
+        record.metrics({"accuracy_target_met": float(result.met), "accuracy_target_kept_ops": len(result.kept),
+                        "accuracy_target_trials": result.trials})
         for step in result.steps:
             record.metrics({"accuracy_target_metric": step.metric}, step=step.step)
         out["accuracy_target"] = result.message

@@ -20,11 +20,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from deployments.config import ConfigError, ResolvedConfig, WatchedModel, load_config, newest_calibration_data
+from flows.errors import failed_state, is_user_error, one_line, quiet_user_error_tracebacks
 from flows.params import ConvertParams
 from fp8core.calibration import open_dataset
 from fp8core.graph import file_sha256
 from fp8core.modelio import write_bytes_atomic
 
+quiet_user_error_tracebacks()
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "deployments" / "models.yaml")
 
 
@@ -88,7 +90,11 @@ def fp8_requantize_nightly(config_path: str = DEFAULT_CONFIG, force: bool = Fals
     from flows.convert import fp8_convert
 
     log = get_run_logger()
-    config = load_config(config_path)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        log.error(one_line(exc))
+        return failed_state(exc)
     state = load_state(config.state_file)
     outcomes = []
     for entry in config.models:
@@ -109,14 +115,15 @@ def fp8_requantize_nightly(config_path: str = DEFAULT_CONFIG, force: bool = Fals
                                detail=f"data {os.path.basename(current['data_path'])}, "
                                       f"{result['fp8_ops']} FP8 ops")
         except Exception as exc:
-            log.error("%s: %s: %s", entry.name, type(exc).__name__, exc)
-            outcome.update(action="failed", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            # a user error is one line; an internal one keeps its traceback for whoever debugs it
+            log.error("%s: %s: %s", entry.name, type(exc).__name__, one_line(exc), exc_info=not is_user_error(exc))
+            outcome.update(action="failed", detail=f"{type(exc).__name__}: {one_line(exc)}")
         log.info("%s: %s (%s)", entry.name, outcome["action"], outcome["detail"])
         outcomes.append(outcome)
     _publish_summary(outcomes)
     failed = [o["model"] for o in outcomes if o["action"] == "failed"]
     if failed:
-        raise RequantizeFailed(f"re-quantization failed for {', '.join(failed)}; see the flow run logs")
+        return failed_state(RequantizeFailed(f"re-quantization failed for {', '.join(failed)}; see the flow run logs"))
     return outcomes
 
 

@@ -1,24 +1,25 @@
 """Automatic high-precision fallback: which FP8 ops go back to their original precision.
 
-Two rules:
+What decides is each op's **measured effect on the model output** (:class:`Sensitivity`): the
+model-output metric on a few calibration samples with every planned op in FP8, and with one op
+alone kept in original precision on top of that. Per-op losses (an op's own quantization noise)
+do not tell which ops matter: a noisy op feeding a Softmax may not, a quiet Conv reading the
+image pixels may decide the result.
 
-* ``--num_of_layers_keep_fp16 K`` (PopRT 1.5), :func:`keep_worst_ops`: keep the K ops with the
-  worst per-op loss in original precision. The loss is either the precision comparison's
-  added noise-to-signal ratio of each op's output (:func:`op_losses_from_comparison`: the op's
-  own share of its output error, comparable across ops because it is relative) or the calibration search's chosen loss per op (input + weight).
-  Ties go to the op earlier in graph order.
-* ``--accuracy_target METRIC=VALUE``, :func:`fallback_for_target`: greedy on the measured model
-  output. Starting from every planned op in FP8, each step tries keeping each remaining candidate
-  op in original precision (one rewrite and one run of the subset per candidate), and keeps the
-  one whose model output metric is best; it stops as soon as the target is met. Before the
-  search it measures the model with *every* candidate kept: when even that misses the target, no
-  subset can be trusted to meet it and the result says so (and keeps nothing). The
-  metric is the worst model output's value (:meth:`fp8core.compare.ComparisonReport.output_metric`)
-  of ``mse``, ``mae``, ``snr``, ``cos_dist`` (met when ``<= VALUE``), ``snr_db`` or
-  ``top1_agreement`` (argmax of the first output over its last axis; met when ``>= VALUE``).
-  Cost: ``1 + 1 + sum over steps of (candidates left)`` rewrites and runs of the subset; the
-  subset (``max_samples`` first samples, default 32) and the original model's outputs on it are
-  held in memory, so memory is bounded by the subset, not the data set.
+* ``--num_of_layers_keep_fp16 K`` (PopRT 1.5): keep the K ops whose return helps the output
+  most (:func:`keep_most_sensitive`). Without data, :func:`keep_worst_ops` ranks by a per-op
+  loss instead (the calibration search's chosen loss, or a precision comparison's added noise).
+* ``--accuracy_target METRIC=VALUE``, :func:`fallback_for_target`: the sensitivity in the
+  target's metric, then a bisection on how many of the most helpful ops to keep, then pruning
+  (steps in its docstring). The metric is the worst model output's value
+  (:meth:`fp8core.compare.ComparisonReport.output_metric`) of ``mse``, ``mae``, ``snr``,
+  ``cos_dist`` (met when ``<= VALUE``), ``snr_db`` or ``top1_agreement`` (argmax of the first
+  output over its last axis; met when ``>= VALUE``).
+
+Cost: one rewrite and one run of the subset per trial (:class:`Trials`; the FP8 weights are
+encoded once): ``2 + candidates + log2(candidates) + kept`` for a target instead of the
+``candidates x kept`` of a greedy search. The subset (``max_samples`` first samples, default 32)
+and the original model's outputs on it are held in memory, so memory is bounded by the subset.
 """
 
 from __future__ import annotations
@@ -206,16 +207,123 @@ class OutputProbe:
         return out
 
 
+class Trials:
+    """Candidate FP8 models that keep some ops in original precision, measured on the probe.
+
+    The FP8 weights are encoded once and every trial reuses their bytes; a set of kept ops is
+    measured once (results are remembered), so the searches below can ask freely.
+    """
+
+    def __init__(self, float_model: onnx.ModelProto, plans: list[OpPlan], probe: OutputProbe,
+                 weights_dir: str | None = None):
+        self.float_model, self.plans, self.probe, self.weights_dir = float_model, plans, probe, weights_dir
+        self.encoded = encode_weights(float_model, plans, weights_dir)
+        self.position = {p.name: p.position for p in plans}
+        self._seen: dict[frozenset, dict[str, float]] = {}
+
+    def metrics(self, kept: Iterable[str]) -> dict[str, float]:
+        key = frozenset(kept)
+        if key not in self._seen:
+            trial = keep_ops(self.plans, key, "kept: trial")
+            # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow
+            # copy per trial keeps them for the next trials
+            model = rewrite_to_fp8(self.float_model, trial, dict(self.encoded), self.weights_dir)
+            self._seen[key] = self.probe.measure(model)
+        return self._seen[key]
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Sensitivity: each op's measured effect on the model output
+# --------------------------------------------------------------------------------------------
+SENSITIVITY_METRIC = "snr"
+"""Ranks ops for ``--num_of_layers_keep_fp16``: the model outputs' noise-to-signal ratio (worst
+output), relative so it compares across models and outputs, and smooth where top-1 on a few
+samples is not."""
+
+MAX_MEASURED_OPS = 96
+"""Ops measured one by one at most; past that the ones adding the most noise in a precision
+comparison are measured (a trial is a rewrite, a session and a run on the probe's samples)."""
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """The model-output ``metric`` with every planned op in FP8 (``all_fp8``) and with each
+    candidate op alone kept in original precision (``alone``)."""
+
+    metric: str
+    all_fp8: float
+    alone: dict[str, float]
+    position: dict[str, int]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in HIGHER_IS_BETTER
+
+    def gain(self, name: str) -> float:
+        """How much keeping ``name`` alone improves the metric (> 0 helps; NaN when unmeasurable)."""
+        delta = self.alone[name] - self.all_fp8
+        return delta if self.higher_is_better else -delta
+
+    def ranked(self) -> list[str]:
+        """Most helpful to keep first; ties (and NaN, last) by graph order."""
+        def key(name):
+            g = self.gain(name)
+            return (math.isnan(g), -g if not math.isnan(g) else 0.0, self.position[name])
+        return sorted(self.alone, key=key)
+
+    def table(self, limit: int | None = 20) -> str:
+        names = self.ranked()[:limit]
+        lines = [f"sensitivity: {self.metric} of the model outputs, every op in FP8 {self.all_fp8:.6g}; "
+                 f"keeping one op alone in original precision:"]
+        lines += [f"  {i + 1:>3}. {n:<40} {self.metric} {self.alone[n]:.6g}  gain {self.gain(n):+.4g}"
+                  for i, n in enumerate(names)]
+        if limit is not None and len(self.alone) > limit:
+            lines.append(f"  ... {len(self.alone) - limit} more")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "all_fp8": _json(self.all_fp8),
+                "ops": [{"name": n, "kept_alone": _json(self.alone[n]), "gain": _json(self.gain(n))}
+                        for n in self.ranked()]}
+
+
+def measure_sensitivity(trials: Trials, candidates: Iterable[str], metric: str = SENSITIVITY_METRIC,
+                        progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
+    """Each candidate op kept alone in original precision on top of the full FP8 model: one trial each."""
+    names = list(candidates)
+    alone = {}
+    for i, name in enumerate(names):
+        alone[name] = trials.metrics([name])[metric]
+        if progress:
+            progress(i + 1, len(names), name)
+    return Sensitivity(metric, trials.metrics([])[metric], alone, trials.position)
+
+
+def keep_most_sensitive(plans: list[OpPlan], sensitivity: Sensitivity, k: int) -> tuple[list[OpPlan], list[str]]:
+    """Plans with the ``k`` ops whose return to original precision helps the output most kept."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise FallbackError(f"--num_of_layers_keep_fp16 {k!r}: give a whole number >= 0")
+    names = sensitivity.ranked()[:k]
+    source = f"measured effect on the model outputs ({sensitivity.metric})"
+    return keep_ops(plans, names, KEEP_REASON_WORST.format(k=k, source=source)), names
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy target: bisection over the sensitivity order
+# --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class FallbackStep:
-    """One greedy step: the op added (None for the start), every kept op so far, the metric."""
+    """One measured trial of the search: which ops were kept and the metric it gave."""
 
     step: int
-    added: str | None
+    phase: str  # "all FP8", "all kept", "bisect", "prune"
     kept: list[str]
     metric: float
     met: bool
-    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # candidate -> metric
 
 
 @dataclasses.dataclass
@@ -228,19 +336,24 @@ class FallbackResult:
     all_kept_metric: float
     samples: int
     message: str
+    sensitivity: Sensitivity | None = None
+    trials: int = 0  # distinct models measured (a repeated set of kept ops is measured once)
 
     def to_dict(self) -> dict:
         return {"target": str(self.target), "met": self.met, "kept": self.kept, "samples": self.samples,
+                "trials": self.trials,
                 "all_kept_metric": _json(self.all_kept_metric), "message": self.message,
-                "steps": [{"step": s.step, "added": s.added, "kept": s.kept, "metric": _json(s.metric),
-                           "met": s.met, "tried": {k: _json(v) for k, v in s.tried.items()}} for s in self.steps]}
+                "steps": [{"step": s.step, "phase": s.phase, "kept": s.kept, "metric": _json(s.metric),
+                           "met": s.met} for s in self.steps],
+                "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None}
 
     def format_log(self) -> str:
         t = self.target
         lines = [f"accuracy target {t} on the model outputs ({self.samples} samples)"]
+        if self.sensitivity is not None:
+            lines.append(self.sensitivity.table().rstrip("\n"))
         for s in self.steps:
-            what = "all planned ops in FP8" if s.added is None else f"+ keep {s.added}"
-            lines.append(f"  step {s.step}: {what:<32} {t.metric} {s.metric:.6g}"
+            lines.append(f"  trial {s.step:>2} ({s.phase:<8}): keep {len(s.kept):>3} op(s)  {t.metric} {s.metric:.6g}"
                          f"{'  target met' if s.met else ''}")
         lines.append(self.message)
         return "\n".join(lines) + "\n"
@@ -261,12 +374,22 @@ def fallback_for_target(
     max_keep: int | None = None,
     progress: Callable[[FallbackStep], None] | None = None,
     weights_dir: str | None = None,
+    sensitivity_progress: Callable[[int, int, str], None] | None = None,
 ) -> FallbackResult:
-    """The fewest FP8 ops to keep in original precision so the model outputs meet ``target``.
+    """Few FP8 ops to keep in original precision so the model outputs meet ``target``.
 
-    ``candidates``: the ops that may be kept (default every FP8 op); ``max_keep``: give up after
-    keeping this many. ``progress`` is called after each step. ``weights_dir``: where the float
-    model's external weights are, when it was loaded without them. See the module docstring.
+    1. every planned op in FP8: met -> nothing kept; every candidate kept: not met -> no subset
+       can be trusted, nothing kept;
+    2. sensitivity in the target's metric: each candidate alone kept (one trial each);
+    3. bisection on k: the k most helpful ops kept together, the smallest k that meets the
+       target (``log2(candidates)`` trials; the metric is taken as monotone in k, and only a
+       measured k is ever returned);
+    4. pruning: each kept op, least helpful first, is dropped again when the target still holds
+       without it (sensitivities do not add up: one op can make another's return unneeded).
+
+    ``candidates``: the ops that may be kept (default every FP8 op); ``max_keep``: keep at most
+    this many. ``progress`` is called after each trial of steps 1, 3, 4. ``weights_dir``: where
+    the float model's external weights are, when it was loaded without them.
     """
     target = AccuracyTarget.parse(target) if isinstance(target, str) else target
     fp8 = fp8_op_names(plans)
@@ -276,54 +399,56 @@ def fallback_for_target(
         raise FallbackError(f"candidate op(s) {', '.join(unknown)} are not FP8 ops of this plan")
     if max_keep is not None and max_keep < 0:
         raise FallbackError(f"max_keep {max_keep} must be >= 0")
-    probe = OutputProbe(float_model, source, batch_size, max_samples, weights_dir)
-    encoded = encode_weights(float_model, plans, weights_dir)  # every trial reuses these FP8 weight bytes
+    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, max_samples, weights_dir),
+                    weights_dir)
+    steps: list[FallbackStep] = []
 
-    def measured(kept: list[str]) -> float:
-        trial = keep_ops(plans, kept, "kept: trial")
-        # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow copy
-        # per trial keeps them for the next trials (they were re-encoded on every trial before)
-        return probe.measure(rewrite_to_fp8(float_model, trial, dict(encoded), weights_dir))[target.metric]
-
-    def result(kept, met, steps, all_kept, message) -> FallbackResult:
-        reason = KEEP_REASON_TARGET.format(target=target, step="{}")
-        out = plans
-        for i, name in enumerate(kept):
-            out = keep_ops(out, [name], reason.format(i + 1))
-        return FallbackResult(target, out, list(kept), met, steps, all_kept, probe.samples, message)
-
-    start = measured([])
-    steps = [FallbackStep(0, None, [], start, target.met(start))]
-    if progress:
-        progress(steps[0])
-    if target.met(start):
-        return result([], True, steps, math.nan, f"target {target} met with every planned op in FP8 "
-                      f"({target.metric} {start:.6g}); nothing kept")
-    all_kept = measured(pool)
-    if not target.met(all_kept):
-        scope = "every FP8 op" if len(pool) == len(fp8) else f"all {len(pool)} candidate ops"
-        return result([], False, steps, all_kept,
-                      f"target {target} cannot be met: even with {scope} in original precision "
-                      f"{target.metric} is {all_kept:.6g}; nothing kept - relax the target")
-    kept: list[str] = []
-    limit = len(pool) if max_keep is None else min(max_keep, len(pool))
-    position = {p.name: p.position for p in plans}
-    while len(kept) < limit:
-        tried = {name: measured(kept + [name]) for name in pool if name not in kept}
-        best = None
-        for name in sorted(tried, key=position.get):  # ties: earlier op wins
-            if best is None or target.better(tried[name], tried[best]):
-                best = name
-        kept.append(best)
-        step = FallbackStep(len(kept), best, list(kept), tried[best], target.met(tried[best]), tried)
+    def measured(kept: list[str], phase: str) -> FallbackStep:
+        value = trials.metrics(kept)[target.metric]
+        step = FallbackStep(len(steps), phase, list(kept), value, target.met(value))
         steps.append(step)
         if progress:
             progress(step)
-        if step.met:
-            return result(kept, True, steps, all_kept,
-                          f"target {target} met keeping {len(kept)} op(s) in original precision: "
-                          f"{', '.join(kept)} ({target.metric} {step.metric:.6g})")
-    return result(kept, False, steps, all_kept,
-                  f"target {target} not met after keeping {len(kept)} op(s) (max_keep {max_keep}): "
-                  f"{target.metric} {steps[-1].metric:.6g}; with every candidate kept it is "
-                  f"{all_kept:.6g} - raise max_keep or relax the target")
+        return step
+
+    def result(kept, met, all_kept, message, sensitivity=None) -> FallbackResult:
+        out = keep_ops(plans, kept, KEEP_REASON_TARGET.format(target=target, step=f"{len(kept)} kept")) if kept else plans
+        return FallbackResult(target, out, list(kept), met, steps, all_kept, trials.probe.samples, message, sensitivity,
+                              trials.count)
+
+    start = measured([], "all FP8")
+    if start.met:
+        return result([], True, math.nan, f"target {target} met with every planned op in FP8 "
+                      f"({target.metric} {start.metric:.6g}); nothing kept")
+    all_kept = measured(pool, "all kept").metric
+    if not target.met(all_kept):
+        scope = "every FP8 op" if len(pool) == len(fp8) else f"all {len(pool)} candidate ops"
+        return result([], False, all_kept,
+                      f"target {target} cannot be met: even with {scope} in original precision "
+                      f"{target.metric} is {all_kept:.6g}; nothing kept - relax the target")
+    sensitivity = measure_sensitivity(trials, pool, target.metric, sensitivity_progress)
+    order = sensitivity.ranked()
+    limit = len(pool) if max_keep is None else min(max_keep, len(pool))
+    lo, hi = 0, len(pool)  # known: lo ops kept miss the target, hi ops kept meet it
+    if limit < len(pool):
+        if not measured(order[:limit], "bisect").met:
+            best = steps[-1]
+            return result(order[:limit], False, all_kept,
+                          f"target {target} not met keeping the {limit} most helpful op(s) (max_keep {max_keep}): "
+                          f"{target.metric} {best.metric:.6g}; with every candidate kept it is "
+                          f"{all_kept:.6g} - raise max_keep or relax the target", sensitivity)
+        hi = limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measured(order[:mid], "bisect").met:
+            hi = mid
+        else:
+            lo = mid
+    kept = order[:hi]
+    for name in reversed(order[:hi]):  # least helpful first
+        if len(kept) > 1 and measured([n for n in kept if n != name], "prune").met:
+            kept = [n for n in kept if n != name]
+    final = trials.metrics(kept)[target.metric]
+    return result(kept, True, all_kept,
+                  f"target {target} met keeping {len(kept)} op(s) in original precision: "
+                  f"{', '.join(kept)} ({target.metric} {final:.6g}; {trials.count} trials)", sensitivity)

@@ -1,18 +1,64 @@
-"""Tasks: keep the K worst FP8 ops, or the fewest ops that meet an accuracy target, in original precision."""
+"""Tasks: measure each FP8 op's effect on the model output; keep the K that matter most, or the
+fewest that meet an accuracy target, in original precision."""
 
 from __future__ import annotations
+
+import os
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
-from fp8core.fallback import AccuracyTarget, FallbackResult, fallback_for_target, keep_worst_ops
+from fp8core.charts import per_op_bar_chart
+from fp8core.fallback import (AccuracyTarget, FallbackResult, OutputProbe, Sensitivity, Trials, fallback_for_target,
+                              keep_most_sensitive, keep_worst_ops, measure_sensitivity)
 from fp8core.plan import OpPlan
 
+CHART_OPS = 40
 
-@task(name="keep-worst-ops", cache_policy=NONE)
-def keep_worst(plans: list[OpPlan], op_losses: dict[str, float], k: int, source: str) -> tuple[list[OpPlan], list[str]]:
-    plans, kept = keep_worst_ops(plans, op_losses, k, source)
+
+def _progress_every_tenth(log, what: str):
+    def progress(done: int, total: int, name: str):
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("%s: %d/%d ops measured", what, done, total)
+    return progress
+
+
+@task(name="measure-op-sensitivity", cache_policy=NONE)
+def op_sensitivity(float_model, plans: list[OpPlan], data_path: str, batch_size: int, max_samples: int | None,
+                   candidates: list[str], weights_dir: str | None = None) -> Sensitivity:
+    """Each candidate kept alone in original precision on top of the full FP8 model, on a few samples."""
+    log = get_run_logger()
+    source = open_dataset(data_path)
+    validate_against_model(source, model_input_specs(float_model), batch_size)
+    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, max_samples, weights_dir),
+                    weights_dir)
+    sensitivity = measure_sensitivity(trials, candidates, progress=_progress_every_tenth(log, "op sensitivity"))
+    top = sensitivity.ranked()[:5]
+    log.info("ops that matter most (%s of the outputs %.4g with every op in FP8): %s", sensitivity.metric,
+             sensitivity.all_fp8, ", ".join(f"{n} ({sensitivity.alone[n]:.4g})" for n in top))
+    return sensitivity
+
+
+def sensitivity_chart(sensitivity: Sensitivity, folder: str, name: str = "op_sensitivity.png") -> str:
+    """Bars: how much keeping each op alone improves the output metric (the most helpful ops)."""
+    names = sensitivity.ranked()[:CHART_OPS]
+    path = os.path.join(folder, name)
+    per_op_bar_chart(path, names, [max(sensitivity.gain(n), 0.0) for n in names],
+                     f"{sensitivity.metric} of the outputs, improvement",
+                     f"Keeping one op in original precision (all FP8: {sensitivity.metric} {sensitivity.all_fp8:.3g})")
+    return path
+
+
+@task(name="keep-ops", cache_policy=NONE)
+def keep_k(plans: list[OpPlan], k: int, sensitivity: Sensitivity | None = None,
+           op_losses: dict[str, float] | None = None, source: str = "") -> tuple[list[OpPlan], list[str]]:
+    """--num_of_layers_keep_fp16: by measured sensitivity, or (no data) by a per-op loss."""
+    if sensitivity is not None:
+        plans, kept = keep_most_sensitive(plans, sensitivity, k)
+        source = f"measured effect on the outputs ({sensitivity.metric})"
+    else:
+        plans, kept = keep_worst_ops(plans, op_losses, k, source)
     get_run_logger().info("--num_of_layers_keep_fp16 %d: kept %s (by %s)", k, ", ".join(kept) or "none", source)
     return plans, kept
 
@@ -21,18 +67,18 @@ def keep_worst(plans: list[OpPlan], op_losses: dict[str, float], k: int, source:
 def accuracy_target_fallback(float_model, plans: list[OpPlan], data_path: str, target: str, batch_size: int,
                              max_samples: int | None = 32, max_keep: int | None = None,
                              candidates: list[str] | None = None, weights_dir: str | None = None) -> FallbackResult:
-    """Greedy fallback on ``max_samples`` samples of ``data_path``; every step is logged."""
+    """Sensitivity + bisection on ``max_samples`` samples of ``data_path``; every trial is logged."""
     log = get_run_logger()
     parsed = AccuracyTarget.parse(target)
     source = open_dataset(data_path)
     validate_against_model(source, model_input_specs(float_model), batch_size)
 
     def progress(step):
-        what = "all planned ops in FP8" if step.added is None else f"keep {step.added}"
-        log.info("accuracy target %s step %d (%s): %s %.6g%s", parsed, step.step, what, parsed.metric,
-                 step.metric, " - met" if step.met else "")
+        log.info("accuracy target %s trial %d (%s, %d kept): %s %.6g%s", parsed, step.step, step.phase,
+                 len(step.kept), parsed.metric, step.metric, " - met" if step.met else "")
 
     result = fallback_for_target(float_model, plans, source, parsed, batch_size, max_samples,
-                                 candidates=candidates, max_keep=max_keep, progress=progress, weights_dir=weights_dir)
+                                 candidates=candidates, max_keep=max_keep, progress=progress, weights_dir=weights_dir,
+                                 sensitivity_progress=_progress_every_tenth(log, "accuracy target sensitivity"))
     (log.info if result.met else log.warning)(result.message)
     return result

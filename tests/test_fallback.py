@@ -1,4 +1,4 @@
-"""fp8core.fallback: K worst ops and the greedy accuracy target pick the op that is known to be bad."""
+"""fp8core.fallback: measured sensitivity, K kept ops and the accuracy target pick the ops known to matter."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from fp8core.fallback import (
     AccuracyTarget,
     FallbackError,
     OutputProbe,
+    Trials,
     fallback_for_target,
+    keep_most_sensitive,
     keep_ops,
     keep_worst_ops,
+    measure_sensitivity,
     op_losses_from_comparison,
     worst_ops,
 )
@@ -108,13 +111,15 @@ def test_accuracy_target_keeps_the_bad_op_first_and_stops_when_met():
     result = fallback_for_target(model, plans, source, f"cos_dist={target}", batch_size=8, max_samples=16,
                                  progress=steps.append)
     assert result.met and result.kept == [BAD_OP]
-    assert [s.step for s in steps] == [0, 1] and steps[0].metric == pytest.approx(all_fp8)
-    assert steps[1].metric == pytest.approx(without_bad) and steps[1].met
-    assert set(steps[1].tried) == {"mm_0", "mm_1", "mm_2", "mm_3"}
-    assert min(steps[1].tried.values()) == steps[1].tried[BAD_OP]
+    assert [s.phase for s in steps[:2]] == ["all FP8", "all kept"] and steps[0].metric == pytest.approx(all_fp8)
+    assert result.sensitivity.ranked()[0] == BAD_OP
+    assert result.sensitivity.alone[BAD_OP] == pytest.approx(without_bad)
+    assert set(result.sensitivity.alone) == {"mm_0", "mm_1", "mm_2", "mm_3"}
+    bisect = [s for s in steps if s.phase == "bisect"]
+    assert bisect and bisect[-1].kept == [BAD_OP] or any(s.kept == [BAD_OP] and s.met for s in bisect)
     assert [p.name for p in result.plans if not p.fp8] == [BAD_OP]
     assert "met keeping 1 op" in result.message and BAD_OP in result.format_log()
-    assert result.to_dict()["kept"] == [BAD_OP]
+    assert result.to_dict()["kept"] == [BAD_OP] and result.to_dict()["sensitivity"]["ops"][0]["name"] == BAD_OP
 
 
 def test_accuracy_target_met_by_all_fp8_keeps_nothing_and_a_strict_one_keeps_more():
@@ -123,7 +128,7 @@ def test_accuracy_target_met_by_all_fp8_keeps_nothing_and_a_strict_one_keeps_mor
     assert loose.met and loose.kept == [] and len(loose.steps) == 1
     strict = fallback_for_target(model, plans, source, "snr_db=200", max_samples=8)
     assert strict.met and strict.kept[0] == BAD_OP and len(strict.kept) == 4  # only all-float is exact
-    assert strict.steps[-1].metric == float("inf")
+    assert strict.steps[1].phase == "all kept" and strict.steps[1].metric == float("inf")
 
 
 def test_accuracy_target_that_cannot_be_met_says_so_and_keeps_nothing():
@@ -134,7 +139,78 @@ def test_accuracy_target_that_cannot_be_met_says_so_and_keeps_nothing():
     assert all(p.fp8 for p in result.plans)
     capped = fallback_for_target(model, plans, source, "cos_dist=0", max_samples=8, max_keep=2)
     assert not capped.met and len(capped.kept) == 2 and capped.kept[0] == BAD_OP
-    assert "not met after keeping 2 op(s)" in capped.message
+    assert "not met keeping the 2 most helpful op(s)" in capped.message
+
+
+def two_paths(seed=0):
+    """y = x @ w_main + 1e-4 * (x @ w_side): the side MatMul has a weight outlier that saturates
+    (by far the largest noise an op adds itself) but hardly reaches the output; the main MatMul
+    is quantized cleanly yet carries all of the output. Measured effect must pick the main one."""
+    rng = np.random.default_rng(seed)
+    w_main = (rng.standard_normal((SIZE, SIZE)) / np.sqrt(SIZE)).astype(np.float32)
+    w_side = (rng.standard_normal((SIZE, SIZE)) / np.sqrt(SIZE)).astype(np.float32)
+    w_side[3, 5] = 40.0
+    nodes = [h.make_node("MatMul", ["x", "w_main"], ["m"], name="mm_main"),
+             h.make_node("MatMul", ["x", "w_side"], ["s"], name="mm_side"),
+             h.make_node("Mul", ["s", "tiny"], ["s_small"], name="scale_side"),
+             h.make_node("Add", ["m", "s_small"], ["y"], name="add")]
+    graph = h.make_graph(nodes, "two_paths", [h.make_tensor_value_info("x", T.FLOAT, ["N", SIZE])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", SIZE])],
+                         [nh.from_array(w_main, "w_main"), nh.from_array(w_side, "w_side"),
+                          nh.from_array(np.array(1e-4, np.float32), "tiny")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+
+
+def test_sensitivity_finds_the_op_that_matters_where_per_op_noise_does_not():
+    model = prepare_model(two_paths(), 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    x = np.random.default_rng(1).standard_normal((24, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    report = compare_models(model, rewrite_to_fp8(model, plans), plans, source, batch_size=8)
+    assert worst_ops(plans, op_losses_from_comparison(report), 1) == ["mm_side"]  # the noisy op
+
+    probe = OutputProbe(model, source, batch_size=8)
+    sensitivity = measure_sensitivity(Trials(model, plans, probe), ["mm_main", "mm_side"])
+    assert sensitivity.ranked() == ["mm_main", "mm_side"]
+    assert sensitivity.gain("mm_main") > 0.9 * sensitivity.all_fp8  # keeping it removes nearly all the noise
+    kept_plans, kept = keep_most_sensitive(plans, sensitivity, 1)
+    assert kept == ["mm_main"] and [p.name for p in kept_plans if not p.fp8] == ["mm_main"]
+    after = probe.measure(rewrite_to_fp8(model, kept_plans))["snr"]
+    assert after < 0.1 * sensitivity.all_fp8  # what is left is the side path's, within FP8 noise of 1e-4 x
+
+
+def test_bisection_keeps_exactly_the_two_planted_ops():
+    """Two outlier ops (mm_1, mm_3) of a 5-op chain: the target lies between keeping both and
+    keeping either one, so the only answer with two ops is {mm_1, mm_3}; the search must find
+    it with fewer trials than a greedy search (candidates x kept)."""
+    rng = np.random.default_rng(3)
+    inits, nodes, prev = [], [], "x"
+    for i in range(5):
+        w = (rng.standard_normal((SIZE, SIZE)) / np.sqrt(SIZE)).astype(np.float32)
+        if i in (1, 3):
+            w[2 * i, 5] = 40.0
+        inits.append(nh.from_array(w, f"w{i}"))
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm_{i}"))
+        out = "y" if i == 4 else f"r{i}"
+        nodes.append(h.make_node("Relu", [f"m{i}"], [out], name=f"relu_{i}"))
+        prev = out
+    graph = h.make_graph(nodes, "chain5", [h.make_tensor_value_info("x", T.FLOAT, ["N", SIZE])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", SIZE])], inits)
+    model = prepare_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    x = np.random.default_rng(1).standard_normal((24, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    probe = OutputProbe(model, source, batch_size=8)
+
+    def snr(kept):
+        return probe.measure(rewrite_to_fp8(model, keep_ops(plans, kept, "t")))["snr"]
+
+    both, one = snr(["mm_1", "mm_3"]), min(snr(["mm_1"]), snr(["mm_3"]))
+    assert both < one / 4
+    result = fallback_for_target(model, plans, source, f"snr={(both * one) ** 0.5}", batch_size=8)
+    assert result.met and sorted(result.kept) == ["mm_1", "mm_3"]
+    assert result.trials < 1 + 1 + 5 + 4  # greedy: every candidate, then every other one
+
 
 
 @pytest.mark.parametrize("text, message", [

@@ -117,6 +117,17 @@ def test_config_rejects_unknown_keys_and_duplicate_names(tmp_path):
         load_config(_write_config(tmp_path / "c.json", [{"name": "m", "model": "m", "calibration_dir": "."}] * 2))
 
 
+def test_output_dir_expands_home_and_the_shipped_config_writes_outside_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "data").mkdir()
+    config = load_config(_write_config(tmp_path / "c.json", [
+        {"name": "m", "model": "m.onnx", "calibration_dir": "."}], data_dir="data", output_dir="~/fp8-out"))
+    assert config.output_dir == (tmp_path / "home" / "fp8-out").resolve()
+    shipped = load_config(REPO / "deployments" / "models.yaml")
+    assert REPO.resolve() not in shipped.output_dir.parents
+    assert shipped.output_dir == (tmp_path / "home" / ".local/share/fp8-pipeline/nightly").resolve()
+
+
 def test_newest_calibration_data_wins(tmp_path):
     for i, name in enumerate(["b.parquet", "a.npz", "notes.txt"]):
         (tmp_path / name).write_bytes(b"x")
@@ -300,6 +311,14 @@ def test_on_demand_deployment_records_artifacts_mlflow_registry_and_reuses_captu
     assert version.run_id == run.info.run_id and version.source.endswith("fp8_model")
     local = client.download_artifacts(run.info.run_id, "fp8_model", str(stack["root"] / "download"))
     assert (Path(local) / "demo_fp8.onnx").read_bytes() == (out / "demo_fp8.onnx").read_bytes()
+    # where the README says the registered model's file is: under the server's --artifacts-destination
+    stored = stack["root"] / "mlartifacts" / run.info.experiment_id / run.info.run_id / "artifacts" / "fp8_model"
+    assert (stored / "demo_fp8.onnx").read_bytes() == (out / "demo_fp8.onnx").read_bytes()
+    # and the README's download command
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stack["mlflow"]}
+    subprocess.run([str(BIN / "mlflow"), "artifacts", "download", "-u", "models:/demo-fp8-ops/1",
+                    "-d", str(stack["root"] / "by-version")], env=env, check=True, capture_output=True)
+    assert (stack["root"] / "by-version" / "demo_fp8.onnx").read_bytes() == (out / "demo_fp8.onnx").read_bytes()
 
     second = _run_deployment(stack["prefect"], "fp8-convert/fp8-convert-on-demand", {"params": params})
     assert second["state"]["type"] == "COMPLETED", _logs_of(stack)
@@ -350,6 +369,90 @@ def test_nightly_deployment_requantizes_only_the_changed_model(stack):
     exp = client.get_experiment_by_name("ops-nightly")
     assert len(client.search_runs([exp.experiment_id])) == 3  # a, b, then a again
     assert client.get_registered_model("a-fp8").latest_versions[0].version == "2"
+
+
+def _flow_run_log_text(prefect: str, flow_run_id: str, expected: str, timeout: float = 30) -> str:
+    """The run's log messages as the server has them, once ``expected`` is among them (the
+    runner's subprocess sends its logs in batches, some after the run's final state)."""
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=prefect, timeout=30) as api:
+        while True:
+            text = "\n".join(entry["message"] for entry in _call(api, "POST", "/logs/filter", json=body))
+            if expected in text or time.monotonic() > deadline:
+                return text
+            time.sleep(1)
+
+
+def test_failed_deployment_run_shows_the_one_line_error_and_no_traceback(stack):
+    missing = stack["root"] / "no_such_model.onnx"
+    params = {"input_model": str(missing), "mlflow_tracking_uri": stack["mlflow"], "experiment_name": "ops-failures"}
+    run = _run_deployment(stack["prefect"], "fp8-convert/fp8-convert-on-demand", {"params": params})
+    assert run["state"]["type"] == "FAILED", _logs_of(stack)
+    message = run["state"]["message"]
+    assert str(missing) in message and "\n" not in message, message
+    text = _flow_run_log_text(stack["prefect"], run["id"], str(missing))
+    assert str(missing) in text, text
+    assert "Traceback" not in text, text
+
+    # the nightly flow with an unreadable config: one line as well
+    bad_config = stack["root"] / "bad_models.yaml"
+    bad_config.write_text("models: [")
+    nightly = _run_deployment(stack["prefect"], "fp8-requantize-nightly/fp8-requantize-nightly",
+                              {"config_path": str(bad_config)})
+    assert nightly["state"]["type"] == "FAILED", _logs_of(stack)
+    assert "bad_models.yaml" in nightly["state"]["message"]
+    text = _flow_run_log_text(stack["prefect"], nightly["id"], "bad_models.yaml")
+    assert "bad_models.yaml" in text and "Traceback" not in text, text
+
+
+def _serve_and_stop(procs: Processes, name: str, env: dict, root: Path, prefect_url: str, stop_server=None) -> float:
+    """Start deployments.serve, wait until it registered both deployments, (stop the server,) SIGTERM it;
+    the seconds it took to exit."""
+    serve, slog = procs.start(name, [sys.executable, "-m", "deployments.serve"], env, root)
+    _wait_http(f"{prefect_url}/deployments/name/fp8-convert/fp8-convert-on-demand", serve, slog, 120)
+    time.sleep(2)  # let the runner start polling
+    if stop_server is not None:
+        stop_server()
+    t0 = time.monotonic()
+    os.killpg(serve.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        serve.wait(timeout=30)
+    took = time.monotonic() - t0
+    assert serve.poll() is not None, slog.read_text()[-3000:]
+    return took
+
+
+def test_serve_exits_soon_after_sigterm_with_the_server_up_or_gone(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_UI_ENABLED="false",
+               PYTHONUNBUFFERED="1")
+    procs = Processes(tmp_path)
+    try:
+        port = _free_port()
+        prefect_url = f"http://127.0.0.1:{port}/api"
+        (tmp_path / "server-home").mkdir()
+        server, log = procs.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                                     "--port", str(port)],
+                                  {**env, "PREFECT_HOME": str(tmp_path / "server-home")}, tmp_path)
+        _wait_http(f"{prefect_url}/health", server, log, 120)
+        (tmp_path / "serve-home").mkdir()
+        serve_env = {**env, "PREFECT_HOME": str(tmp_path / "serve-home"), "PREFECT_API_URL": prefect_url}
+
+        took = _serve_and_stop(procs, "serve-1", serve_env, tmp_path, prefect_url)
+        assert took < 10, took
+        with httpx.Client(base_url=prefect_url, timeout=30) as api:  # stopping paused the deployments
+            dep = _call(api, "GET", "/deployments/name/fp8-requantize-nightly/fp8-requantize-nightly")
+        assert dep["paused"] is True
+
+        def stop_server():
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+        took = _serve_and_stop(procs, "serve-2", serve_env, tmp_path, prefect_url, stop_server)
+        assert took < 10, (took, (tmp_path / "serve-2.log").read_text()[-3000:])
+    finally:
+        procs.close()
 
 
 def test_corrupt_cache_entry_is_recomputed_not_trusted(tmp_path, monkeypatch):

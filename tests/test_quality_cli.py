@@ -45,7 +45,12 @@ def test_compare_keep_worst_and_accuracy_target_end_to_end(tmp_path, capsys):
     assert run.data.tags["num_of_layers_keep_fp16"] in config_names
     assert any(k.startswith("compare_output/") for k in run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"precision_compare.log", "precision_compare.json", "accuracy_target.json"} <= names
+    assert {"precision_compare.log", "precision_compare.json", "accuracy_target.json", "op_sensitivity.json",
+            "op_sensitivity.png"} <= names
+    sensitivity = json.loads(Path(client.download_artifacts(run.info.run_id, "op_sensitivity.json", str(tmp_path)))
+                             .read_text())
+    assert sensitivity["ops"][0]["name"] == run.data.tags["num_of_layers_keep_fp16"]  # the op that helps most
+    assert {o["name"] for o in sensitivity["ops"]} == config_names
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -71,7 +76,7 @@ def test_accuracy_target_max_keep_keeps_the_best_ops_found_and_says_the_target_i
                       "--accuracy_target_max_keep", "2", "--accuracy_target_samples", "16"))
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "not met after keeping 2 op(s)" in out
+    assert "not met keeping the 2 most helpful op(s)" in out
     assert len(_fp8_ops(tmp_path / "m_fp8.onnx")) == 2  # 4 FP8-able ops, the 2 chosen kept in float
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
