@@ -100,7 +100,8 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float, log_name:
     return result
 
 
-def fp8_convert_cmd(model: Path, out: Path, calib: Path | None, loss: str | None) -> list[str]:
+def fp8_convert_cmd(model: Path, out: Path, calib: Path | None, loss: str | None,
+                    extra: list[str] = ()) -> list[str]:
     exe = Path(sys.executable).parent / "fp8-convert"
     cmd = [str(exe) if exe.exists() else "fp8-convert", "--input_model", str(model),
            "--output_model", str(out)]
@@ -108,7 +109,7 @@ def fp8_convert_cmd(model: Path, out: Path, calib: Path | None, loss: str | None
         cmd += ["--quantize", "--data_preprocess", str(calib)]
     if loss is not None:
         cmd += ["--quantize_loss_type", loss]
-    return cmd
+    return cmd + list(extra)
 
 
 def ort_quantize_main(argv: list[str]) -> int:
@@ -232,20 +233,24 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
     env = dict(os.environ)
     env["FP8_CACHE_DIR"] = str(wd / "stat_cache")  # fresh statistics cache per model
     env.setdefault("PYTHONUNBUFFERED", "1")
-    jobs: list[tuple[str, list[str]]] = [
+    jobs: list[tuple[str, list[str]]] = [] if args.only_variants else [
         ("fast", fp8_convert_cmd(model, wd / "out_fast.onnx", None, None)),
         ("quantize", fp8_convert_cmd(model, wd / "out_q.onnx", calib_path, None)),
     ]
+    outputs = {}
+    for name, flags in args.variant:
+        jobs.append((f"variant_{name}", fp8_convert_cmd(model, wd / f"out_v_{name}.onnx", calib_path, None, flags)))
+        outputs[f"variant_{name}"] = f"out_v_{name}.onnx"
     if args.losses:
         jobs += [(f"quantize_{loss}", fp8_convert_cmd(model, wd / f"out_q_{loss}.onnx", calib_path, loss))
                  for loss in LOSSES]
-    if not args.skip_ort:
+    if not (args.skip_ort or args.only_variants):
         for mode in ("fp8", "int8"):
             jobs.append((f"ort_{mode}", [sys.executable, str(Path(__file__).resolve()), "--ort-quantize",
                                           mode, str(model), str(calib_path), str(wd / f"out_ort_{mode}.onnx"),
                                           json.dumps(spec.batch_axes)]))
-    outputs = {"fast": "out_fast.onnx", "quantize": "out_q.onnx", "ort_fp8": "out_ort_fp8.onnx",
-               "ort_int8": "out_ort_int8.onnx", **{f"quantize_{l}": f"out_q_{l}.onnx" for l in LOSSES}}
+    outputs.update({"fast": "out_fast.onnx", "quantize": "out_q.onnx", "ort_fp8": "out_ort_fp8.onnx",
+                    "ort_int8": "out_ort_int8.onnx", **{f"quantize_{l}": f"out_q_{l}.onnx" for l in LOSSES}})
     for key, cmd in jobs:
         print(f"[{spec.name}] {key} ...", flush=True)
         r = run_measured(cmd, wd, env, args.timeout, key)
@@ -329,6 +334,17 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
             if "runs" in rec:
                 lines.append(f"| {rec['name']} | {rec['primary']} | " +
                              " | ".join(cell(rec, f"quantize_{l}") for l in LOSSES) + " |")
+    variants = sorted({k for r in records for k in r.get("runs", {}) if k.startswith("variant_")})
+    if variants:
+        flags = {f"variant_{name}": " ".join(f) for name, f in meta.get("variants", [])}
+        lines += ["", "## --quantize variants", "",
+                  *[f"* `{v.removeprefix('variant_')}`: `--quantize {flags.get(v, '?')}`" for v in variants], "",
+                  "| model | metric | --quantize | " + " | ".join(v.removeprefix("variant_") for v in variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for rec in records:
+            if "runs" in rec:
+                lines.append(f"| {rec['name']} | {rec['primary']} | {cell(rec, 'quantize')} | "
+                             + " | ".join(cell(rec, v) for v in variants) + " |")
     lines += ["", "## Models", ""]
     for rec in records:
         lines.append(f"* **{rec['name']}** ({rec['package']}, `{rec['source']}`"
@@ -441,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's FP8/INT8 quantizers")
     p.add_argument("--losses", action="store_true",
                    help="also --quantize with each --quantize_loss_type " + ",".join(LOSSES))
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   type=lambda t: (t.partition("=")[0], t.partition("=")[2].split()),
+                   help="also --quantize with these extra fp8-convert flags, e.g. "
+                        "keep1=\"--num_of_layers_keep_fp16 1\" (repeatable)")
+    p.add_argument("--only-variants", action="store_true", help="run only the --variant conversions")
     p.add_argument("--cache-dir", type=Path, default=zoo.default_cache_dir())
     p.add_argument("--out", type=Path, default=RESULTS / "real_models",
                    help="output path without suffix (.md and .json are written)")
@@ -468,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "git": git_head(), "onnxruntime": onnxruntime.__version__,
-            "argv": argv, "argv_models": names}
+            "argv": argv, "argv_models": names, "variants": args.variant}
     workdir = Path(tempfile.mkdtemp(prefix="fp8_real_models_"))
     records = []
     kept: dict[str, dict] = {}

@@ -29,12 +29,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.params import DEFAULT_LOSS, FormatName, LossName
+from fp8core.errors import FP8Error
 
 CALIBRATION_SUFFIXES = (".parquet", ".npz", ".pkl", ".pickle")
 STATE_FILE = "requantize_state.json"
 
 
-class ConfigError(ValueError):
+class ConfigError(FP8Error):
     """The re-quantization config is unreadable, invalid, or names a path outside its roots."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from fp8core.errors import first_line
+
 
 class UsageError(Exception):
     """A malformed command line."""
@@ -19,19 +21,9 @@ class UsageError(Exception):
 def user_error_types() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from deployments.config import ConfigError
-    from fp8core.calibration import CalibrationDataError
-    from fp8core.capture import CaptureError
-    from fp8core.compare import CompareError
-    from fp8core.fallback import FallbackError
-    from fp8core.formats import UnknownFormatError
-    from fp8core.graph import ModelError
-    from fp8core.inputs import InputLayoutError
-    from fp8core.modelio import OutputError
-    from fp8core.search import NoFiniteValuesError
+    from fp8core.errors import FP8Error
 
-    return (ValidationError, ModelError, OutputError, CalibrationDataError, UnknownFormatError, UsageError,
-            CaptureError, CompareError, FallbackError, NoFiniteValuesError, InputLayoutError, ConfigError)
+    return (FP8Error, ValidationError, UsageError)  # the config's ConfigError is an FP8Error too
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -48,7 +40,7 @@ def one_line(exc: BaseException) -> str:
         msg = err["msg"].removeprefix("Value error, ").strip().splitlines()[0]
         # our own validators already name the flag; pydantic's built-in messages do not
         return f"--{loc}: {msg}" if loc and not msg.startswith("--") else msg
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(exc)
 
 
 class _DropUserErrorTracebacks(logging.Filter):

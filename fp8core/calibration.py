@@ -49,6 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fp8core.errors import FP8Error
+
 PARQUET_SUFFIXES = (".parquet",)
 NPZ_SUFFIXES = (".npz",)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -59,7 +61,7 @@ _ROW_GROUP_TARGET_BYTES = 64 * 2**20
 _FINGERPRINT_CHUNK_BYTES = 2**20
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(FP8Error):
     """The calibration data cannot be used; the message says what is wrong and how to fix it."""
 
 

@@ -12,16 +12,17 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from fp8core.errors import FP8Error, first_line
 from fp8core.bodies import expose_values
 from fp8core.calibration import CalibrationSource
-from fp8core.graph import _first_line, graph_inputs
+from fp8core.graph import graph_inputs
 from fp8core.inputs import input_specs, stack_feeds
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session, session_options
 from fp8core.stats import TensorStats
 
 
-class CaptureError(ValueError):
+class CaptureError(FP8Error):
     """A calibration batch made onnxruntime fail; the message names the samples."""
 
 
@@ -59,7 +60,7 @@ def _failing_sample(session, tensors, model, batch, start) -> str:
         try:
             session.run(tensors, input_feeds(model, {k: v[i:i + 1] for k, v in batch.items()}))
         except Exception as exc:
-            return f"calibration sample {start + i} makes onnxruntime fail: {_first_line(exc)}"
+            return f"calibration sample {start + i} makes onnxruntime fail: {first_line(exc)}"
     return f"onnxruntime failed on calibration samples {start}..{start + n - 1}"
 
 

@@ -57,6 +57,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from fp8core.errors import FP8Error, first_line
 from fp8core.calibration import CalibrationSource
 from fp8core.charts import per_op_bar_chart
 from fp8core.capture import input_feeds
@@ -75,7 +76,7 @@ HISTOGRAM_RANGES: tuple[str, ...] = ("two_pass", "first_batch")
 METRICS: tuple[str, ...] = ("mse", "mae", "snr", "snr_db", "cos_dist")
 
 
-class CompareError(ValueError):
+class CompareError(FP8Error):
     """The comparison cannot run; the message says what is wrong and how to fix it."""
 
 
@@ -380,7 +381,7 @@ def _run(session, names: list[str], feeds: dict, which: str, start: int, n: int)
     try:
         return session.run(names, feeds)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise CompareError(f"onnxruntime failed running the {which} model on samples {start}..{start + n - 1}: {msg}") from None
 
 

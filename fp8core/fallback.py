@@ -16,9 +16,9 @@ image pixels may decide the result.
   ``cos_dist`` (met when ``<= VALUE``), ``snr_db`` or ``top1_agreement`` (argmax of the first
   output over its last axis; met when ``>= VALUE``).
 
-Cost: one rewrite and one run of the subset per trial (:class:`Trials`; the FP8 weights are
-encoded once): ``2 + candidates + log2(candidates) + kept`` for a target instead of the
-``candidates x kept`` of a greedy search. The subset (``max_samples`` first samples, default 32)
+Cost: one run of the subset per trial (:class:`Trials`: one switchable model, one session):
+``2 + candidates + log2(candidates) + kept`` runs for a target instead of the
+``candidates x kept`` rewrites and sessions of a greedy search. The subset (``max_samples`` first samples, default 32)
 and the original model's outputs on it are held in memory, so memory is bounded by the subset.
 """
 
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx
 
+from fp8core.errors import FP8Error, first_line
 from fp8core.calibration import CalibrationSource
 from fp8core.compare import ComparisonReport, CompareError, TensorComparison, sample_batches
 from fp8core.plan import OpPlan
@@ -44,7 +45,7 @@ KEEP_REASON_WORST = "kept: among the {k} worst ops by {source} (--num_of_layers_
 KEEP_REASON_TARGET = "kept: needed for --accuracy_target {target} (step {step})"
 
 
-class FallbackError(ValueError):
+class FallbackError(FP8Error):
     """A fallback flag has a bad value; the message says what is wrong and how to fix it."""
 
 
@@ -187,14 +188,18 @@ class OutputProbe:
 
     def measure(self, model: onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""
-        session = make_session(model, weights_dir=self.weights_dir)
+        return self.measure_session(make_session(model, weights_dir=self.weights_dir))
+
+    def measure_session(self, session, extra_feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+        """:meth:`measure` of a model already in a session (``extra_feeds`` go with every batch)."""
+        extra_feeds = extra_feeds or {}
         rows = [TensorComparison(n, n, "model_output", None, 0) for n in self.output_names]
         agree = total = 0
         for feeds, reference in self.batches:
             try:
-                outputs = session.run(self.output_names, feeds)
+                outputs = session.run(self.output_names, {**feeds, **extra_feeds})
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise CompareError(f"onnxruntime failed on a candidate FP8 model: {first}") from None
             for row, x, y in zip(rows, reference, outputs):
                 row.update(x, y)
@@ -210,30 +215,51 @@ class OutputProbe:
 class Trials:
     """Candidate FP8 models that keep some ops in original precision, measured on the probe.
 
-    The FP8 weights are encoded once and every trial reuses their bytes; a set of kept ops is
+    One model and one session serve every trial: each FP8 op reads ``Where(keep_flag, original
+    input, dequantized input)`` (``rewrite_to_fp8(switches=...)``), so a trial is a run of the
+    probe's samples with some flags set - no rewrite, no session build. A set of kept ops is
     measured once (results are remembered), so the searches below can ask freely.
     """
 
     def __init__(self, float_model: onnx.ModelProto, plans: list[OpPlan], probe: OutputProbe,
                  weights_dir: str | None = None):
         self.float_model, self.plans, self.probe, self.weights_dir = float_model, plans, probe, weights_dir
-        self.encoded = encode_weights(float_model, plans, weights_dir)
         self.position = {p.name: p.position for p in plans}
+        self.flags = {name: f"fp8_keep_switch_{i}" for i, name in enumerate(fp8_op_names(plans))}
+        self.encoded = encode_weights(float_model, plans, weights_dir)
+        # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow copy
+        # keeps them for the exact trials
+        switched = rewrite_to_fp8(float_model, plans, dict(self.encoded), weights_dir, switches=self.flags)
+        self.session = make_session(switched, weights_dir=weights_dir)
+        del switched
         self._seen: dict[frozenset, dict[str, float]] = {}
+        self._exact: dict[frozenset, dict[str, float]] = {}
+
+    def exact_metrics(self, kept: Iterable[str]) -> dict[str, float]:
+        """The metrics of the model really rewritten with ``kept`` in original precision: what the
+        user gets. The switched session agrees to rounding, but onnxruntime's optimizer may fuse
+        FP16 ops differently around the switches (a 1e-5 relative difference, where a target like
+        snr_db=200 needs every op kept to be exact)."""
+        key = frozenset(kept)
+        if key not in self._exact:
+            model = rewrite_to_fp8(self.float_model, keep_ops(self.plans, key, "kept: trial"), dict(self.encoded),
+                                   self.weights_dir)
+            self._exact[key] = self.probe.measure(model)
+        return self._exact[key]
 
     def metrics(self, kept: Iterable[str]) -> dict[str, float]:
         key = frozenset(kept)
         if key not in self._seen:
-            trial = keep_ops(self.plans, key, "kept: trial")
-            # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow
-            # copy per trial keeps them for the next trials
-            model = rewrite_to_fp8(self.float_model, trial, dict(self.encoded), self.weights_dir)
-            self._seen[key] = self.probe.measure(model)
+            unknown = key - set(self.flags)
+            if unknown:
+                raise FallbackError(f"cannot keep {', '.join(sorted(unknown))}: not an FP8 op of this plan")
+            feeds = {flag: np.array(name in key) for name, flag in self.flags.items()}
+            self._seen[key] = self.probe.measure_session(self.session, feeds)
         return self._seen[key]
 
     @property
     def count(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + len(self._exact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +346,7 @@ class FallbackStep:
     """One measured trial of the search: which ops were kept and the metric it gave."""
 
     step: int
-    phase: str  # "all FP8", "all kept", "bisect", "prune"
+    phase: str  # "all FP8", "all kept", "bisect", "prune", "final" (all but bisect/prune: the real rewrite)
     kept: list[str]
     metric: float
     met: bool
@@ -404,7 +430,8 @@ def fallback_for_target(
     steps: list[FallbackStep] = []
 
     def measured(kept: list[str], phase: str) -> FallbackStep:
-        value = trials.metrics(kept)[target.metric]
+        exact = phase in ("all FP8", "all kept", "final")
+        value = (trials.exact_metrics(kept) if exact else trials.metrics(kept))[target.metric]
         step = FallbackStep(len(steps), phase, list(kept), value, target.met(value))
         steps.append(step)
         if progress:
@@ -448,7 +475,13 @@ def fallback_for_target(
     for name in reversed(order[:hi]):  # least helpful first
         if len(kept) > 1 and measured([n for n in kept if n != name], "prune").met:
             kept = [n for n in kept if n != name]
-    final = trials.metrics(kept)[target.metric]
+    final = measured(kept, "final")
+    if not final.met and limit == len(pool):  # switched runs and the rewrite disagree at the target's edge
+        kept, final = order, measured(order, "final")  # every candidate kept: met, measured above
+    if not final.met:
+        return result(kept, False, all_kept,
+                      f"target {target} not met: keeping {', '.join(kept)} gives {target.metric} "
+                      f"{final.metric:.6g} in the converted model - raise max_keep or relax the target", sensitivity)
     return result(kept, True, all_kept,
                   f"target {target} met keeping {len(kept)} op(s) in original precision: "
-                  f"{', '.join(kept)} ({target.metric} {final:.6g}; {trials.count} trials)", sensitivity)
+                  f"{', '.join(kept)} ({target.metric} {final.metric:.6g}; {trials.count} trials)", sensitivity)

@@ -30,9 +30,10 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from fp8core.errors import first_line
 from fp8core.calibration import CalibrationSource
 from fp8core.capture import CaptureError, input_feeds
-from fp8core.graph import _first_line, graph_inputs
+from fp8core.graph import graph_inputs
 from fp8core.runtime import make_session, session_options
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
@@ -151,7 +152,7 @@ def capture_feature_moments(model: onnx.ModelProto, requests: dict[str, tuple[Ro
             outputs = dict(zip(tensors, session.run(tensors, input_feeds(model, batch))))
         except Exception as exc:
             raise CaptureError(f"onnxruntime failed on calibration samples {start}..{start + n - 1}: "
-                               f"{_first_line(exc)}") from None
+                               f"{first_line(exc)}") from None
         for m in moments.values():
             m.update(outputs[m.rows.tensor])
         del outputs

@@ -37,6 +37,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 
+from fp8core.errors import FP8Error
+
 NanStyle = Literal["fnuz", "fn", "ieee"]
 
 
@@ -130,7 +132,7 @@ FORMATS: dict[str, FP8Format] = {f.name: f for f in (F143, F152, E4M3FN, E5M2)}
 ALIASES: dict[str, str] = {"E4M3FNUZ": "F143", "E5M2FNUZ": "F152"}
 
 
-class UnknownFormatError(ValueError, KeyError):
+class UnknownFormatError(FP8Error, KeyError):
     """An FP8 format name, alias or ONNX element type that is not in :data:`FORMATS`.
 
     A ValueError (a bad parameter) and a KeyError (a failed lookup), so callers may catch either.

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fp8core.errors import FP8Error, first_line
+
 # The op list (SPEC section 1): the ops that compute on FP8 inputs and weights. One place.
 FP8_OP_TYPES: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
 
@@ -25,7 +27,7 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 MIN_FP8_OPSET = 19  # FP8 element types exist in QuantizeLinear/DequantizeLinear from opset 19
 
 
-class ModelError(ValueError):
+class ModelError(FP8Error):
     """The input model cannot be used; the message says why and what to do."""
 
 
@@ -51,7 +53,7 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, ...
         raise ModelError(
-            f"input model {path!r} is not a readable ONNX model ({_first_line(exc)}); "
+            f"input model {path!r} is not a readable ONNX model ({first_line(exc)}); "
             "is the file truncated or not an .onnx file?"
         ) from None
     if not model.graph.node:
@@ -61,7 +63,7 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     try:
         onnx.checker.check_model(path)  # checks external data locations too
     except Exception as exc:
-        raise ModelError(f"input model {path!r} fails the ONNX checker: {_first_line(exc)}") from None
+        raise ModelError(f"input model {path!r} fails the ONNX checker: {first_line(exc)}") from None
     weights_dir = os.path.dirname(os.path.abspath(path))
     for tensor in external_tensors(model):
         check_external_tensor(tensor, weights_dir)  # a short or missing data file fails here, not mid-run
@@ -74,11 +76,6 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
 
 
 LAZY_MIN_BYTES = 64 * 1024  # with load_weights=False, external tensors below this are still read
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- external data ----------------------------------------------------------------------------

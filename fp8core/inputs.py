@@ -25,13 +25,14 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
+from fp8core.errors import FP8Error
 from fp8core.graph import graph_inputs
 
 BATCH_AXES_KEY = "fp8_pipeline.input_batch_axes"
 BATCH_NAMES = ("batch", "batch_size", "n", "b", "bs", "n_batch", "batchsize", "unk__0")
 
 
-class InputLayoutError(ValueError):
+class InputLayoutError(FP8Error):
     """An input layout flag does not fit the model; the message says how to fix it."""
 
 

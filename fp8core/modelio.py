@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fp8core.errors import FP8Error
 from fp8core.graph import (
     ModelError,
     _copy_fields,
@@ -28,7 +29,7 @@ from fp8core.graph import (
 from fp8core.runtime import make_session
 
 
-class OutputError(ValueError):
+class OutputError(FP8Error):
     """The output cannot be written where asked; the message says what to do."""
 
 

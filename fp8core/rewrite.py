@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fp8core.errors import first_line
 from fp8core.formats import encode, get_format, scale_value
 from fp8core.graph import (
     MIN_FP8_OPSET,
@@ -93,7 +94,7 @@ def prepare_model(
         try:
             light = onnx.version_converter.convert_version(light, opset)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(
                 f"could not upgrade the model from opset {default_opset(light)} to {opset} ({first}); "
                 "re-export it with opset >= 19"
@@ -124,7 +125,7 @@ def repair_declared_shapes(model: onnx.ModelProto, final: bool = True) -> str | 
         onnx.checker.check_model(model, full_check=True)
         return None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
     if "Inferred shape and existing shape differ" not in first and "shape" not in first.lower():
         if not final:
             return None
@@ -145,7 +146,7 @@ def repair_declared_shapes(model: onnx.ModelProto, final: bool = True) -> str | 
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:
-            again = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            again = first_line(exc)
             raise ModelError(f"the input model fails the full ONNX checker ({again[:200]}); this is a defect of "
                              "the input model, not of the conversion: re-export it") from None
     if "Field 'shape'" in first:
@@ -285,8 +286,13 @@ def rewrite_to_fp8(
     plans: list[OpPlan],
     encoded: dict[WeightKey, np.ndarray] | None = None,
     weights_dir: str | None = None,
+    switches: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); the model is untouched.
+
+    ``switches`` (FP8 op name -> name of a new scalar bool graph input): those ops read
+    ``Where(input, original, dequantized)`` for each quantized input, so one session measures
+    any set of them kept in original precision (fp8core.fallback.Trials); not for saving.
 
     ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded
     here (read from ``weights_dir`` when external). Each entry is removed from ``encoded`` once it
@@ -376,6 +382,11 @@ def rewrite_to_fp8(
                         make = weight_dq if q.role == "weight" else activation_qdq
                         nodes.extend(make(q.tensor, q.params, plan.elem_type, done))
                     node.input[q.index] = done[key]
+                    if switches and node.name in switches:
+                        chosen = fresh(f"{node.input[q.index]}_or_float")
+                        nodes.append(helper.make_node("Where", [switches[node.name], q.tensor, done[key]], [chosen],
+                                                      name=fresh(f"{node.name}_keep_switch")))
+                        node.input[q.index] = chosen
             elif any(True for _ in subgraphs(node)):
                 node = copy.deepcopy(node)
                 for _, sub in subgraphs(node):
@@ -398,6 +409,8 @@ def rewrite_to_fp8(
     graph.node.extend(kept_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits + new_inits)
+    for op, flag in sorted((switches or {}).items(), key=lambda kv: kv[1]):
+        graph.input.append(helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
     # IR<4 models list initializers as inputs too: drop the ones that are gone.
     gone = (graph_input_names - {t.name for t in graph.initializer}) | added_inputs
     if gone:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fp8core.errors import FP8Error
 from fp8core.formats import FP8Format, get_format, round_trip
 from fp8core.losses import Loss, error_sums_from_arrays, error_sums_from_bins, get_loss, mse
 from fp8core.stats import TensorStats
@@ -40,7 +41,7 @@ below the smallest FP8 subnormal, an overflow saturates), every float32 subnorma
 TIE_RTOL = 1e-9
 
 
-class NoFiniteValuesError(ValueError):
+class NoFiniteValuesError(FP8Error):
     pass
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fp8core.graph import ModelError, _first_line
+from fp8core.errors import first_line
+from fp8core.graph import ModelError
 from fp8core.inputs import PROBE_SIZES, InputLayoutError, input_specs, probe_feeds, stack_feeds
 from fp8core.runtime import make_session
 
@@ -64,7 +65,7 @@ def probe_reference(model: onnx.ModelProto, weights_dir: str | None = None) -> R
     try:
         session = _disable_all_session(model, weights_dir)
     except Exception as exc:
-        raise ModelError(f"the input model does not load in onnxruntime: {_first_line(exc)}") from None
+        raise ModelError(f"the input model does not load in onnxruntime: {first_line(exc)}") from None
     names = [o.name for o in session.get_outputs()]
     for size in PROBE_SIZES:
         feeds = probe_feeds(specs, size)
@@ -96,7 +97,7 @@ def check_same_outputs(reference: Reference, model, what: str, weights_dir: str 
     try:
         names, outputs = run_float(model, reference.feeds, weights_dir)
     except Exception as exc:
-        raise ModelError(f"{what}: the model no longer runs on {reference.source}: {_first_line(exc)}") from None
+        raise ModelError(f"{what}: the model no longer runs on {reference.source}: {first_line(exc)}") from None
     for name, want, got in zip(reference.names, reference.outputs, outputs):
         if np.shape(want) != np.shape(got):
             raise ModelError(f"{what}: output {name!r} changed shape {np.shape(want)} -> {np.shape(got)}")

@@ -247,3 +247,27 @@ def test_fallback_trials_reuse_the_encoded_weights(monkeypatch):
     fallback_for_target(model, plans, source, "snr_db=200", batch_size=8, max_samples=8)  # many trials
     weights = {q.tensor for p in plans if p.fp8 for q in p.input("weight") if q.params is not None}
     assert len(calls) == len(weights)
+
+
+@pytest.mark.parametrize("kind", ["float16_cnn", "loop_body_matmul", "if_branches"])
+def test_one_switchable_session_measures_what_a_rewrite_with_kept_ops_gives(kind):
+    """Trials run one model whose FP8 ops each read Where(flag, original, dequantized); any set of
+    flags must give the metrics of the model rewritten with those ops kept (bodies, FP16 too)."""
+    from tests import real_graphs
+
+    float_model, data = real_graphs.ALL[kind]()
+    model = prepare_model(float_model, 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -2), weight_params=QuantParams("F143", -4))
+    names = [p.name for p in plans if p.fp8]
+    assert names, kind
+    source = ArraySource(Path("d.npz"), data)
+    probe = OutputProbe(model, source, batch_size=6)
+    trials = Trials(model, plans, probe)
+    for kept in ([], names[:1], names[-1:], names):
+        want = probe.measure(rewrite_to_fp8(model, keep_ops(plans, kept, "t")))
+        assert trials.exact_metrics(kept) == want
+        got = trials.metrics(kept)
+        # to rounding: onnxruntime's optimizer may fuse FP16 ops differently around the switches
+        for metric in ("mse", "snr", "cos_dist", "top1_agreement"):
+            assert got[metric] == pytest.approx(want[metric], rel=1e-3, abs=1e-9), (kind, kept, metric)
+    assert trials.exact_metrics(names)["snr"] == 0 and trials.metrics([])["snr"] > 1e-6
