@@ -466,24 +466,36 @@ def _num(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
 
-def format_compare_log(report: ComparisonReport) -> str:
-    """precision_compare.log: one table in graph order, worst ops marked, then the statistics."""
+def format_compare_log(report: ComparisonReport, keep_gain: dict[str, float] | None = None,
+                       gain_metric: str = "snr") -> str:
+    """precision_compare.log: one table in graph order, worst ops marked, then the statistics.
+
+    ``keep_gain`` (op label -> how much keeping that op alone in original precision lowers the
+    model outputs' ``gain_metric``, see :class:`fp8core.fallback.Sensitivity`) adds a column and
+    marks the ops that matter most for the output, which are often not the noisiest ones."""
     worst = {r.label: i + 1 for i, r in enumerate(report.worst_ops())}
+    keep_gain = keep_gain or {}
+    matters = {n: i + 1 for i, n in enumerate(sorted((n for n in keep_gain if keep_gain[n] == keep_gain[n]),
+                                                     key=lambda n: -keep_gain[n])[:WORST_MARKED])}
     lines = [f"FP8 precision comparison on {report.samples} samples"
              + (f" of {report.data}" if report.data else ""),
              f"x = original, y = FP8, e = y - x; snr = sum e^2 / sum x^2 (noise/signal), "
              f"snr_db = -10 log10(snr); added_snr = snr - snr of the op's input (the op's own part); histograms: {HISTOGRAM_BINS} bins, range {report.histogram_range}",
+             *([f"keep_gain = how much the model outputs' {gain_metric} drops when this op alone is kept in "
+                f"original precision (measured; the ops that matter most are marked)"] if keep_gain else []),
              ""]
     header = (f"{'#':>3}  {'tensor':<28} {'kind':<12} {'mse':>10} {'mae':>10} {'snr':>10} {'snr_db':>8} "
-              f"{'cos_dist':>10} {'added_snr':>10}  ")
+              f"{'cos_dist':>10} {'added_snr':>10}  " + (f"{'keep_gain':>10}  " if keep_gain else ""))
     lines.append(header)
     lines.append("-" * len(header))
     for i, r in enumerate(report.rows):
-        mark = f"<- worst #{worst[r.label]}" if r.kind == "op_output" and r.label in worst else ""
+        marks = [f"<- worst #{worst[r.label]}"] if r.kind == "op_output" and r.label in worst else []
+        marks += [f"<- matters #{matters[r.label]}"] if r.kind == "op_output" and r.label in matters else []
         kind = r.op_type if r.kind == "op_output" else "output"
         added = _num(r.added_snr) if r.kind == "op_output" else ""
+        gain = (f"{_num(keep_gain[r.label]) if r.label in keep_gain else '':>10}  ") if keep_gain else ""
         lines.append(f"{i:>3}  {r.label:<28} {kind:<12} {_num(r.mse):>10} {_num(r.mae):>10} {_num(r.snr):>10} "
-                     f"{_num(r.snr_db):>8} {_num(r.cos_dist):>10} {added:>10}  {mark}".rstrip())
+                     f"{_num(r.snr_db):>8} {_num(r.cos_dist):>10} {added:>10}  {gain}{' '.join(marks)}".rstrip())
     lines.append("")
     lines.append("statistics (mean, std, min, max, skewness, kurtosis; histogram counts low..high)")
     for r in report.rows:
@@ -513,14 +525,19 @@ def snr_chart(report: ComparisonReport, path: str) -> None:
                      "FP8 vs original per op output, graph order (red: worst ops, green: model outputs)", colors)
 
 
-def write_compare_logs(report: ComparisonReport, folder: str) -> dict[str, str]:
+def write_compare_logs(report: ComparisonReport, folder: str, keep_gain: dict[str, float] | None = None,
+                       gain_metric: str = "snr") -> dict[str, str]:
     """Write precision_compare.log, precision_compare.json and precision_compare_snr.png."""
     os.makedirs(folder, exist_ok=True)
     paths = {"log": os.path.join(folder, "precision_compare.log"),
              "json": os.path.join(folder, "precision_compare.json"),
              "chart": os.path.join(folder, "precision_compare_snr.png")}
-    write_bytes_atomic(format_compare_log(report).encode(), paths["log"])
-    write_bytes_atomic((json.dumps(report.to_dict(), indent=1) + "\n").encode(), paths["json"])
+    write_bytes_atomic(format_compare_log(report, keep_gain, gain_metric).encode(), paths["log"])
+    data = report.to_dict()
+    if keep_gain:
+        data["keep_gain"] = {"metric": gain_metric, "ops": {k: (v if math.isfinite(v) else str(v))
+                                                            for k, v in keep_gain.items()}}
+    write_bytes_atomic((json.dumps(data, indent=1) + "\n").encode(), paths["json"])
     snr_chart(report, paths["chart"])
     return paths
 

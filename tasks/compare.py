@@ -7,7 +7,10 @@ from prefect.cache_policies import NONE
 
 from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
 from fp8core.compare import compare_models, mlflow_metrics, write_compare_logs
+from fp8core.fallback import SENSITIVITY_METRIC, OutputProbe, Trials, measure_sensitivity
 from fp8core.report import ProgressLine
+
+SENSITIVITY_SAMPLES = 32
 
 
 @task(name="precision-compare", cache_policy=NONE)
@@ -22,7 +25,13 @@ def precision_compare(float_model, fp8_model, plans, data_path: str, batch_size:
     report = compare_models(float_model, fp8_model, plans, source, batch_size, max_samples,
                             progress=line.update, weights_dir=weights_dir)
     line.close()
-    paths = write_compare_logs(report, log_dir)
+    # which ops matter for the outputs: each kept alone, on a few samples (one switchable session)
+    probe = OutputProbe(float_model, source, batch_size, min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
+                        weights_dir)
+    fp8_ops = [p.name for p in plans if p.fp8]
+    sensitivity = measure_sensitivity(Trials(float_model, plans, probe, weights_dir), fp8_ops) if fp8_ops else None
+    keep_gain = {n: sensitivity.gain(n) for n in fp8_ops} if sensitivity else None
+    paths = write_compare_logs(report, log_dir, keep_gain, SENSITIVITY_METRIC)
     worst = ", ".join(f"{r.label} ({r.snr_db:.1f} dB)" for r in report.worst_ops())
     log.info("precision compare on %d samples: worst ops %s; model outputs cos_dist %.3g",
              report.samples, worst or "none", report.output_metric("cos_dist"))
