@@ -24,6 +24,7 @@ and the original model's outputs on it are held in memory, so memory is bounded 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
@@ -186,6 +187,21 @@ class OutputProbe:
             raise FallbackError(f"data {source.path} has no samples; the accuracy target needs at least one")
         self.samples = sum(len(next(iter(f.values()))) for f, _ in self.batches)
 
+    def first(self, n: int) -> OutputProbe:
+        """The same probe on its first ``n`` samples (no new runs of the original model)."""
+        if n >= self.samples:
+            return self
+        out = object.__new__(OutputProbe)
+        out.output_names, out.weights_dir, out.batches, left = self.output_names, self.weights_dir, [], n
+        for feeds, reference in self.batches:
+            k = min(left, len(next(iter(feeds.values()))))
+            out.batches.append(({name: v[:k] for name, v in feeds.items()}, [r[:k] for r in reference]))
+            left -= k
+            if left == 0:
+                break
+        out.samples = n
+        return out
+
     def measure(self, model: onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""
         return self.measure_session(make_session(model, weights_dir=self.weights_dir))
@@ -261,6 +277,14 @@ class Trials:
     def count(self) -> int:
         return len(self._seen) + len(self._exact)
 
+    def on_first(self, n: int) -> Trials:
+        """The same switchable session measured on the probe's first ``n`` samples."""
+        if n >= self.probe.samples:
+            return self
+        out = copy.copy(self)
+        out.probe, out._seen, out._exact = self.probe.first(n), {}, {}
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # Sensitivity: each op's measured effect on the model output
@@ -269,6 +293,11 @@ SENSITIVITY_METRIC = "snr"
 """Ranks ops for ``--num_of_layers_keep_fp16``: the model outputs' noise-to-signal ratio (worst
 output), relative so it compares across models and outputs, and smooth where top-1 on a few
 samples is not."""
+
+SENSITIVITY_SAMPLES = 8
+"""Samples each op's effect is measured on: enough to tell the few ops that matter from the many
+that do not (their effects differ by orders of magnitude), and a trial on an FP8 model in
+onnxruntime's CPU emulation costs ~0.1-0.4 s per 320x320 image."""
 
 MAX_MEASURED_OPS = 96
 """Ops measured one by one at most; past that the ones adding the most noise in a precision
@@ -284,6 +313,8 @@ class Sensitivity:
     all_fp8: float
     alone: dict[str, float]
     position: dict[str, int]
+    samples: int = 0
+    trials: int = 0
 
     @property
     def higher_is_better(self) -> bool:
@@ -303,8 +334,8 @@ class Sensitivity:
 
     def table(self, limit: int | None = 20) -> str:
         names = self.ranked()[:limit]
-        lines = [f"sensitivity: {self.metric} of the model outputs, every op in FP8 {self.all_fp8:.6g}; "
-                 f"keeping one op alone in original precision:"]
+        lines = [f"sensitivity on {self.samples} samples: {self.metric} of the model outputs, every op in FP8 "
+                 f"{self.all_fp8:.6g}; keeping one op alone in original precision:"]
         lines += [f"  {i + 1:>3}. {n:<40} {self.metric} {self.alone[n]:.6g}  gain {self.gain(n):+.4g}"
                   for i, n in enumerate(names)]
         if limit is not None and len(self.alone) > limit:
@@ -312,21 +343,24 @@ class Sensitivity:
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "all_fp8": _json(self.all_fp8),
+        return {"metric": self.metric, "samples": self.samples, "all_fp8": _json(self.all_fp8),
                 "ops": [{"name": n, "kept_alone": _json(self.alone[n]), "gain": _json(self.gain(n))}
                         for n in self.ranked()]}
 
 
 def measure_sensitivity(trials: Trials, candidates: Iterable[str], metric: str = SENSITIVITY_METRIC,
-                        progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
-    """Each candidate op kept alone in original precision on top of the full FP8 model: one trial each."""
+                        progress: Callable[[int, int, str], None] | None = None,
+                        samples: int = SENSITIVITY_SAMPLES) -> Sensitivity:
+    """Each candidate op kept alone in original precision on top of the full FP8 model: one trial
+    each, on the first ``samples`` samples of the probe."""
+    trials = trials.on_first(samples)
     names = list(candidates)
     alone = {}
     for i, name in enumerate(names):
         alone[name] = trials.metrics([name])[metric]
         if progress:
             progress(i + 1, len(names), name)
-    return Sensitivity(metric, trials.metrics([])[metric], alone, trials.position)
+    return Sensitivity(metric, trials.metrics([])[metric], alone, trials.position, trials.probe.samples, trials.count)
 
 
 def keep_most_sensitive(plans: list[OpPlan], sensitivity: Sensitivity, k: int) -> tuple[list[OpPlan], list[str]]:
@@ -441,7 +475,7 @@ def fallback_for_target(
     def result(kept, met, all_kept, message, sensitivity=None) -> FallbackResult:
         out = keep_ops(plans, kept, KEEP_REASON_TARGET.format(target=target, step=f"{len(kept)} kept")) if kept else plans
         return FallbackResult(target, out, list(kept), met, steps, all_kept, trials.probe.samples, message, sensitivity,
-                              trials.count)
+                              trials.count + (sensitivity.trials if sensitivity else 0))
 
     start = measured([], "all FP8")
     if start.met:
@@ -484,4 +518,5 @@ def fallback_for_target(
                       f"{final.metric:.6g} in the converted model - raise max_keep or relax the target", sensitivity)
     return result(kept, True, all_kept,
                   f"target {target} met keeping {len(kept)} op(s) in original precision: "
-                  f"{', '.join(kept)} ({target.metric} {final.metric:.6g}; {trials.count} trials)", sensitivity)
+                  f"{', '.join(kept)} ({target.metric} {final.metric:.6g}; "
+                  f"{trials.count + sensitivity.trials} trials)", sensitivity)

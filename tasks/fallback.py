@@ -10,8 +10,8 @@ from prefect.cache_policies import NONE
 
 from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
 from fp8core.charts import per_op_bar_chart
-from fp8core.fallback import (AccuracyTarget, FallbackResult, OutputProbe, Sensitivity, Trials, fallback_for_target,
-                              keep_most_sensitive, keep_worst_ops, measure_sensitivity)
+from fp8core.fallback import (SENSITIVITY_SAMPLES, AccuracyTarget, FallbackResult, OutputProbe, Sensitivity, Trials,
+                              fallback_for_target, keep_most_sensitive, keep_worst_ops, measure_sensitivity)
 from fp8core.plan import OpPlan
 
 CHART_OPS = 40
@@ -31,8 +31,9 @@ def op_sensitivity(float_model, plans: list[OpPlan], data_path: str, batch_size:
     log = get_run_logger()
     source = open_dataset(data_path)
     validate_against_model(source, model_input_specs(float_model), batch_size)
-    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, max_samples, weights_dir),
-                    weights_dir)
+    probe = OutputProbe(float_model, source, batch_size, min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
+                        weights_dir)
+    trials = Trials(float_model, plans, probe, weights_dir)
     sensitivity = measure_sensitivity(trials, candidates, progress=_progress_every_tenth(log, "op sensitivity"))
     top = sensitivity.ranked()[:5]
     log.info("ops that matter most (%s of the outputs %.4g with every op in FP8): %s", sensitivity.metric,
