@@ -38,7 +38,7 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.params import DEFAULT_LOSS
+    from flows.params import DEFAULT_DOMINANT_SHARE, DEFAULT_LOSS
 
     p = _Parser(prog="fp8-convert", description="Convert an FP32/FP16 ONNX model to FP8 mixed precision (PopRT-compatible flags).")
     p.add_argument("--input_model", help="FP32/FP16 ONNX model (default: the demo model in data/)")
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_data", metavar="PATH", help="data for --precision_compare / --accuracy_target (default: --data_preprocess)")
     p.add_argument("--compare_samples", type=int, metavar="N", help="compare on at most N samples")
     p.add_argument("--num_of_layers_keep_fp16", type=int, default=0, metavar="K", help="keep in original precision the K FP8 ops whose return helps the model output most (measured)")
+    p.add_argument("--keep_dominant_share", type=float, default=DEFAULT_DOMINANT_SHARE, metavar="S",
+                   help="with --quantize: keep each op (at most 3) whose return alone removes at least this share "
+                        f"of the outputs' FP8 noise (default {DEFAULT_DOMINANT_SHARE}; 0: off)")
     p.add_argument("--accuracy_target", metavar="METRIC=VALUE", help="e.g. cos_dist=0.001: keep the ops that help most in original precision until it is met")
     p.add_argument("--accuracy_target_samples", type=int, default=32, metavar="N", help="samples the accuracy-target search uses")
     p.add_argument("--accuracy_target_max_keep", type=int, metavar="N",
@@ -117,6 +120,7 @@ def _params_from_args(args) -> "ConvertParams":
         compare_data=args.compare_data,
         compare_samples=args.compare_samples,
         num_of_layers_keep_fp16=args.num_of_layers_keep_fp16,
+        keep_dominant_share=args.keep_dominant_share,
         accuracy_target=args.accuracy_target,
         accuracy_target_samples=args.accuracy_target_samples,
         accuracy_target_max_keep=args.accuracy_target_max_keep,

@@ -91,7 +91,7 @@ def convert(params: ConvertParams, verbose: int) -> dict:
                                          [params.fp8_params.weight_format], "mse", loaded.weights_dir)
 
         fallback = {}
-        if params.num_of_layers_keep_fp16 or params.accuracy_target:
+        if params.num_of_layers_keep_fp16 or params.accuracy_target or params.keeps_dominant_ops:
             with clock.stage("fallback"):
                 plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record,
                                                  staging.path, loaded.weights_dir)

@@ -17,6 +17,8 @@ from fp8core.graph import MIN_FP8_OPSET
 FormatName = Literal["F143", "F152", "E4M3FN", "E5M2"]
 LossName = Literal["mse", "mae", "snr", "kld", "cos_dist"]
 DEFAULT_LOSS = "mse"
+DEFAULT_DOMINANT_SHARE = 0.5
+"""--keep_dominant_share: an op that alone carries half the output noise is kept (README "Defaults")."""
 """The search's default loss. PopRT defaults to kld; on the real-model suite and the accuracy suite
 mse is best or tied best everywhere (the new kld, entropy on linear bins, makes the same choices at
 2-3x the search cost; the old log-bin kld ruined three real models). See README, "Defaults"."""
@@ -108,6 +110,12 @@ class ConvertParams(BaseModel):
     num_of_layers_keep_fp16: int = Field(
         0, ge=0, description="keep in original precision the K FP8 ops whose return helps the model output most, "
                        "measured one by one on the calibration data (PopRT 1.5)")
+    keep_dominant_share: float = Field(
+        DEFAULT_DOMINANT_SHARE, ge=0, le=1,
+        description="with --quantize: keep in original precision each FP8 op (at most 3) whose return alone "
+                    "removes at least this share of the model outputs' FP8 noise, measured on 8 calibration "
+                    "samples (an image model's first Conv, typically); 0 turns it off. Not used with "
+                    "num_of_layers_keep_fp16 or accuracy_target")
     accuracy_target: str | None = Field(
         None, description="METRIC=VALUE on the model outputs, e.g. cos_dist=0.001: keep few ops in "
                           "original precision, the ones that help most, until it is met")
@@ -163,6 +171,12 @@ class ConvertParams(BaseModel):
     @classmethod
     def _parse_fp8_params(cls, v):
         return FP8Params.parse(v) if isinstance(v, str) else v
+
+    @property
+    def keeps_dominant_ops(self) -> bool:
+        """--keep_dominant_share applies: --quantize, and neither K nor a target chooses the kept ops."""
+        return bool(self.quantize and self.keep_dominant_share and not self.num_of_layers_keep_fp16
+                    and not self.accuracy_target)
 
     @model_validator(mode="after")
     def _defaults_and_consistency(self):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from flows.params import ConvertParams
 from fp8core.plan import OpPlan
 from tasks.compare import precision_compare
-from tasks.fallback import accuracy_target_fallback, keep_k, op_sensitivity, sensitivity_chart
+from tasks.fallback import accuracy_target_fallback, keep_dominant, keep_k, op_sensitivity, sensitivity_chart
 
 
 def comparison_data(params: ConvertParams) -> str | None:
@@ -42,7 +42,9 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
     """Plans with ops returned to original precision by K-most-sensitive and/or the accuracy target."""
     out: dict = {}
     data = comparison_data(params)
-    candidates = _candidates(model, plans, params, data, weights_dir) if data else None
+    # one by one measurements (K, target) cover at most MAX_MEASURED_OPS; group testing covers all
+    needs_candidates = data and (params.num_of_layers_keep_fp16 or params.accuracy_target)
+    candidates = _candidates(model, plans, params, data, weights_dir) if needs_candidates else None
     if params.num_of_layers_keep_fp16:
         if data:
             sensitivity = op_sensitivity(model, plans, data, params.batch_size, params.accuracy_target_samples,
@@ -55,6 +57,14 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
                                  source=f"search loss {params.quantize_loss_type}")
         record.tags({"num_of_layers_keep_fp16": ",".join(kept) or "none"})
         out["kept_fp16"] = kept
+    if params.keeps_dominant_ops:
+        plans, dominance = keep_dominant(model, plans, data, params.batch_size, params.keep_dominant_share,
+                                         [p.name for p in plans if p.fp8], weights_dir)
+        record.json_artifact(dominance.to_dict(), "dominant_ops.json")
+        record.tags({"kept_dominant_ops": ",".join(dominance.found) or "none"})
+        record.metrics({"kept_dominant_ops": len(dominance.found), "dominant_search_trials": dominance.trials})
+        if dominance.found:
+            out.update(kept_dominant=list(dominance.found), kept_dominant_share=params.keep_dominant_share)
     if params.accuracy_target:
         candidates = [n for n in candidates if any(p.name == n and p.fp8 for p in plans)]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,

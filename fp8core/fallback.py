@@ -372,6 +372,77 @@ def keep_most_sensitive(plans: list[OpPlan], sensitivity: Sensitivity, k: int) -
     return keep_ops(plans, names, KEEP_REASON_WORST.format(k=k, source=source)), names
 
 
+KEEP_REASON_DOMINANT = ("kept: alone it carries {share:.0%} of the model outputs' FP8 noise "
+                        "(>= --keep_dominant_share {threshold:g})")
+
+
+DOMINANCE_MIN_OPS = 8
+"""Below this many FP8 ops every op is a large part of the model (one of four carrying half the
+noise is no outlier), and keeping one gives up an eighth or more of the FP8 ops: no search."""
+
+
+@dataclasses.dataclass
+class Dominance:
+    """The ops that alone carry at least ``share`` of the model outputs' noise (``metric``, lower
+    is better), with the share each carries, and how many trials finding them took."""
+
+    metric: str
+    share: float
+    all_fp8: float
+    found: dict[str, float]  # op -> share of the noise that keeping it alone removes
+    trials: int
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "share": self.share, "all_fp8": _json(self.all_fp8), "found": self.found,
+                "trials": self.trials, "samples": self.samples}
+
+
+def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, metric: str = SENSITIVITY_METRIC,
+                      samples: int = SENSITIVITY_SAMPLES) -> Dominance:
+    """The ops whose return alone to original precision removes at least ``share`` of the model
+    outputs' noise: an image model's first Conv, reading near-uniform pixels E4M3's 3 mantissa
+    bits cannot hold, is the typical one; on most models no op dominates. Models with fewer than
+    ``DOMINANCE_MIN_OPS`` candidates are not searched.
+
+    Group testing instead of one trial per op: keeping a group in original precision removes at
+    least what any op of it removes alone, so a group that removes less than ``share`` holds no
+    dominant op and is dropped; one that removes more is halved (graph order) until single ops
+    remain, each then measured alone. Two disjoint groups rarely both remove more than half, so
+    with ``share`` >= 0.5 this takes about ``2 log2(candidates)`` trials (a search of 64 ops: 13).
+    """
+    if not 0 < share <= 1:
+        raise FallbackError(f"--keep_dominant_share {share!r}: give a share in (0, 1], or 0 to turn it off")
+    trials = trials.on_first(samples)
+    names = sorted(candidates, key=trials.position.get)
+    all_fp8 = trials.metrics([])[metric]
+    found: dict[str, float] = {}
+
+    def search(group: list[str]) -> None:
+        removed = (all_fp8 - trials.metrics(group)[metric]) / all_fp8
+        if not removed >= share:  # NaN too
+            return
+        if len(group) == 1:
+            found[group[0]] = float(removed)
+            return
+        half = len(group) // 2
+        search(group[:half])
+        search(group[half:])
+
+    if len(names) >= DOMINANCE_MIN_OPS and all_fp8 > 0 and math.isfinite(all_fp8):
+        search(names)
+    ranked = dict(sorted(found.items(), key=lambda kv: -kv[1]))
+    return Dominance(metric, share, all_fp8, ranked, trials.count, trials.probe.samples)
+
+
+def keep_dominant_ops(plans: list[OpPlan], dominance: Dominance) -> list[OpPlan]:
+    """Plans with the :func:`find_dominant_ops` kept in original precision."""
+    out = plans
+    for name, removed in dominance.found.items():
+        out = keep_ops(out, [name], KEEP_REASON_DOMINANT.format(share=removed, threshold=dominance.share))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Accuracy target: bisection over the sensitivity order
 # --------------------------------------------------------------------------------------------

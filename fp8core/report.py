@@ -46,6 +46,9 @@ def summary_lines(result: dict) -> list[str]:
         )
     if result.get("kept_fp16") is not None:
         lines.append(f"  --num_of_layers_keep_fp16 kept: {', '.join(result['kept_fp16']) or 'none'}")
+    if result.get("kept_dominant"):
+        lines.append(f"  kept in original precision (each carried >= {result['kept_dominant_share']:g} of the "
+                     f"output noise alone): {', '.join(result['kept_dominant'])}")
     if result.get("accuracy_target"):
         lines.append(f"  accuracy target: {result['accuracy_target']}")
     for key, label in (("quantize_log", "quantize.log"), ("precision_compare_log", "precision_compare.log")):

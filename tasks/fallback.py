@@ -11,7 +11,8 @@ from prefect.cache_policies import NONE
 from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
 from fp8core.charts import per_op_bar_chart
 from fp8core.fallback import (SENSITIVITY_SAMPLES, AccuracyTarget, FallbackResult, OutputProbe, Sensitivity, Trials,
-                              fallback_for_target, keep_most_sensitive, keep_worst_ops, measure_sensitivity)
+                              Dominance, fallback_for_target, find_dominant_ops, keep_dominant_ops, keep_most_sensitive,
+                              keep_worst_ops, measure_sensitivity)
 from fp8core.plan import OpPlan
 
 CHART_OPS = 40
@@ -62,6 +63,25 @@ def keep_k(plans: list[OpPlan], k: int, sensitivity: Sensitivity | None = None,
         plans, kept = keep_worst_ops(plans, op_losses, k, source)
     get_run_logger().info("--num_of_layers_keep_fp16 %d: kept %s (by %s)", k, ", ".join(kept) or "none", source)
     return plans, kept
+
+
+@task(name="keep-dominant-ops", cache_policy=NONE)
+def keep_dominant(float_model, plans: list[OpPlan], data_path: str, batch_size: int, share: float,
+                  candidates: list[str], weights_dir: str | None = None) -> tuple[list[OpPlan], Dominance]:
+    """--keep_dominant_share: the ops that alone carry that share of the output noise, by group testing."""
+    log = get_run_logger()
+    source = open_dataset(data_path)
+    validate_against_model(source, model_input_specs(float_model), batch_size)
+    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, SENSITIVITY_SAMPLES, weights_dir),
+                    weights_dir)
+    dominance = find_dominant_ops(trials, candidates, share)
+    if dominance.found:
+        log.info("kept in original precision (each alone carries >= %g of the outputs' FP8 noise): %s (%d trials)",
+                 share, ", ".join(f"{n} ({v:.0%})" for n, v in dominance.found.items()), dominance.trials)
+    else:
+        log.info("no op carries %g of the outputs' FP8 noise alone; every planned op stays FP8 (%d trials)",
+                 share, dominance.trials)
+    return keep_dominant_ops(plans, dominance), dominance
 
 
 @task(name="accuracy-target-fallback", cache_policy=NONE)

@@ -200,3 +200,29 @@ def exact_matmul_reshape(seed=0, opset=17):
     x = h.make_tensor_value_info("x", T.FLOAT, [8, 8])
     y = h.make_tensor_value_info("y", T.FLOAT, [4, 5])
     return _model(nodes, [x], [y], inits, opset)
+
+
+def outlier_chain(depth=16, bad=None, size=16, seed=7, opset=21):
+    """x -> (MatMul -> Relu) * depth, weights ~ N(0, 1/sqrt(size)). Op ``bad`` (if any) reads its
+    input through a Mul by ``s`` (channel 3 by 1e4, the others by 1e-2) and has its weight rows
+    divided by ``s``: the float model computes the same, but that op's input and weight each span
+    1e6, more than FP8's range (E4M3: ~2^17) holds with any per-tensor scale, so that op alone
+    carries most of the FP8 model's output noise whatever the scale search does."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i in range(depth):
+        w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+        if i == bad:
+            s = np.full(size, 1e-2, np.float32)
+            s[3] = 1e4
+            w = (w / s[:, None]).astype(np.float32)
+            inits.append(nh.from_array(s, f"s{i}"))
+            nodes.append(h.make_node("Mul", [prev, f"s{i}"], [f"spread{i}"], name=f"spread_{i}"))
+            prev = f"spread{i}"
+        inits.append(nh.from_array(w, f"w{i}"))
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm_{i}"))
+        out = "y" if i == depth - 1 else f"r{i}"
+        nodes.append(h.make_node("Relu", [f"m{i}"], [out], name=f"relu_{i}"))
+        prev = out
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", size])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["N", size])], inits, opset)

@@ -19,6 +19,8 @@ from fp8core.fallback import (
     OutputProbe,
     Trials,
     fallback_for_target,
+    find_dominant_ops,
+    keep_dominant_ops,
     keep_most_sensitive,
     keep_ops,
     keep_worst_ops,
@@ -28,6 +30,7 @@ from fp8core.fallback import (
 )
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import prepare_model, rewrite_to_fp8
+from tests.models import outlier_chain
 
 BAD_OP = "mm_2"
 SIZE = 16
@@ -180,6 +183,31 @@ def test_sensitivity_finds_the_op_that_matters_where_per_op_noise_does_not():
     assert kept == ["mm_main"] and [p.name for p in kept_plans if not p.fp8] == ["mm_main"]
     after = probe.measure(rewrite_to_fp8(model, kept_plans))["snr"]
     assert after < 0.1 * sensitivity.all_fp8  # what is left is the side path's, within FP8 noise of 1e-4 x
+    # with two ops, one of them carrying most of the noise is no outlier: no dominance search
+    assert find_dominant_ops(Trials(model, plans, probe), ["mm_main", "mm_side"], 0.5).found == {}
+
+
+def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
+    """A 16-op chain where op 11 alone carries most of the output noise (a saturating outlier
+    weight): found with about 2 log2(16) trials; a chain where no op dominates: nothing, fast."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    for bad, expected in ((11, ["mm_11"]), (None, [])):
+        model = prepare_model(outlier_chain(16, bad, SIZE), 21)
+        plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+        trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
+        dominance = find_dominant_ops(trials, [p.name for p in plans if p.fp8], 0.5)
+        assert list(dominance.found) == expected, dominance
+        assert dominance.trials <= 2 * 4 + 2, dominance.trials  # one op at a time: 17
+        if bad is not None:  # what the search says is what keeping it alone measures
+            alone = measure_sensitivity(trials, ["mm_11"])
+            assert dominance.found["mm_11"] == pytest.approx(alone.gain("mm_11") / alone.all_fp8)
+            assert find_dominant_ops(trials, [p.name for p in plans if p.fp8], 1.0).found == {}
+            kept = keep_dominant_ops(plans, dominance)
+            assert [p.name for p in kept if not p.fp8] == ["mm_11"]
+            assert "--keep_dominant_share 0.5" in next(p.reason for p in kept if p.name == "mm_11")
+            with pytest.raises(FallbackError, match="keep_dominant_share"):
+                find_dominant_ops(trials, ["mm_11"], 1.5)
 
 
 def test_bisection_keeps_exactly_the_two_planted_ops():

@@ -1,15 +1,17 @@
-"""--precision_compare, --num_of_layers_keep_fp16 and --accuracy_target through the CLI on the demo."""
+"""--precision_compare, --num_of_layers_keep_fp16, --keep_dominant_share and --accuracy_target through the CLI on the demo."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
+from tests.models import outlier_chain
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -85,3 +87,29 @@ def test_accuracy_target_max_keep_keeps_the_best_ops_found_and_says_the_target_i
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
     assert run.data.metrics["accuracy_target_met"] == 0.0 and run.data.metrics["accuracy_target_kept_ops"] == 2
+
+
+def test_an_op_carrying_most_of_the_output_noise_is_kept_by_default_and_0_turns_it_off(tmp_path, capsys):
+    # a 16-op chain whose op 11 has a weight no FP8 scale holds with the others: alone it carries
+    # most of the output noise, so --quantize keeps it by default and says so
+    model = tmp_path / "chain.onnx"
+    onnx.save(outlier_chain(16, bad=11), model)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32))
+    flags = ("--quantize", "--data_preprocess", str(tmp_path / "calib.npz"))
+    args = ["--input_model", str(model), "--output_model", str(tmp_path / "m_fp8.onnx"),
+            "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment_name", "quality"]
+    assert main([*args, *flags]) == 0
+    out = capsys.readouterr().out
+    assert "kept in original precision (each carried >= 0.5 of the output noise alone): mm_11" in out
+    assert _fp8_ops(tmp_path / "m_fp8.onnx") == {f"mm_{i}" for i in range(16)} - {"mm_11"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
+    assert run.data.tags["kept_dominant_ops"] == "mm_11" and run.data.metrics["kept_dominant_ops"] == 1
+    assert run.data.metrics["dominant_search_trials"] <= 2 * 4 + 2  # one op at a time would be 17
+    found = json.loads(Path(client.download_artifacts(run.info.run_id, "dominant_ops.json", str(tmp_path))).read_text())
+    assert list(found["found"]) == ["mm_11"] and found["found"]["mm_11"] >= 0.5 and found["samples"] == 8
+
+    args[3] = str(tmp_path / "off.onnx")
+    assert main([*args, *flags, "--keep_dominant_share", "0"]) == 0
+    assert "each carried" not in capsys.readouterr().out
+    assert _fp8_ops(tmp_path / "off.onnx") == {f"mm_{i}" for i in range(16)}

@@ -111,7 +111,7 @@ def test_float_scale_kind_writes_real_per_tensor_scales(tmp_path, capsys):
 
 def test_quantize_with_every_new_flag(tmp_path, capsys):
     code = main(_args(tmp_path, "--quantize", "--data_preprocess", str(DATA / "calib.parquet"),
-                      "--weight_granularity", "per_channel", "--weight_rounding", "gptq", "--bias_correction",
+                      "--weight_granularity", "per_channel", "--weight_rounding", "gptq", "--bias_correction", "--keep_dominant_share", "0",
                       "--quantize_loss_type", "mse", "--eval_data", str(DATA / "eval.parquet")))
     out = capsys.readouterr().out
     assert code == 0, out
