@@ -28,7 +28,7 @@ from prefect.deployments.runner import EntrypointType
 NIGHTLY_CRON = "0 2 * * *"
 # Prefect's runner pauses the deployments through the API on the way out and retries without
 # end when the server has gone; schedulers, containers and systemd wait for no one
-STOP_GRACE_SECONDS = 6.0
+STOP_GRACE_SECONDS = 8.0
 ON_DEMAND = "fp8-convert-on-demand"
 NIGHTLY = "fp8-requantize-nightly"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from flows.params import ConvertParams
 from fp8core.plan import OpPlan
 from tasks.compare import precision_compare
+from fp8core.fallback import DOMINANCE_MIN_OPS
 from tasks.fallback import accuracy_target_fallback, keep_dominant, keep_k, op_sensitivity, sensitivity_chart
 
 
@@ -57,7 +58,7 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
                                  source=f"search loss {params.quantize_loss_type}")
         record.tags({"num_of_layers_keep_fp16": ",".join(kept) or "none"})
         out["kept_fp16"] = kept
-    if params.keeps_dominant_ops:
+    if params.keeps_dominant_ops and sum(p.fp8 for p in plans) >= DOMINANCE_MIN_OPS:
         plans, dominance = keep_dominant(model, plans, data, params.batch_size, params.keep_dominant_share,
                                          [p.name for p in plans if p.fp8], weights_dir)
         record.json_artifact(dominance.to_dict(), "dominant_ops.json")

@@ -23,6 +23,13 @@ def start_prefect_server_early() -> None:
     if _started is not None or settings.api.url or not settings.server.ephemeral.enabled:
         return
 
+    # Both the server (in the thread) and MLflow's SQL store (in this thread, meanwhile) import
+    # SQLAlchemy's ORM, whose modules import each other: two threads importing it at once can
+    # hand one of them a half-initialised module ("sqlalchemy.orm.exc has no attribute
+    # UnmappedClassError", seen under load). Imported here first, it is complete for both.
+    import sqlalchemy.ext.asyncio  # noqa: F401
+    import sqlalchemy.orm  # noqa: F401
+
     def start() -> None:
         try:
             from prefect.server.api.server import SubprocessASGIServer

@@ -443,7 +443,9 @@ def test_serve_exits_soon_after_sigterm_with_the_server_up_or_gone(tmp_path):
         assert took < 10, took
         with httpx.Client(base_url=prefect_url, timeout=30) as api:  # stopping paused the deployments
             dep = _call(api, "GET", "/deployments/name/fp8-requantize-nightly/fp8-requantize-nightly")
-        assert dep["paused"] is True
+        # ... unless the graceful stop itself outlasted the grace (a heavily loaded machine): then
+        # serve says so on its way out
+        assert dep["paused"] is True or "the deployments may not be paused" in (tmp_path / "serve-1.log").read_text()
 
         def stop_server():
             os.killpg(server.pid, signal.SIGKILL)
