@@ -47,7 +47,7 @@ def correct_mean_shift(model: onnx.ModelProto, plans: list[OpPlan], source: Cali
     if not targets:
         return model, []
     fp8 = rewrite_to_fp8(model, plans, weights_dir=weights_dir)
-    reads = {n.name: n.input[0] for n in fp8.graph.node}  # each op's (dequantized) activation
+    reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}  # each op's (dequantized) activation
     pairs = {op.name: (dataclasses.replace(op.rows, tensor=reads[op.name]), op.rows) for op in targets}
     requests = {rows.key: (rows, False) for pair in pairs.values() for rows in pair}
     moments = capture_feature_moments(fp8, requests, source, batch_size)

@@ -87,6 +87,18 @@ def test_own_share_matches_a_brute_force_measurement():
     np.testing.assert_allclose(b_old - b_new, want_shift, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_with_constant_nodes_is_corrected_too():
+    # Constant nodes have no inputs (exported CNNs are full of them); the op lookup must skip them
+    model = chain(depth=2)
+    bias = next(t for t in model.graph.initializer if t.name == "b1")
+    model.graph.initializer.remove(bias)
+    model.graph.node.insert(0, h.make_node("Constant", [], ["b1"], value=bias, name="b1_const"))
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -6), weight_params=QuantParams("F143", -5))
+    x = (np.random.default_rng(3).standard_normal((64, K)) + 1.0).astype(np.float32)
+    corrected, report = correct_mean_shift(model, plans, ArraySource(Path("c.npz"), {"x": x}), batch_size=32)
+    assert {r["op"] for r in report} >= {"mm_0", "gemm"}
+
+
 def test_nothing_to_correct_returns_the_model_itself():
     g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                      [h.make_tensor_value_info("x", T.FLOAT, ["N", K])], [h.make_tensor_value_info("y", T.FLOAT, ["N", K])],
