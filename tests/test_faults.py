@@ -178,6 +178,13 @@ def _run_status(db: Path) -> str | None:
     return row[0] if row else None
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that (Python then
+    # installs no KeyboardInterrupt handler): a test suite launched with `&` would see Ctrl-C
+    # ignored. In the child, before exec: SIGINT back to its default, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, code, line", [
     (signal.SIGINT, 130, "fp8-convert: interrupted; no output written"),
     (signal.SIGTERM, 143, "fp8-convert: terminated (SIGTERM); no output written"),
@@ -192,7 +199,7 @@ def test_ctrl_c_and_sigterm_stop_the_run_and_mark_the_mlflow_run_killed(tmp_path
                              "--quantize", "--data_preprocess", str(data_path), "--batch_size", "4",
                              "--mlflow_tracking_uri", f"sqlite:///{db}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 240
     while _run_status(db) != "RUNNING":
         assert proc.poll() is None, proc.communicate()
