@@ -21,21 +21,19 @@ def comparison_data(params: ConvertParams) -> str | None:
 
 
 def _candidates(model, plans: list[OpPlan], params: ConvertParams, data: str, weights_dir: str | None) -> list[str]:
-    """The FP8 ops whose effect is measured: all of them, or on models with more than
-    MAX_MEASURED_OPS the ones adding the most noise in a precision comparison on a few samples."""
+    """The FP8 ops measured one by one (fp8core.fallback.measurable_ops); a precision comparison
+    on a few samples ranks them only on models with more than MAX_MEASURED_OPS."""
     from fp8core.calibration import open_dataset
     from fp8core.compare import compare_models
-    from fp8core.fallback import MAX_MEASURED_OPS, op_losses_from_comparison
+    from fp8core.fallback import MAX_MEASURED_OPS, measurable_ops
     from fp8core.rewrite import rewrite_to_fp8
 
-    fp8_names = [p.name for p in plans if p.fp8]
-    if len(fp8_names) <= MAX_MEASURED_OPS:
-        return fp8_names
+    if sum(p.fp8 for p in plans) <= MAX_MEASURED_OPS:
+        return measurable_ops(plans)
     report = compare_models(model, rewrite_to_fp8(model, plans, weights_dir=weights_dir), plans, open_dataset(data),
                             params.batch_size, params.compare_samples or params.accuracy_target_samples,
                             histogram_range="first_batch", weights_dir=weights_dir)
-    noise = {n: v for n, v in op_losses_from_comparison(report).items() if v == v}  # NaN (no signal) last
-    return sorted(fp8_names, key=lambda n: -noise.get(n, float("-inf")))[:MAX_MEASURED_OPS]
+    return measurable_ops(plans, report)
 
 
 def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record, log_folder: str,

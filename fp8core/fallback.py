@@ -304,6 +304,16 @@ MAX_MEASURED_OPS = 96
 comparison are measured (a trial is a rewrite, a session and a run on the probe's samples)."""
 
 
+def measurable_ops(plans: list[OpPlan], report: ComparisonReport | None = None) -> list[str]:
+    """The FP8 ops to measure one by one: all of them, or on models with more than
+    MAX_MEASURED_OPS the ones adding the most noise in ``report`` (NaN, no signal, last)."""
+    names = fp8_op_names(plans)
+    if len(names) <= MAX_MEASURED_OPS or report is None:
+        return names[:MAX_MEASURED_OPS]
+    noise = {n: v for n, v in op_losses_from_comparison(report).items() if v == v}
+    return sorted(names, key=lambda n: -noise.get(n, float("-inf")))[:MAX_MEASURED_OPS]
+
+
 @dataclasses.dataclass
 class Sensitivity:
     """The model-output ``metric`` with every planned op in FP8 (``all_fp8``) and with each

@@ -7,8 +7,8 @@ from prefect.cache_policies import NONE
 
 from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
 from fp8core.compare import compare_models, mlflow_metrics, write_compare_logs
-from fp8core.fallback import (MAX_MEASURED_OPS, SENSITIVITY_METRIC, SENSITIVITY_SAMPLES, OutputProbe, Trials,
-                              measure_sensitivity, op_losses_from_comparison)
+from fp8core.fallback import (SENSITIVITY_METRIC, SENSITIVITY_SAMPLES, OutputProbe, Trials, measurable_ops,
+                              measure_sensitivity)
 from fp8core.report import ProgressLine
 
 
@@ -27,8 +27,7 @@ def precision_compare(float_model, fp8_model, plans, data_path: str, batch_size:
     # which ops matter for the outputs: each kept alone, on a few samples (one switchable session);
     # on models with more FP8 ops than MAX_MEASURED_OPS, the ones adding the most noise
     probe = OutputProbe(float_model, source, batch_size, SENSITIVITY_SAMPLES, weights_dir)
-    noise = {n: v for n, v in op_losses_from_comparison(report).items() if v == v}
-    fp8_ops = sorted((p.name for p in plans if p.fp8), key=lambda n: -noise.get(n, float("-inf")))[:MAX_MEASURED_OPS]
+    fp8_ops = measurable_ops(plans, report)
     sensitivity = measure_sensitivity(Trials(float_model, plans, probe, weights_dir), fp8_ops) if fp8_ops else None
     keep_gain = {n: sensitivity.gain(n) for n in fp8_ops} if sensitivity else None
     paths = write_compare_logs(report, log_dir, keep_gain, SENSITIVITY_METRIC)

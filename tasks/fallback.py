@@ -25,16 +25,21 @@ def _progress_every_tenth(log, what: str):
     return progress
 
 
+def _trials_on(float_model, plans: list[OpPlan], data_path: str, batch_size: int, samples: int,
+               weights_dir: str | None) -> Trials:
+    """The data checked against the model, then one switchable session probed on ``samples`` samples."""
+    source = open_dataset(data_path)
+    validate_against_model(source, model_input_specs(float_model), batch_size)
+    return Trials(float_model, plans, OutputProbe(float_model, source, batch_size, samples, weights_dir), weights_dir)
+
+
 @task(name="measure-op-sensitivity", cache_policy=NONE)
 def op_sensitivity(float_model, plans: list[OpPlan], data_path: str, batch_size: int, max_samples: int | None,
                    candidates: list[str], weights_dir: str | None = None) -> Sensitivity:
     """Each candidate kept alone in original precision on top of the full FP8 model, on a few samples."""
     log = get_run_logger()
-    source = open_dataset(data_path)
-    validate_against_model(source, model_input_specs(float_model), batch_size)
-    probe = OutputProbe(float_model, source, batch_size, min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
-                        weights_dir)
-    trials = Trials(float_model, plans, probe, weights_dir)
+    trials = _trials_on(float_model, plans, data_path, batch_size,
+                        min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES), weights_dir)
     sensitivity = measure_sensitivity(trials, candidates, progress=_progress_every_tenth(log, "op sensitivity"))
     top = sensitivity.ranked()[:5]
     log.info("ops that matter most (%s of the outputs %.4g with every op in FP8): %s", sensitivity.metric,
@@ -70,10 +75,7 @@ def keep_dominant(float_model, plans: list[OpPlan], data_path: str, batch_size: 
                   candidates: list[str], weights_dir: str | None = None) -> tuple[list[OpPlan], Dominance]:
     """--keep_dominant_share: the ops that alone carry that share of the output noise, by group testing."""
     log = get_run_logger()
-    source = open_dataset(data_path)
-    validate_against_model(source, model_input_specs(float_model), batch_size)
-    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, SENSITIVITY_SAMPLES, weights_dir),
-                    weights_dir)
+    trials = _trials_on(float_model, plans, data_path, batch_size, SENSITIVITY_SAMPLES, weights_dir)
     dominance = find_dominant_ops(trials, candidates, share)
     if dominance.found:
         log.info("kept in original precision (each alone carries >= %g of the outputs' FP8 noise): %s (%d trials)",
