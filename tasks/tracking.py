@@ -28,9 +28,31 @@ def open_store(explicit: str | None = None, verbose: int = 0) -> None:
     """Build MLflow's store for the tracking URI now (cached by MLflow for the process): on a new
     SQLite file that runs its schema migrations (~1.5 s), which the CLI overlaps with other work."""
     _quiet_mlflow(verbose)
+    _client(tracking_uri(explicit))
+
+
+def _client(uri: str):
+    """An MlflowClient whose store is built: for a SQLite file, under a lock beside it, because
+    MLflow's schema migration on a new file is not safe against a second process migrating it at
+    the same time (two users' first runs on one machine: one failed with an alembic error)."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=tracking_uri(explicit))
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
+    import hashlib
+
+    # the lock lives in the temp dir, not beside the database, so the user's folder gains no file
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    key = hashlib.sha256(db.encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"fp8-mlflow-{key}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client._tracking_client.store  # builds the store (and migrates) now, under the lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -164,11 +186,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
 def conversion_run(params: ConvertParams, run_name: str, verbose: int = 0) -> Iterator[Recorder]:
     """Open an MLflow run for one conversion; mark it FINISHED, FAILED (with the error) or KILLED."""
     _quiet_mlflow(verbose)
-    from mlflow.tracking import MlflowClient
     from prefect.exceptions import ExternalSignal
 
     uri = tracking_uri(params.mlflow_tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     run = client.create_run(_experiment_id(client, params.experiment_name, uri), run_name=run_name)
     rec = Recorder(client, run.info.run_id)
     rec.params(params.as_flags())

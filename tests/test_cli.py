@@ -100,7 +100,11 @@ class EndToEnd:
 
 @pytest.fixture(scope="module")
 def end_to_end(tmp_path_factory, demo_model_path) -> EndToEnd:
-    """The same conversion through ``python -m flows.cli`` and through the ``fp8-convert`` script."""
+    """The same conversion through ``python -m flows.cli`` and through the ``fp8-convert`` script.
+
+    The two run at the same time, on one Prefect home and one MLflow store, as two users of one
+    machine would: each must still finish, record its own run and write the same bytes.
+    """
     root = tmp_path_factory.mktemp("end_to_end")
     (root / "in").mkdir()
     (root / "out").mkdir()
@@ -111,14 +115,22 @@ def end_to_end(tmp_path_factory, demo_model_path) -> EndToEnd:
     assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} missing: pip install -e . installs it"
     entry_points = {"python -m flows.cli": [sys.executable, "-m", "flows.cli"],
                     "fp8-convert": [str(CONSOLE_SCRIPT)]}
-    runs = {}
+    started = {}
     for i, (label, command) in enumerate(entry_points.items()):
         output = root / "out" / f"model_fp8_{i}.onnx"
-        process = run_subprocess(command + [
+        started[label] = (output, subprocess.Popen(command + [
             "--input_model", str(input_model), "--output_model", str(output),
             "--fp8_skip_op_names", SKIPPED_OP, "--fp8_params", FP8_PARAMS,
             "--eval_data", str(EVAL_DATA), "--mlflow_tracking_uri", uri,
-        ], cwd=root)
+        ], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, env=dict(os.environ)))
+    runs = {}
+    for label, (output, child) in started.items():
+        try:
+            stdout, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            child.kill()
+        process = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
         assert process.returncode == 0, f"{label} failed:\n{process.stdout}\n{process.stderr}"
         runs[label] = Conversion(process, output, mlflow_run_id(process.stdout))
     return EndToEnd(input_model, before, root / "out", uri, runs)
