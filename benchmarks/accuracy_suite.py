@@ -1,5 +1,6 @@
 """How close FP8 models stay to FP32 on real pretrained models: every fp8-convert technique and
-onnxruntime's own FP8 quantizer, scored against the FP32 model on real data.
+onnxruntime's own FP8 quantizer, scored against the FP32 model on real data, next to onnxruntime's
+INT8 quantizer as the anchor.
 
 One command runs it all (not in CI; about 30-60 minutes on 2 shared cores):
 
@@ -9,6 +10,11 @@ One command runs it all (not in CI; about 30-60 minutes on 2 shared cores):
     # a part of it, e.g. one model, or some runs (results merge into the same files):
     HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py --models minilm --runs fast,quantize_kld,ort_fp8
     HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py --resume      # only runs not yet scored
+
+    # stable code while the checkout changes: a snapshot of a commit, its revision recorded
+    git archive HEAD | tar -x -C /tmp/snap
+    FP8_ACC_GIT_COMMIT=$(git rev-parse --short HEAD) PYTHONPATH=/tmp/snap \
+        HF_HUB_OFFLINE=1 python /tmp/snap/benchmarks/accuracy_suite.py --runs ...
 
 Models, data and preprocessing: ``accuracy_models.py`` (EfficientNet-Lite0 on 32 calibration /
 340 evaluation crops of disjoint photos; all-MiniLM-L6-v2 on 64 calibration / 200 evaluation
@@ -24,7 +30,9 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
   ``weights_only_<base>`` the same with the base loss (below).
 * ``quantize_<loss>``: ``--precision fp8 --quantize --quantize_loss_type <loss>`` for mse, mae,
   snr, kld, cos_dist. The loss whose run scores best (EfficientNet: top-1 agreement, then KL;
-  MiniLM: mean cosine) is the *base* of every run below.
+  MiniLM: mean cosine) is the *base* of every run below. ``quantize_<DEFAULT_LOSS>``
+  (``flows.params``, mse today) is fp8-convert's default ``--quantize`` run: every other flag at
+  its default (so with ``--keep_dominant_share``, its kept ops show in "FP8 / kept ops").
 * ``keep_1..3``: base + ``--num_of_layers_keep_fp16 K``.
 * ``target``: base + ``--accuracy_target METRIC=VALUE --compare_data <calibration data>
   --accuracy_target_samples 8`` (the search sees calibration data only, never the evaluation
@@ -41,6 +49,12 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
 * ``ort_fp8``: onnxruntime ``quantize_static(QuantFormat.QDQ, activation_type=weight_type=
   QFLOAT8E4M3FN, calibrate_method=Distribution, op_types_to_quantize=[Conv, MatMul, Gemm])`` on
   the same calibration samples (a subprocess, timed the same way).
+* ``ort_int8``, the INT8 anchor (not an FP8 run: it is never eligible for the targets below, and
+  its row is marked and listed last): onnxruntime ``quantize_static(QuantFormat.QDQ,
+  per_channel=True, activation_type=weight_type=QInt8, calibrate_method=MinMax)`` with
+  onnxruntime's default op types (every op it can quantize), on the same calibration samples, in
+  the same kind of subprocess as ``ort_fp8`` (:data:`ORT_QUANTIZERS`). It is the accuracy a plain
+  INT8 deployment gets, the bar FP8 should reach; the report compares FP8 runs with it.
 
 Every FP8 model is run with ``fp8core.runtime.make_session``, the FP32 model too. Scores vs FP32:
 
@@ -53,7 +67,9 @@ Every FP8 model is run with ``fp8core.runtime.make_session``, the FP32 model too
 
 Targets (issue 6; full FP8, at most 3 ops kept in high precision): EfficientNet-Lite0 top-1
 >= 0.75, top-5 >= 0.95, mean KL <= 0.15, confident top-1 >= 0.98; MiniLM mean cosine >= 0.999,
-NN agreement >= 0.99. Results: ``benchmarks/results/accuracy.json`` and ``accuracy.md``.
+NN agreement >= 0.99. Results: ``benchmarks/results/accuracy.json`` and ``accuracy.md``; each
+run records the commit it was measured at (``git rev-parse`` beside this file, or
+``FP8_ACC_GIT_COMMIT`` when it runs from an exported snapshot that is no git checkout).
 """
 
 from __future__ import annotations
@@ -240,13 +256,54 @@ def run_model(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OrtQuantizer:
+    """One onnxruntime ``quantize_static`` (QDQ) configuration, run in a child process."""
+
+    kind: str                        # what the quantized ops hold: "FP8" or "INT8"
+    activation_type: str             # QuantType member names
+    weight_type: str
+    calibrate_method: str            # CalibrationMethod member name
+    per_channel: bool = False
+    op_types: tuple[str, ...] | None = None   # None: onnxruntime's default (every op it can quantize)
+
+    def settings(self) -> str:
+        types = (self.activation_type if self.activation_type == self.weight_type
+                 else f"{self.activation_type} activations, {self.weight_type} weights")
+        ops = "/".join(self.op_types) if self.op_types else "default op types"
+        return (f"onnxruntime quantize_static {types}, {self.calibrate_method}, QDQ"
+                f"{', per-channel' if self.per_channel else ''}, {ops}")
+
+
+ORT_QUANTIZERS = {
+    "ort_fp8": OrtQuantizer("FP8", "QFLOAT8E4M3FN", "QFLOAT8E4M3FN", "Distribution",
+                            op_types=("Conv", "MatMul", "Gemm")),
+    "ort_int8": OrtQuantizer("INT8", "QInt8", "QInt8", "MinMax", per_channel=True),
+}
+COUNTED_OPS = ("Conv", "MatMul", "Gemm")   # the ops fp8-convert converts; ORT runs count the same
+
+
 @dataclasses.dataclass
 class RunSpec:
     name: str
     settings: str
-    args: list[str]                  # fp8-convert flags (empty for ort_fp8)
+    args: list[str]                  # fp8-convert flags (empty for onnxruntime runs)
     needs: tuple[str, ...] = ()      # flags that must appear in fp8-convert --help
     full_fp8: bool = True            # FP8 weights and activations (the targets' condition)
+    ort: OrtQuantizer | None = None  # an onnxruntime quantize_static run instead of fp8-convert
+
+    @property
+    def anchor(self) -> bool:
+        """A non-FP8 reference run (the INT8 anchor), reported apart from the FP8 runs."""
+        return self.ort is not None and self.ort.kind != "FP8"
+
+
+def ort_run(name: str) -> RunSpec:
+    quantizer = ORT_QUANTIZERS[name]
+    settings = quantizer.settings()
+    if quantizer.kind != "FP8":
+        settings = f"**{quantizer.kind} anchor, not FP8**: {settings}"
+    return RunSpec(name, settings, [], full_fp8=quantizer.kind == "FP8", ort=quantizer)
 
 
 def fp8_convert_executable() -> str:
@@ -267,6 +324,13 @@ def available_flags() -> set[str]:
 def quantize_args(case: ModelCase, loss: str) -> list[str]:
     return ["--quantize", "--quantize_loss_type", loss, "--data_preprocess", str(case.calibration_parquet),
             "--batch_size", "8"]
+
+
+def default_loss() -> str:
+    """fp8-convert's --quantize_loss_type default (its ``quantize_<loss>`` run is the default --quantize run)."""
+    from flows.params import DEFAULT_LOSS
+
+    return DEFAULT_LOSS
 
 
 def first_runs(case: ModelCase) -> list[RunSpec]:
@@ -322,7 +386,7 @@ def base_runs(case: ModelCase, loss: str, flags: set[str]) -> list[RunSpec]:
                              "--accuracy_target_max_keep", "3"], needs=("--accuracy_target_max_keep",)))
         runs.append(RunSpec("combined_weights_only", f"--precision fp8_weight --quantize {loss} + {settings}",
                             ["--precision", "fp8_weight", *quantize_args(case, loss), *combined], full_fp8=False))
-    runs.append(RunSpec("ort_fp8", "onnxruntime quantize_static QFLOAT8E4M3FN, Distribution, QDQ, Conv/MatMul/Gemm", []))
+    runs += [ort_run(name) for name in ORT_QUANTIZERS]
     return runs
 
 
@@ -362,10 +426,11 @@ def convert(case: ModelCase, spec: RunSpec, cache: Path, timeout_s: float) -> tu
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     output = work / f"{case.key}_fp8.onnx"
-    if spec.name == "ort_fp8":
+    if spec.ort is not None:
         npz = work / "calibration.npz"
         np.savez(npz, **case.calibration)
-        command = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", str(case.model), str(npz), str(output)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", spec.name, str(case.model), str(npz),
+                   str(output)]
     else:
         command = [fp8_convert_executable(), "--input_model", str(case.model), "--output_model", str(output),
                    *spec.args, "--cache_dir", str(work / "statistics_cache"), "--log_dir", str(work / "logs"),
@@ -373,18 +438,21 @@ def convert(case: ModelCase, spec: RunSpec, cache: Path, timeout_s: float) -> tu
     result = timed(command, work, timeout_s)
     result["command"] = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command))
     result.update(parse_summary(result["stdout"]))
-    if spec.name == "ort_fp8":
+    if spec.ort is not None:
         for line in result["stdout"].splitlines():
             if line.startswith(ORT_CHILD_MARKER):
                 result.update(json.loads(line[len(ORT_CHILD_MARKER):]))
     return result, output
 
 
-def _ort_child(model: str, npz: str, output: str) -> None:
-    """Body of the ORT child process: quantize_static on the calibration arrays, 8 per batch."""
+def _ort_child(name: str, model: str, npz: str, output: str) -> None:
+    """Body of the ORT child process: quantize_static (``ORT_QUANTIZERS[name]``) on the
+    calibration arrays, 8 per batch; prints the quantized/kept Conv/MatMul/Gemm counts."""
     from onnxruntime.quantization import (
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
     )
+
+    quantizer = ORT_QUANTIZERS[name]
 
     arrays = dict(np.load(npz))
     n = len(next(iter(arrays.values())))
@@ -397,18 +465,20 @@ def _ort_child(model: str, npz: str, output: str) -> None:
             return next(self.batches, None)
 
     start = time.perf_counter()
-    quantize_static(model, output, Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
-                    calibrate_method=CalibrationMethod.Distribution, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    quantize_static(model, output, Reader(), quant_format=QuantFormat.QDQ, per_channel=quantizer.per_channel,
+                    activation_type=QuantType[quantizer.activation_type], weight_type=QuantType[quantizer.weight_type],
+                    calibrate_method=CalibrationMethod[quantizer.calibrate_method],
+                    op_types_to_quantize=list(quantizer.op_types) if quantizer.op_types else None)
     import onnx
 
     quantized = onnx.load(output)
-    ops = ("Conv", "MatMul", "Gemm")
     dq_outputs = {o for node in quantized.graph.node if node.op_type == "DequantizeLinear" for o in node.output}
-    total = sum(node.op_type in ops for node in quantized.graph.node)
-    fp8 = sum(node.op_type in ops and any(i in dq_outputs for i in node.input) for node in quantized.graph.node)
+    total = sum(node.op_type in COUNTED_OPS for node in quantized.graph.node)
+    done = sum(node.op_type in COUNTED_OPS and any(i in dq_outputs for i in node.input) for node in quantized.graph.node)
+    qdq = {op: sum(node.op_type == op for node in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     print(ORT_CHILD_MARKER + json.dumps({"tool_s": round(time.perf_counter() - start, 2),
-                                         "fp8_ops": fp8, "kept_ops": total - fp8}), flush=True)
+                                         f"{quantizer.kind.lower()}_ops": done, "kept_ops": total - done,
+                                         "qdq_nodes": qdq}), flush=True)
 
 
 def _trimmed(result: dict) -> dict:
@@ -421,6 +491,8 @@ def _trimmed(result: dict) -> dict:
 def measure(case: ModelCase, spec: RunSpec, reference: np.ndarray, flags: set[str], cache: Path,
             timeout_s: float) -> dict:
     entry = {"settings": spec.settings, "full_fp8": spec.full_fp8}
+    if spec.anchor:
+        entry["anchor"] = spec.ort.kind
     missing = [flag for flag in spec.needs if flag not in flags]
     if missing:
         return {**entry, "status": f"not available ({', '.join(missing)} not in fp8-convert --help)"}
@@ -453,11 +525,28 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    uncommitted = git("status", "--porcelain", "--", "../fp8core", "../flows", "../tasks").splitlines()
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "git_commit": git("rev-parse", "--short", "HEAD"),
+            **code_revision(), "engine_code": _engine_code()}
+
+
+def _engine_code() -> str:
+    """Where ``flows`` (what fp8-convert runs) is imported from: the snapshot or the checkout."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("flows")
+    return str(Path(spec.origin).parent.parent) if spec and spec.origin else "?"
+
+
+def code_revision() -> dict:
+    """The commit the measured code is at: ``FP8_ACC_GIT_COMMIT`` (a snapshot exported with ``git
+    archive`` is no checkout), else ``git rev-parse`` here, with the engine files changed since."""
+    snapshot = os.environ.get("FP8_ACC_GIT_COMMIT", "").strip()
+    if snapshot:
+        return {"git_commit": snapshot, "uncommitted_engine_files": [], "code": f"snapshot of {snapshot} in {HERE.parent}"}
+    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    uncommitted = git("status", "--porcelain", "--", "../fp8core", "../flows", "../tasks").splitlines()
+    return {"git_commit": git("rev-parse", "--short", "HEAD") or "?",
             "uncommitted_engine_files": [line[3:] for line in uncommitted]}
 
 
@@ -477,6 +566,29 @@ def best_eligible(model: dict) -> tuple[str, dict] | None:
         return None
     primary = model["targets"][0]["metric"]
     return max(runs, key=lambda item: (targets_met(model, item[1]), item[1]["scores"][primary]))
+
+
+def _ops_cell(run: dict) -> str:
+    """"FP8 / kept" op counts; an anchor run's quantized ops are named by their kind ("50 INT8 / 0")."""
+    if run.get("fp8_ops") is not None:
+        return f"{run['fp8_ops']} / {run['kept_ops']}"
+    kind = run.get("anchor")
+    if kind and run.get(f"{kind.lower()}_ops") is not None:
+        return f"{run[f'{kind.lower()}_ops']} {kind} / {run['kept_ops']}"
+    return "-"
+
+
+def commit_lines(model: dict) -> list[str]:
+    """Which commit each row was measured at (rows merge across runs of the suite)."""
+    by_commit: dict[str, list[str]] = {}
+    for name, run in model["runs"].items():
+        by_commit.setdefault(run.get("git_commit") or "", []).append(f"`{name}`")
+    if set(by_commit) == {""}:
+        return []
+    parts = [f"{commit}: {', '.join(names)}" for commit, names in by_commit.items() if commit]
+    if "" in by_commit:
+        parts.append(f"not recorded (measured before rows kept their commit): {', '.join(by_commit[''])}")
+    return ["", "Commit each row was measured at: " + "; ".join(parts) + "."]
 
 
 def _fmt(value) -> str:
@@ -505,17 +617,24 @@ CONTRIBUTIONS = (
     ("target_keep_3", "per_channel", "at most 3 ops kept by the accuracy-target search (measured effect), on per-channel scales"),
     ("combined_target_keep_3", "combined", "at most 3 ops kept by the accuracy-target search, on all weight techniques"),
     ("ort_fp8", "quantize_{base}", "onnxruntime's FP8 quantizer instead of fp8-convert"),
+    ("quantize_{base}", "ort_int8", "fp8-convert FP8 (base loss) against the INT8 anchor"),
+    ("quantize_{default}", "ort_int8", "fp8-convert's default --quantize (loss {default}) against the INT8 anchor"),
+    ("ort_fp8", "ort_int8", "onnxruntime FP8 against onnxruntime INT8 (the anchor)"),
 )
 
 
 def contribution_lines(model: dict) -> list[str]:
     base = model.get("base_loss", "kld")
+    names = {"base": base, "default": model.get("default_loss", base)}
     primary = [t["metric"] for t in model["targets"]]
     runs = dict(model["runs"])
     runs.setdefault(f"weights_only_{base}", runs.get("weights_only"))  # base kld: one run is both
-    lines = []
+    lines, seen = [], set()
     for technique, reference, what in CONTRIBUTIONS:
-        a, b = technique.format(base=base), reference.format(base=base)
+        a, b, what = technique.format(**names), reference.format(**names), what.format(**names)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
         if b == "fp32":
             run = runs.get(a)
             if run and run.get("status") == "ok":
@@ -540,9 +659,12 @@ def markdown(results: dict) -> str:
         "",
         "Generated by `HF_HUB_OFFLINE=1 python benchmarks/accuracy_suite.py` (its docstring defines every run and",
         f"score). Commit {env.get('git_commit', '?')}, onnxruntime {env.get('onnxruntime', '?')}, torch "
-        f"{env.get('torch', '?')} (export only), {env.get('cpus', '?')} shared CPUs. Scores compare each FP8 model",
-        "with the FP32 model on the evaluation data; seconds are the wall time of the conversion process",
-        "(Prefect/MLflow start-up included, cold statistics cache), not of the scoring.",
+        f"{env.get('torch', '?')} (export only), {env.get('cpus', '?')} shared CPUs (the last run; each table says",
+        "which commit each row comes from). Scores compare each FP8 model with the FP32 model on the evaluation data;",
+        "seconds are the wall time of the conversion process (Prefect/MLflow start-up included, cold statistics",
+        "cache), not of the scoring. The last row(s) of each table, marked **INT8 anchor**, are onnxruntime's",
+        "INT8 QDQ quantizer on the same calibration data: not FP8, never eligible for the targets, the accuracy",
+        "the FP8 runs are read against.",
         "",
     ]
     for key, model in results["models"].items():
@@ -551,17 +673,21 @@ def markdown(results: dict) -> str:
                   f"`{model.get('base_loss', '?')}` (best `quantize_*` run).", ""]
         header = ["run", "settings", "FP8 / kept ops", *metrics, "targets met", "seconds", "status"]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(metrics) + 2) + ["---"]) + "|"]
-        for name, run in model["runs"].items():
+        # FP8 runs first, then the anchor rows (INT8): the FP8 numbers read against them.
+        for name, run in sorted(model["runs"].items(), key=lambda item: bool(item[1].get("anchor"))):
             scores = run.get("scores", {})
-            ops = f"{run['fp8_ops']} / {run['kept_ops']}" if run.get("fp8_ops") is not None else "-"
+            ops = _ops_cell(run)
             met = f"{targets_met(model, run)}/{len(model['targets'])}" if scores else "-"
             if scores and not eligible(run):
                 met += " (not eligible)"
             status = run.get("status", "?")
-            lines.append("| " + " | ".join([f"`{name}`", run["settings"], ops, *(_fmt(scores.get(m)) for m in metrics),
+            label = f"`{name}` (**{run['anchor']} anchor**)" if run.get("anchor") else f"`{name}`"
+            lines.append("| " + " | ".join([label, run["settings"], ops, *(_fmt(scores.get(m)) for m in metrics),
                                            met, "-" if run.get("seconds") is None else f"{run['seconds']:.1f}", status.replace("|", "/")]) + " |")
+        lines += commit_lines(model)
         best = best_eligible(model)
         lines += ["", f"Targets (full FP8, at most {MAX_KEPT_OPS} ops kept in high precision):", ""]
+        anchors = {name: run for name, run in model["runs"].items() if run.get("anchor") and run.get("status") == "ok"}
         if best is None:
             lines.append("* no eligible run")
         else:
@@ -571,7 +697,9 @@ def markdown(results: dict) -> str:
             for t in model["targets"]:
                 target = Target(**t)
                 value = run["scores"].get(target.metric)
-                lines.append(f"* {target}: {_fmt(value)} -> {'met' if target.met(value) else 'MISSED'}")
+                anchor_text = "".join(f"; `{a}` anchor {_fmt(ar['scores'].get(target.metric))}"
+                                      for a, ar in anchors.items())
+                lines.append(f"* {target}: {_fmt(value)} -> {'met' if target.met(value) else 'MISSED'}{anchor_text}")
         lines += ["", "What each technique contributes:", "", *contribution_lines(model), ""]
         if model.get("target_report"):
             lines += ["`--accuracy_target` report (from fp8-convert's output):", "", "```", model["target_report"], "```", ""]
@@ -612,7 +740,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_ort-child"]:
-        _ort_child(*argv[1:4])
+        _ort_child(*argv[1:5])
         return 0
     args = parse_args(argv)
     if args.report_only:
@@ -645,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout = args.target_timeout if "target" in spec.name else args.timeout
             run = measure(case, spec, reference, flags, cache, timeout)
             run["measured_at"] = now()
+            run["git_commit"] = results["environment"]["git_commit"]
             entry["runs"][spec.name] = run
             if spec.name == "target" and run.get("stdout_tail"):
                 entry["target_report"] = target_report(run["stdout_tail"])
@@ -657,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         scored = {loss: s for loss, s in scored.items() if s}
         base = args.base_loss or (max(scored, key=lambda loss: case.rank(scored[loss])) if scored else "kld")
         entry["base_loss"] = base
+        entry["default_loss"] = default_loss()
         for spec in base_runs(case, base, flags):
             record(spec)
         save(results)
