@@ -91,13 +91,11 @@ def generate(path: Path, gigabytes: float, seed: int = 0) -> int:
 ENGINE = """
 import json, sys, time
 t0 = time.perf_counter()
-from fp8core.graph import load_model
-from fp8core.modelio import save_model_atomic, validate_fp8_model
+from fp8core.model import Model
+from fp8core.modelio import validate_fp8_model
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, target_opset
-import os
 src, out = sys.argv[1], sys.argv[2]
-folder = os.path.dirname(os.path.abspath(src))
 import resource
 seconds, peak_gb = {}, {}
 def stage(name, t):
@@ -105,12 +103,12 @@ def stage(name, t):
     peak_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)  # peak so far
     return time.perf_counter()
 t = time.perf_counter()
-model = load_model(src, load_weights=False); t = stage("load", t)
-prepared = prepare_model(model, target_opset(model, None)); t = stage("prepare", t)
-plans = plan_fp8_ops(prepared, "fp8", [], QuantParams("F143", -3), QuantParams("F143", -3)); t = stage("plan", t)
-encoded = encode_weights(prepared, plans, weights_dir=folder); t = stage("encode", t)
-fp8 = rewrite_to_fp8(prepared, plans, encoded, weights_dir=folder); t = stage("rewrite", t)
-size = save_model_atomic(fp8, out, external_data="auto", weights_dir=folder, check=validate_fp8_model, release=True); t = stage("save_validate", t)
+model = Model.load(src, load_weights=False); t = stage("load", t)
+prepared = model.derive(prepare_model(model.proto, target_opset(model.proto, None))); t = stage("prepare", t)
+plans = plan_fp8_ops(prepared.proto, "fp8", [], QuantParams("F143", -3), QuantParams("F143", -3)); t = stage("plan", t)
+encoded = encode_weights(prepared, plans); t = stage("encode", t)
+fp8 = prepared.derive(rewrite_to_fp8(prepared, plans, encoded)); t = stage("rewrite", t)
+size = fp8.save(out, external_data="auto", check=validate_fp8_model, release=True); t = stage("save_validate", t)
 print(json.dumps({"seconds": seconds, "peak_gb_after": peak_gb, "bytes_after": size}))
 """
 

@@ -71,30 +71,29 @@ def convert(params: ConvertParams, verbose: int) -> dict:
             loaded = load_model(params.input_model, params.input_shape, params.convert_version,
                                 stream_weights=weights_can_stay_on_disk(params), batch_axes=params.input_batch_axis)
         record.tags({"input_model_sha256": loaded.sha256, "input_opset": loaded.source_opset})
-        params = params.with_batch_size(loaded.model)
+        params = params.with_batch_size(loaded.model.proto)
         tell_user(loaded.notes)
 
         with clock.stage("plan"):
-            plans = plan_ops(loaded.model, params)
-        tell_user([note for note in [already_quantized_note(loaded.model, plans)] if note])
+            plans = plan_ops(loaded.model.proto, params)
+        tell_user([note for note in [already_quantized_note(loaded.model.proto, plans)] if note])
 
         if params.quantize:
             from flows.calibrate import calibrate
 
-            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path,
-                                             loaded.weights_dir)
+            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path)
         else:
             quantize_logs = {}
             # fast mode: the weights are known, so real scales (per_channel / float) are searched
             # on them by mse in the --fp8_params weight format
             plans = choose_weight_params(loaded.model, plans, params.weight_granularity, params.scale_kind,
-                                         [params.fp8_params.weight_format], "mse", loaded.weights_dir)
+                                         [params.fp8_params.weight_format], "mse")
 
         fallback = {}
         if params.num_of_layers_keep_fp16 or params.accuracy_target or params.keeps_dominant_ops:
             with clock.stage("fallback"):
                 plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record,
-                                                 staging.path, loaded.weights_dir)
+                                                 staging.path)
 
         to_encode, weight_adjust = loaded.model, []
         if params.weight_rounding == "gptq" or params.bias_correction:
@@ -103,14 +102,14 @@ def convert(params: ConvertParams, verbose: int) -> dict:
             with clock.stage("adjust_weights"):
                 to_encode, weight_adjust = adjusted_model(loaded.model, plans, params, record)
         with clock.stage("encode"):
-            encoded = encode_weights(to_encode, plans, loaded.weights_dir)
+            encoded = encode_weights(to_encode, plans)
         with clock.stage("rewrite"):
-            fp8_model = rewrite_graph(to_encode, plans, encoded, loaded.weights_dir)
+            fp8_model = rewrite_graph(to_encode, plans, encoded)
         del to_encode, encoded
         with clock.stage("save"):
-            streamed = loaded.weights_dir is not None  # then nothing below needs the FP8 model's weights
+            streamed = loaded.model.weights_dir is not None  # then nothing below needs the FP8 model's weights
             bytes_after, agreement = validate_and_save(fp8_model, params.output_model, params.external_data,
-                                                       loaded.weights_dir, release=streamed,
+                                                       release=streamed,
                                                        feeds=validation_reference(loaded, params))
 
         config = fp8_config(plans, loaded.opset)
@@ -133,11 +132,10 @@ def convert(params: ConvertParams, verbose: int) -> dict:
             fp8_model = read_written_model(params.output_model)  # FP8: a quarter of the float weights
         if params.precision_compare:
             with clock.stage("compare"):
-                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path,
-                                                loaded.weights_dir))
+                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path))
         if eval_data:
             with clock.stage("evaluate"):
-                result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data, loaded.weights_dir)
+                result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data)
         result["seconds"] = dict(clock.seconds)
 
         record.metrics({
@@ -192,8 +190,7 @@ def validation_reference(loaded, params: ConvertParams):
         from fp8core.calibration import open_dataset
         from fp8core.validation import calibration_reference
 
-        return calibration_reference(loaded.model, open_dataset(params.data_preprocess), params.batch_size,
-                                     loaded.weights_dir)
+        return calibration_reference(loaded.model, open_dataset(params.data_preprocess), params.batch_size)
     return loaded.reference
 
 

@@ -20,7 +20,7 @@ def comparison_data(params: ConvertParams) -> str | None:
     return params.compare_data or params.data_preprocess
 
 
-def _candidates(model, plans: list[OpPlan], params: ConvertParams, data: str, weights_dir: str | None) -> list[str]:
+def _candidates(model, plans: list[OpPlan], params: ConvertParams, data: str) -> list[str]:
     """The FP8 ops measured one by one (fp8core.fallback.measurable_ops); a precision comparison
     on a few samples ranks them only on models with more than MAX_MEASURED_OPS."""
     from fp8core.calibration import open_dataset
@@ -30,24 +30,24 @@ def _candidates(model, plans: list[OpPlan], params: ConvertParams, data: str, we
 
     if sum(p.fp8 for p in plans) <= MAX_MEASURED_OPS:
         return measurable_ops(plans)
-    report = compare_models(model, rewrite_to_fp8(model, plans, weights_dir=weights_dir), plans, open_dataset(data),
+    report = compare_models(model, model.derive(rewrite_to_fp8(model, plans)), plans, open_dataset(data),
                             params.batch_size, params.compare_samples or params.accuracy_target_samples,
-                            histogram_range="first_batch", weights_dir=weights_dir)
+                            histogram_range="first_batch")
     return measurable_ops(plans, report)
 
 
-def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record, log_folder: str,
-                   weights_dir: str | None = None) -> tuple[list[OpPlan], dict]:
+def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss: dict, record,
+                   log_folder: str) -> tuple[list[OpPlan], dict]:
     """Plans with ops returned to original precision by K-most-sensitive and/or the accuracy target."""
     out: dict = {}
     data = comparison_data(params)
     # one by one measurements (K, target) cover at most MAX_MEASURED_OPS; group testing covers all
     needs_candidates = data and (params.num_of_layers_keep_fp16 or params.accuracy_target)
-    candidates = _candidates(model, plans, params, data, weights_dir) if needs_candidates else None
+    candidates = _candidates(model, plans, params, data) if needs_candidates else None
     if params.num_of_layers_keep_fp16:
         if data:
             sensitivity = op_sensitivity(model, plans, data, params.batch_size, params.accuracy_target_samples,
-                                         candidates, weights_dir)
+                                         candidates)
             record.json_artifact(sensitivity.to_dict(), "op_sensitivity.json")
             record.artifact(sensitivity_chart(sensitivity, log_folder))
             plans, kept = keep_k(plans, params.num_of_layers_keep_fp16, sensitivity=sensitivity)
@@ -58,7 +58,7 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
         out["kept_fp16"] = kept
     if params.keeps_dominant_ops and sum(p.fp8 for p in plans) >= DOMINANCE_MIN_OPS:
         plans, dominance = keep_dominant(model, plans, data, params.batch_size, params.keep_dominant_share,
-                                         [p.name for p in plans if p.fp8], weights_dir)
+                                         [p.name for p in plans if p.fp8])
         record.json_artifact(dominance.to_dict(), "dominant_ops.json")
         record.tags({"kept_dominant_ops": ",".join(dominance.found) or "none"})
         record.metrics({"kept_dominant_ops": len(dominance.found), "dominant_search_trials": dominance.trials})
@@ -68,7 +68,7 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
         candidates = [n for n in candidates if any(p.name == n and p.fp8 for p in plans)]
         result = accuracy_target_fallback(model, plans, data, params.accuracy_target, params.batch_size,
                                           params.accuracy_target_samples, max_keep=params.accuracy_target_max_keep,
-                                          candidates=candidates, weights_dir=weights_dir)
+                                          candidates=candidates)
         plans = result.plans
         record.json_artifact(result.to_dict(), "accuracy_target.json")
         if result.sensitivity is not None:
@@ -82,11 +82,11 @@ def apply_fallback(model, plans: list[OpPlan], params: ConvertParams, best_loss:
     return plans, out
 
 
-def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record, log_folder: str,
-                      weights_dir: str | None = None) -> dict:
+def compare_precision(model, fp8_model, plans: list[OpPlan], params: ConvertParams, record,
+                      log_folder: str) -> dict:
     """Run the comparison, log its files and metrics to the run; returns the summary entries."""
     cmp = precision_compare(model, fp8_model, plans, comparison_data(params), params.batch_size, log_folder,
-                            params.compare_samples, show_progress=True, weights_dir=weights_dir)
+                            params.compare_samples, show_progress=True)
     for path in cmp["paths"].values():
         record.artifact(path)
     record.metrics(cmp["metrics"])

@@ -59,19 +59,16 @@ def _shards(params: ConvertParams) -> int:
     return workers(params) if uses_dask(params) else 1
 
 
-def capture_shards(model, tensors: list[str], source, params: ConvertParams, runner,
-                   weights_dir: str | None = None) -> dict[str, TensorStats]:
+def capture_shards(model, tensors: list[str], source, params: ConvertParams, runner) -> dict[str, TensorStats]:
     """Capture on n disjoint shards of the batches (mapped), then merge the statistics."""
     n = _shards(params)
     if not tensors:
         return {}
     if n == 1:
-        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True,
-                                   weights_dir=weights_dir)
+        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True)
     futures = runner.map(capture_activations, {
         "model": unmapped(model), "tensors": unmapped(tensors), "source": unmapped(source),
-        "batch_size": unmapped(params.batch_size), "shard": [(i, n) for i in range(n)],
-        "weights_dir": unmapped(weights_dir)})
+        "batch_size": unmapped(params.batch_size), "shard": [(i, n) for i in range(n)]})
     merged: dict[str, TensorStats] = {}
     for part in futures.result():
         for name, s in part.items():

@@ -13,23 +13,24 @@ from prefect import get_run_logger
 from flows.params import ConvertParams
 from fp8core.bias_shift import correct_mean_shift
 from fp8core.feature_moments import capture_feature_moments
+from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.weight_adjust import adjust_weights, linear_ops, moment_requests
 from tasks.ingest import ingest_calibration_data
 
 
-def adjusted_model(model, plans: list[OpPlan], params: ConvertParams, record):
+def adjusted_model(loaded: Model, plans: list[OpPlan], params: ConvertParams, record) -> tuple[Model, list[dict]]:
     """The float model to encode (a copy with GPTQ weights / corrected biases) and a per-op report."""
     gptq = params.weight_rounding == "gptq"
-    source = ingest_calibration_data(params.data_preprocess, model, params.batch_size)
-    report = []
+    source = ingest_calibration_data(params.data_preprocess, loaded, params.batch_size)
+    model, report = loaded.proto, []
     if gptq:
         ops = linear_ops(model, plans)
         moments = capture_feature_moments(model, moment_requests(ops, True, False), source, params.batch_size)
         model, report = adjust_weights(model, plans, moments, True, False)
     if params.bias_correction:
         # after GPTQ: the shift of the weights as they will be stored
-        model, shifts = correct_mean_shift(model, plans, source, params.batch_size)
+        model, shifts = correct_mean_shift(loaded.derive(model), plans, source, params.batch_size)
         by_op = {row["op"]: row for row in report}
         for row in shifts:
             by_op.setdefault(row["op"], {"op": row["op"]}).update(row)
@@ -42,4 +43,4 @@ def adjusted_model(model, plans: list[OpPlan], params: ConvertParams, record):
                           "ops": report}, "weight_adjust.json")
     get_run_logger().info("weight adjustments: %d ops (%s)", len(report),
                           ", ".join(f for f, on in (("GPTQ", gptq), ("bias correction", params.bias_correction)) if on))
-    return model, report
+    return loaded.derive(model), report

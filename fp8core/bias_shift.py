@@ -31,29 +31,31 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.feature_moments import capture_feature_moments
-from fp8core.graph import GraphIndex
+from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
 from fp8core.weight_adjust import _with_changes, linear_ops
 from fp8core.weight_options import dequantized_weight
 
 
-def correct_mean_shift(model: onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
-                       batch_size: int, weights_dir: str | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+def correct_mean_shift(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
+                       batch_size: int) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` whose FP8 ops' biases remove the mean shift each op adds itself in
     the FP8 model (module docstring), and one report row per corrected op; ``model`` itself when
     no FP8 op has a bias."""
+    handle = Model.of(model)
+    model = handle.proto
     targets = [op for op in linear_ops(model, plans) if op.bias]
     if not targets:
         return model, []
-    fp8 = rewrite_to_fp8(model, plans, weights_dir=weights_dir)
+    fp8 = handle.derive(rewrite_to_fp8(handle, plans))
     reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}  # each op's (dequantized) activation
     pairs = {op.name: (dataclasses.replace(op.rows, tensor=reads[op.name]), op.rows) for op in targets}
     requests = {rows.key: (rows, False) for pair in pairs.values() for rows in pair}
     moments = capture_feature_moments(fp8, requests, source, batch_size)
     del fp8
 
-    index = GraphIndex(model.graph, weights_dir)
+    index = handle.index()
     new_bias, report = {}, []
     for op in targets:
         quantized, unquantized = (moments[rows.key] for rows in pairs[op.name])

@@ -16,6 +16,7 @@ from fp8core.errors import FP8Error, first_line
 from fp8core.bodies import expose_values
 from fp8core.calibration import CalibrationSource
 from fp8core.graph import graph_inputs
+from fp8core.model import Model
 from fp8core.inputs import input_specs, stack_feeds
 from fp8core.plan import OpPlan
 from fp8core.runtime import make_session, session_options
@@ -65,26 +66,26 @@ def _failing_sample(session, tensors, model, batch, start) -> str:
 
 
 def capture_stats(
-    model: onnx.ModelProto,
+    model: Model | onnx.ModelProto,
     tensors: list[str],
     source: CalibrationSource,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
-    weights_dir: str | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of every tensor in ``tensors`` over the calibration data (or one shard of it).
 
     ``shard=(i, n)`` takes batches i, i+n, i+2n, ...: n workers capture disjoint shards whose
     statistics merge into the same result. Batches are read ``batch_size`` samples at a time and
-    run :data:`RUN_SAMPLES` at a time when the model's batch dimension is dynamic. ``weights_dir``:
-    where the model's external weights are, when it was loaded without them.
+    run :data:`RUN_SAMPLES` at a time when the model's batch dimension is dynamic.
     """
+    handle = Model.of(model)
+    model = handle.proto
     options = session_options()
     # Without the arena, activations of each batch go back to the OS: peak memory stays flat.
     options.enable_cpu_mem_arena = False
     model_for_run, readable = expose_values(model, tensors)  # values inside If/Loop/Scan bodies too
-    session = make_session(model_for_run, options, extra_outputs=[readable[t] for t in tensors], weights_dir=weights_dir)
+    session = make_session(handle.derive(model_for_run), options, extra_outputs=[readable[t] for t in tensors])
     run_names = [readable[t] for t in tensors]
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size

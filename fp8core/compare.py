@@ -62,6 +62,7 @@ from fp8core.calibration import CalibrationSource
 from fp8core.charts import per_op_bar_chart
 from fp8core.capture import input_feeds
 from fp8core.graph import GraphIndex, graph_inputs
+from fp8core.model import Model
 from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan
@@ -388,11 +389,10 @@ def _run(session, names: list[str], feeds: dict, which: str, start: int, n: int)
 class PairedSessions:
     """The original and the FP8 model, each with the compared tensors as outputs."""
 
-    def __init__(self, float_model: onnx.ModelProto, fp8_model: onnx.ModelProto, tensors: list[str],
-                 weights_dir: str | None = None):
+    def __init__(self, float_model: Model | onnx.ModelProto, fp8_model: Model | onnx.ModelProto, tensors: list[str]):
         self.tensors = list(dict.fromkeys(tensors))
-        self.original = make_session(float_model, extra_outputs=self.tensors, weights_dir=weights_dir)
-        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors, weights_dir=weights_dir)  # kept ops' weights
+        self.original = make_session(float_model, extra_outputs=self.tensors)
+        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors)
 
     def run(self, start: int, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
         n = len(next(iter(feeds.values())))
@@ -402,29 +402,27 @@ class PairedSessions:
 
 
 def compare_models(
-    float_model: onnx.ModelProto,
-    fp8_model: onnx.ModelProto,
+    float_model: Model | onnx.ModelProto,
+    fp8_model: Model | onnx.ModelProto,
     plans: list[OpPlan],
     source: CalibrationSource,
     batch_size: int = 16,
     max_samples: int | None = None,
     histogram_range: HistogramRange = "two_pass",
     progress: Callable[[int, int], None] | None = None,
-    weights_dir: str | None = None,
 ) -> ComparisonReport:
     """Compare every FP8 op output and model output of the two models on ``source``'s samples.
 
     ``float_model`` is the prepared float model the plans were made on; ``fp8_model`` its rewrite.
-    ``max_samples`` limits the samples (the first ones); ``weights_dir``: where the float model's
-    external weights are, when it was loaded without them. See the module docstring for the rules.
+    ``max_samples`` limits the samples (the first ones). See the module docstring for the rules.
     """
     if histogram_range not in HISTOGRAM_RANGES:
         raise CompareError(f"unknown histogram_range {histogram_range!r}; use one of {', '.join(HISTOGRAM_RANGES)}")
     if batch_size < 1:
         raise CompareError(f"batch_size {batch_size} must be >= 1")
-    rows = comparison_targets(float_model, plans)
+    rows = comparison_targets(Model.of(float_model).proto, plans)
     op_inputs = {t: TensorComparison(t, t, "op_output", None, -1) for r in rows for t in r.input_tensors}
-    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs), weights_dir)
+    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs))
     samples = source.num_samples if max_samples is None else min(max_samples, source.num_samples)
     if samples == 0:
         raise CompareError(f"comparison data {source.path} has no samples; give data with at least one sample")

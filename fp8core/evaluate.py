@@ -7,26 +7,23 @@ import onnx
 
 from fp8core.calibration import open_dataset
 from fp8core.graph import graph_inputs
+from fp8core.model import Model
 from fp8core.runtime import make_session
 
 
 def evaluate_top1(
-    float_model: onnx.ModelProto,
-    fp8_model: onnx.ModelProto,
+    float_model: Model | onnx.ModelProto,
+    fp8_model: Model | onnx.ModelProto,
     data_path: str,
     label_column: str = "label",
     batch_size: int = 64,
-    weights_dir: str | None = None,
 ) -> dict:
-    """Accuracy of both models (argmax of the first output) and how often they agree.
-
-    ``weights_dir``: where the float model's external weights are, when it was loaded without them.
-    """
+    """Accuracy of both models (argmax of the first output) and how often they agree."""
     source = open_dataset(data_path)
     if label_column not in source.columns:
         raise ValueError(f"evaluation data {data_path!r} has no {label_column!r} column")
-    names = [i.name for i in graph_inputs(float_model.graph)]
-    sessions = [make_session(float_model, weights_dir=weights_dir), make_session(fp8_model)]
+    names = [i.name for i in graph_inputs(Model.of(float_model).graph)]
+    sessions = [make_session(float_model), make_session(fp8_model)]
     correct = np.zeros(2, dtype=np.int64)
     agree = total = 0
     for batch in source.iter_batches(batch_size, names + [label_column]):

@@ -35,6 +35,7 @@ import onnx
 from fp8core.errors import FP8Error, first_line
 from fp8core.calibration import CalibrationSource
 from fp8core.compare import ComparisonReport, CompareError, TensorComparison, sample_batches
+from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import encode_weights, rewrite_to_fp8
 from fp8core.runtime import make_session
@@ -175,11 +176,10 @@ class OutputProbe:
     The subset's inputs and the original model's outputs on it are computed once and kept.
     """
 
-    def __init__(self, float_model: onnx.ModelProto, source: CalibrationSource, batch_size: int = 16,
-                 max_samples: int | None = 32, weights_dir: str | None = None):
+    def __init__(self, float_model: Model | onnx.ModelProto, source: CalibrationSource, batch_size: int = 16,
+                 max_samples: int | None = 32):
         self.output_names = [o.name for o in float_model.graph.output]
-        self.weights_dir = weights_dir  # external float weights (of the original and of kept ops)
-        session = make_session(float_model, weights_dir=weights_dir)
+        session = make_session(float_model)
         self.batches: list[tuple[dict, list[np.ndarray]]] = []
         for _, feeds in sample_batches(source, float_model, batch_size, max_samples):
             self.batches.append((feeds, session.run(self.output_names, feeds)))
@@ -192,7 +192,7 @@ class OutputProbe:
         if n >= self.samples:
             return self
         out = object.__new__(OutputProbe)
-        out.output_names, out.weights_dir, out.batches, left = self.output_names, self.weights_dir, [], n
+        out.output_names, out.batches, left = self.output_names, [], n
         for feeds, reference in self.batches:
             k = min(left, len(next(iter(feeds.values()))))
             out.batches.append(({name: v[:k] for name, v in feeds.items()}, [r[:k] for r in reference]))
@@ -202,9 +202,9 @@ class OutputProbe:
         out.samples = n
         return out
 
-    def measure(self, model: onnx.ModelProto) -> dict[str, float]:
+    def measure(self, model: Model | onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""
-        return self.measure_session(make_session(model, weights_dir=self.weights_dir))
+        return self.measure_session(make_session(model))
 
     def measure_session(self, session, extra_feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """:meth:`measure` of a model already in a session (``extra_feeds`` go with every batch)."""
@@ -237,16 +237,16 @@ class Trials:
     measured once (results are remembered), so the searches below can ask freely.
     """
 
-    def __init__(self, float_model: onnx.ModelProto, plans: list[OpPlan], probe: OutputProbe,
-                 weights_dir: str | None = None):
-        self.float_model, self.plans, self.probe, self.weights_dir = float_model, plans, probe, weights_dir
+    def __init__(self, float_model: Model | onnx.ModelProto, plans: list[OpPlan], probe: OutputProbe):
+        self.float_model, self.plans, self.probe = Model.of(float_model), plans, probe
         self.position = {p.name: p.position for p in plans}
         self.flags = {name: f"fp8_keep_switch_{i}" for i, name in enumerate(fp8_op_names(plans))}
-        self.encoded = encode_weights(float_model, plans, weights_dir)
+        self.encoded = encode_weights(self.float_model, plans)
         # rewrite_to_fp8 takes the entries it copies out of the dict it is given: a shallow copy
         # keeps them for the exact trials
-        switched = rewrite_to_fp8(float_model, plans, dict(self.encoded), weights_dir, switches=self.flags)
-        self.session = make_session(switched, weights_dir=weights_dir)
+        switched = self.float_model.derive(rewrite_to_fp8(self.float_model, plans, dict(self.encoded),
+                                                          switches=self.flags))
+        self.session = make_session(switched)
         del switched
         self._seen: dict[frozenset, dict[str, float]] = {}
         self._exact: dict[frozenset, dict[str, float]] = {}
@@ -258,9 +258,8 @@ class Trials:
         snr_db=200 needs every op kept to be exact)."""
         key = frozenset(kept)
         if key not in self._exact:
-            model = rewrite_to_fp8(self.float_model, keep_ops(self.plans, key, "kept: trial"), dict(self.encoded),
-                                   self.weights_dir)
-            self._exact[key] = self.probe.measure(model)
+            model = rewrite_to_fp8(self.float_model, keep_ops(self.plans, key, "kept: trial"), dict(self.encoded))
+            self._exact[key] = self.probe.measure(self.float_model.derive(model))
         return self._exact[key]
 
     def metrics(self, kept: Iterable[str]) -> dict[str, float]:
@@ -505,7 +504,7 @@ def _json(v: float):
 
 
 def fallback_for_target(
-    float_model: onnx.ModelProto,
+    float_model: Model | onnx.ModelProto,
     plans: list[OpPlan],
     source: CalibrationSource,
     target: AccuracyTarget | str,
@@ -514,7 +513,6 @@ def fallback_for_target(
     candidates: Iterable[str] | None = None,
     max_keep: int | None = None,
     progress: Callable[[FallbackStep], None] | None = None,
-    weights_dir: str | None = None,
     sensitivity_progress: Callable[[int, int, str], None] | None = None,
 ) -> FallbackResult:
     """Few FP8 ops to keep in original precision so the model outputs meet ``target``.
@@ -529,8 +527,7 @@ def fallback_for_target(
        without it (sensitivities do not add up: one op can make another's return unneeded).
 
     ``candidates``: the ops that may be kept (default every FP8 op); ``max_keep``: keep at most
-    this many. ``progress`` is called after each trial of steps 1, 3, 4. ``weights_dir``: where
-    the float model's external weights are, when it was loaded without them.
+    this many. ``progress`` is called after each trial of steps 1, 3, 4.
     """
     target = AccuracyTarget.parse(target) if isinstance(target, str) else target
     fp8 = fp8_op_names(plans)
@@ -540,8 +537,7 @@ def fallback_for_target(
         raise FallbackError(f"candidate op(s) {', '.join(unknown)} are not FP8 ops of this plan")
     if max_keep is not None and max_keep < 0:
         raise FallbackError(f"max_keep {max_keep} must be >= 0")
-    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, max_samples, weights_dir),
-                    weights_dir)
+    trials = Trials(float_model, plans, OutputProbe(float_model, source, batch_size, max_samples))
     steps: list[FallbackStep] = []
 
     def measured(kept: list[str], phase: str) -> FallbackStep:

@@ -34,6 +34,7 @@ from fp8core.errors import first_line
 from fp8core.calibration import CalibrationSource
 from fp8core.capture import CaptureError, input_feeds
 from fp8core.graph import graph_inputs
+from fp8core.model import Model
 from fp8core.runtime import make_session, session_options
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
@@ -134,7 +135,7 @@ class FeatureMoments:
         return self.total / max(self.count, 1)
 
 
-def capture_feature_moments(model: onnx.ModelProto, requests: dict[str, tuple[Rows, bool]],
+def capture_feature_moments(model: Model | onnx.ModelProto, requests: dict[str, tuple[Rows, bool]],
                             source: CalibrationSource, batch_size: int) -> dict[str, FeatureMoments]:
     """``requests`` maps a key (:attr:`Rows.key`) to (rows, whether to accumulate Gram matrices)."""
     moments = {key: FeatureMoments(rows, gram) for key, (rows, gram) in requests.items()}
@@ -144,6 +145,7 @@ def capture_feature_moments(model: onnx.ModelProto, requests: dict[str, tuple[Ro
     options = session_options()
     options.enable_cpu_mem_arena = False  # activations of each batch go back to the OS
     session = make_session(model, options, extra_outputs=tensors)
+    model = Model.of(model).proto
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     start = 0
     for batch in source.iter_batches(batch_size, input_names):

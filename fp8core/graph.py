@@ -38,7 +38,7 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     files (the only way past protobuf's 2 GiB limit) are checked without serializing them again.
     External weights are read tensor by tensor straight into the proto (one copy in memory), or,
     with ``load_weights=False``, left on disk as references relative to the model's directory:
-    read them with :func:`read_tensor` / ``GraphIndex(graph, weights_dir)`` when needed.
+    read them through :class:`fp8core.model.Model` (the proto and this folder) when needed.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -117,12 +117,12 @@ def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     return info.get("location", ""), offset, length
 
 
-def check_external_tensor(tensor: onnx.TensorProto, weights_dir: str) -> str:
-    """The absolute data file of an external tensor, after checking it is inside ``weights_dir``
+def check_external_tensor(tensor: onnx.TensorProto, base_dir: str) -> str:
+    """The absolute data file of an external tensor, after checking it is inside ``base_dir``
     and long enough for the tensor's dims (a lying header never makes us allocate or read past it).
     """
     location, offset, length = _external_info(tensor)
-    real_dir = os.path.realpath(weights_dir)
+    real_dir = os.path.realpath(base_dir)
     full = os.path.realpath(os.path.join(real_dir, location))
     if not location or os.path.isabs(location) or os.path.commonpath([real_dir, full]) != real_dir:
         raise ModelError(f"weight {tensor.name!r} points to external data {location!r} outside the "
@@ -140,23 +140,24 @@ def check_external_tensor(tensor: onnx.TensorProto, weights_dir: str) -> str:
     return full
 
 
-def read_tensor_bytes(tensor: onnx.TensorProto, weights_dir: str) -> bytes:
+def read_tensor_bytes(tensor: onnx.TensorProto, base_dir: str) -> bytes:
     """The raw little-endian bytes of an external tensor, read from its data file."""
-    full = check_external_tensor(tensor, weights_dir)
+    full = check_external_tensor(tensor, base_dir)
     _, offset, _ = _external_info(tensor)
     with open(full, "rb") as f:
         f.seek(offset)
         return f.read(tensor_nbytes(tensor))
 
 
-def read_tensor(tensor: onnx.TensorProto, weights_dir: str | None = None) -> np.ndarray:
-    """The value of a tensor, read from its external data file when it has one (one copy)."""
+def read_tensor(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
+    """The value of a tensor, read from its external data file (relative to ``base_dir``, the
+    model's folder) when it has one (one copy)."""
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
-    if weights_dir is None:
-        raise ModelError(f"weight {tensor.name!r} is in external data; pass the model's folder as "
-                         "weights_dir")
-    full = check_external_tensor(tensor, weights_dir)
+    if base_dir is None:
+        raise ModelError(f"weight {tensor.name!r} is in external data; the model's folder is not known "
+                         "(load it as fp8core.model.Model with its weights_dir)")
+    full = check_external_tensor(tensor, base_dir)
     _, offset, _ = _external_info(tensor)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     count = int(np.prod(tensor.dims, dtype=np.int64))
@@ -293,9 +294,9 @@ def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 class GraphIndex:
     """Lookups over one graph: producer, consumers and constant value of a tensor."""
 
-    def __init__(self, graph: onnx.GraphProto, weights_dir: str | None = None):
+    def __init__(self, graph: onnx.GraphProto, base_dir: str | None = None):
         self.graph = graph
-        self.weights_dir = weights_dir  # where external weights live (see load_model)
+        self.base_dir = base_dir  # the model's folder, where external weights live (see load_model)
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -343,7 +344,7 @@ class GraphIndex:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         t = self.constant_tensor(name)
-        return None if t is None else read_tensor(t, self.weights_dir)
+        return None if t is None else read_tensor(t, self.base_dir)
 
 
 LARGE_INITIALIZER_BYTES = 4096

@@ -27,6 +27,7 @@ import onnx
 
 from fp8core.errors import FP8Error
 from fp8core.graph import graph_inputs
+from fp8core.model import Model
 
 BATCH_AXES_KEY = "fp8_pipeline.input_batch_axes"
 BATCH_NAMES = ("batch", "batch_size", "n", "b", "bs", "n_batch", "batchsize", "unk__0")
@@ -187,7 +188,8 @@ def _common_fixed_batch(inputs, axes) -> int:
     return 1 if 1 in fixed_first or not fixed_first else fixed_first[0]
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+def input_specs(model: Model | onnx.ModelProto) -> list[InputSpec]:
+    model = Model.of(model).proto
     axes = batch_axes(model)
     return [InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
                       _dims(vi), axes[vi.name]) for vi in graph_inputs(model.graph)]

@@ -26,6 +26,7 @@ from fp8core.graph import (
     uses_external_data,
     without_large_initializers,
 )
+from fp8core.model import Model
 from fp8core.runtime import make_session
 
 
@@ -50,11 +51,13 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def model_sha256(model: onnx.ModelProto, weights_dir: str | None = None) -> str:
+def model_sha256(model: Model | onnx.ModelProto) -> str:
     """sha256 of a model's content, also past protobuf's 2 GiB limit: the model without its large
     initializers, then each of them in order (each tensor serialized on its own; the data of a
-    weight still in external data is read from its file in ``weights_dir``)."""
-    light, large, _ = without_large_initializers(model)
+    weight still in external data is read from its file in the model's ``weights_dir``)."""
+    model = Model.of(model)
+    weights_dir = model.weights_dir
+    light, large, _ = without_large_initializers(model.proto)
     digest = hashlib.sha256(serialize(light))
     for tensor in large:
         digest.update(tensor.SerializeToString(deterministic=True))
@@ -187,10 +190,9 @@ def external_data_name(model_name: str, digest: str) -> str:
 
 
 def save_model_atomic(
-    model: onnx.ModelProto,
+    model: Model | onnx.ModelProto,
     path: str,
     external_data: str = "auto",
-    weights_dir: str | None = None,
     check: Callable[[str], None] | None = None,
     release: bool = False,
 ) -> int:
@@ -198,7 +200,7 @@ def save_model_atomic(
 
     Inline (one ``.onnx``) or with its tensors >= 1 KiB in ``<name>.<sha256[:16]>.data`` beside
     it (see :func:`wants_external_data`), 4 KiB-aligned, in initializer order. Tensors of
-    ``model`` that are still external references are copied from ``weights_dir`` in chunks.
+    ``model`` that are still external references are copied from its ``weights_dir`` in chunks.
     Everything is written into a temp folder beside ``path``, ``check(temp_model_path)`` runs
     there (e.g. :func:`validate_fp8_model`), then the data file is renamed into place and the
     ``.onnx`` last: a reader or a crash sees the old model with its data or the new one with
@@ -207,6 +209,8 @@ def save_model_atomic(
     once written, before ``check`` runs, so the check (an onnxruntime session) does not run beside
     a second in-memory copy of the weights - for callers that are done with the model.
     """
+    weights_dir = model.weights_dir if isinstance(model, Model) else None
+    model = model.proto if isinstance(model, Model) else model
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
     external = wants_external_data(model, external_data)
@@ -271,12 +275,13 @@ def _remove_old_data_files(folder: str, name: str, keep: str | None) -> None:
             _remove(os.path.join(folder, entry))
 
 
-def _tensor_chunks(tensor: onnx.TensorProto, weights_dir: str | None, chunk: int = 64 << 20):
+def _tensor_chunks(tensor: onnx.TensorProto, base_dir: str | None, chunk: int = 64 << 20):
     """The tensor's raw little-endian bytes, in chunks (external data is streamed from disk)."""
     if uses_external_data(tensor):
-        if weights_dir is None:
-            raise ModelError(f"weight {tensor.name!r} is in external data; pass weights_dir")
-        full = check_external_tensor(tensor, weights_dir)
+        if base_dir is None:
+            raise ModelError(f"weight {tensor.name!r} is in external data; save it as a "
+                             "fp8core.model.Model that knows its weights_dir")
+        full = check_external_tensor(tensor, base_dir)
         offset = int({e.key: e.value for e in tensor.external_data}.get("offset", 0) or 0)
         remaining = tensor_nbytes(tensor)
         with open(full, "rb") as f:
@@ -294,7 +299,7 @@ def _tensor_chunks(tensor: onnx.TensorProto, weights_dir: str | None, chunk: int
         yield array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _light_copy(model: onnx.ModelProto, move, weights_dir: str | None) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
+def _light_copy(model: onnx.ModelProto, move, base_dir: str | None) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
     """A copy of ``model`` whose initializers for which ``move(t)`` is true are data-less stubs
     (name, type, dims), and whose other external references are read in; returns it and the
     (original, stub) pairs of the moved ones, in initializer order. ``model`` is not modified."""
@@ -315,22 +320,22 @@ def _light_copy(model: onnx.ModelProto, move, weights_dir: str | None) -> tuple[
         if moved:
             pairs.append((t, stub))
         else:
-            stub.raw_data = b"".join(_tensor_chunks(t, weights_dir))
+            stub.raw_data = b"".join(_tensor_chunks(t, base_dir))
     return light, pairs
 
 
-def _inlined(model: onnx.ModelProto, weights_dir: str | None) -> onnx.ModelProto:
+def _inlined(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelProto:
     """The model with every external reference read into the proto (a copy only if needed)."""
     if not any(uses_external_data(t) for t in model.graph.initializer):
         return model
-    light, _ = _light_copy(model, lambda t: False, weights_dir)
+    light, _ = _light_copy(model, lambda t: False, base_dir)
     return light
 
 
-def _write_external(model, tmpdir: str, name: str, weights_dir: str | None):
+def _write_external(model, tmpdir: str, name: str, base_dir: str | None):
     """Write the data file (temp name, then its content name) and return (data file name,
     data bytes, the model copy that points into it)."""
-    light, pairs = _light_copy(model, lambda t: tensor_nbytes(t) >= EXTERNAL_MIN_BYTES, weights_dir)
+    light, pairs = _light_copy(model, lambda t: tensor_nbytes(t) >= EXTERNAL_MIN_BYTES, base_dir)
     if not pairs:  # nothing big enough to move out
         return None, 0, light
     digest = hashlib.sha256()
@@ -345,7 +350,7 @@ def _write_external(model, tmpdir: str, name: str, weights_dir: str | None):
                 digest.update(b"\0" * pad)
                 position += pad
             start = position
-            for block in _tensor_chunks(original, weights_dir):
+            for block in _tensor_chunks(original, base_dir):
                 f.write(block)
                 digest.update(block)
                 position += len(block)

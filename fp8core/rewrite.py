@@ -38,6 +38,7 @@ from fp8core.graph import (
     set_input_shapes,
 )
 from fp8core.inputs import normalize_dynamic_dims, record_batch_axes
+from fp8core.model import Model
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weight_options import encode_real_scaled, scale_initializer
 
@@ -242,15 +243,13 @@ def weights_to_encode(plans: list[OpPlan]) -> list[WeightKey]:
     return keys
 
 
-def encode_weights(
-    model: onnx.ModelProto, plans: list[OpPlan], weights_dir: str | None = None
-) -> dict[WeightKey, np.ndarray]:
+def encode_weights(model: Model | onnx.ModelProto, plans: list[OpPlan]) -> dict[WeightKey, np.ndarray]:
     """FP8 bytes (uint8) of every weight the plan quantizes, encoded once on the CPU.
 
-    Streaming: one weight at a time is read (from the proto, or from its external data file in
-    ``weights_dir``), encoded and dropped, so memory holds the FP8 result plus one float weight.
+    Streaming: one weight at a time is read (from the proto, or from its external data file),
+    encoded and dropped, so memory holds the FP8 result plus one float weight.
     """
-    index = GraphIndex(model.graph, weights_dir)
+    index = Model.of(model).index()
     encoded: dict[WeightKey, np.ndarray] = {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for tensor, params in weights_to_encode(plans):
@@ -282,10 +281,9 @@ def _encode_in_chunks(value: np.ndarray, p: QuantParams, pool: ThreadPoolExecuto
 
 
 def rewrite_to_fp8(
-    model: onnx.ModelProto,
+    model: Model | onnx.ModelProto,
     plans: list[OpPlan],
     encoded: dict[WeightKey, np.ndarray] | None = None,
-    weights_dir: str | None = None,
     switches: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Return the FP8 QDQ form of a prepared model (see :func:`prepare_model`); the model is untouched.
@@ -295,14 +293,15 @@ def rewrite_to_fp8(
     any set of them kept in original precision (fp8core.fallback.Trials); not for saving.
 
     ``encoded`` holds weights already encoded by :func:`encode_weights`; missing ones are encoded
-    here (read from ``weights_dir`` when external). Each entry is removed from ``encoded`` once it
-    is copied into the new model, so the FP8 bytes are held once, not twice. Weights kept in float
-    that live in external data stay references to ``weights_dir``: save with
-    :func:`fp8core.modelio.save_model_atomic` and the same ``weights_dir``.
+    here (read from the model's external data when they are there). Each entry is removed from
+    ``encoded`` once it is copied into the new model, so the FP8 bytes are held once, not twice.
+    Weights kept in float that live in external data stay references to the model's folder:
+    ``Model.derive`` the result to save or run it.
     """
     encoded = {} if encoded is None else encoded
-    source = GraphIndex(model.graph, weights_dir)  # read-only: the float weights
-    model, large, added_inputs = without_large_initializers(model)  # float weights are not copied
+    model = Model.of(model)
+    source = model.index()  # read-only: the float weights
+    model, large, added_inputs = without_large_initializers(model.proto)  # float weights are not copied
     graph = model.graph
     opset = default_opset(model)
     min_ir = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)

@@ -35,6 +35,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from fp8core.graph import _copy_fields, tensor_elem_types, tensor_nbytes, uses_external_data
+from fp8core.model import Model
 
 DISABLED_OPTIMIZERS: tuple[str, ...] = (
     "ReluQuantRewrite",
@@ -62,23 +63,25 @@ model past 2 GiB at all, and serializing one of 1-2 GiB would hold its weights t
 
 
 def make_session(
-    model: onnx.ModelProto | bytes | str | os.PathLike,
+    model: Model | onnx.ModelProto | bytes | str | os.PathLike,
     options: ort.SessionOptions | None = None,
     disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
     extra_outputs: Sequence[str] = (),
-    weights_dir: str | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a float or FP8 model, with the safe optimizer set.
 
     ``extra_outputs``: tensors of a model proto to expose as outputs too (captured activations),
-    added to a copy of the graph; the caller's model is not modified. ``weights_dir``: the folder
-    of a proto's external weights (loaded with ``load_weights=False``): onnxruntime reads them
-    from their data files itself, and Python never holds them. Both, and a hand-over, are set on
+    added to a copy of the graph; the caller's model is not modified. A :class:`Model` whose
+    weights are still on disk (loaded with ``load_weights=False``) has onnxruntime read them from
+    their data files itself: Python never holds them. Both, and a hand-over, are set on
     ``options``: give each session its own options.
     """
     options = options or session_options()
-    if weights_dir is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
+    if isinstance(model, Model):
+        if model.weights_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             model.weights_dir)
+        model = model.proto
     handed_over: list[ort.OrtValue] = []
     if isinstance(model, onnx.ModelProto):
         model, handed_over = _session_payload(model, options, extra_outputs)
@@ -154,11 +157,10 @@ def _session_payload(model: onnx.ModelProto, options: ort.SessionOptions,
     return light.SerializeToString(), values
 
 
-def reference_session(model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:
-    """A session with every graph optimization off: the ONNX semantics, for tests."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+def reference_session(model: Model | onnx.ModelProto | bytes | str) -> ort.InferenceSession:
+    """A session with every graph optimization off: the ONNX semantics (the reference a float
+    model's rewrite or opset upgrade is checked against, and the tests' reference)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    return make_session(model, options)

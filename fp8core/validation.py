@@ -20,12 +20,12 @@ import math
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from fp8core.errors import first_line
 from fp8core.graph import ModelError
 from fp8core.inputs import PROBE_SIZES, InputLayoutError, input_specs, probe_feeds, stack_feeds
-from fp8core.runtime import make_session
+from fp8core.model import Model
+from fp8core.runtime import reference_session
 
 FLOAT_RTOL = 1e-3
 """Largest error of the prepared float model, relative to each output's absmax, still counted as
@@ -44,26 +44,18 @@ class Reference:
     source: str  # "calibration samples 0..3" or "generated inputs, dynamic dims 224"
 
 
-def _disable_all_session(model, weights_dir: str | None = None) -> ort.InferenceSession:
-    """ONNX semantics (no graph optimization): the reference for float models."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    return make_session(model, options, weights_dir=weights_dir)
-
-
-def run_float(model, feeds, weights_dir: str | None = None) -> tuple[list[str], list[np.ndarray]]:
-    session = _disable_all_session(model, weights_dir)
+def run_float(model, feeds) -> tuple[list[str], list[np.ndarray]]:
+    session = reference_session(model)
     names = [o.name for o in session.get_outputs()]
     return names, session.run(names, feeds)
 
 
-def probe_reference(model: onnx.ModelProto, weights_dir: str | None = None) -> Reference | None:
+def probe_reference(model: Model | onnx.ModelProto) -> Reference | None:
     """Generated inputs of the first probe size the model runs on, and its outputs; None when it
     runs on none of them (then only calibration data can validate it)."""
-    specs = input_specs(model)
+    specs = input_specs(Model.of(model).proto)
     try:
-        session = _disable_all_session(model, weights_dir)
+        session = reference_session(model)
     except Exception as exc:
         raise ModelError(f"the input model does not load in onnxruntime: {first_line(exc)}") from None
     names = [o.name for o in session.get_outputs()]
@@ -77,10 +69,9 @@ def probe_reference(model: onnx.ModelProto, weights_dir: str | None = None) -> R
     return None
 
 
-def calibration_reference(model: onnx.ModelProto, source, batch_size: int,
-                          weights_dir: str | None = None) -> Reference:
+def calibration_reference(model: Model | onnx.ModelProto, source, batch_size: int) -> Reference:
     """The first calibration samples (a whole fixed batch, or up to :data:`VALIDATION_SAMPLES`)."""
-    specs = input_specs(model)
+    specs = input_specs(Model.of(model).proto)
     take = min(batch_size, VALIDATION_SAMPLES) if all(s.fixed_batch is None for s in specs) else batch_size
     batch = next(iter(source.iter_batches(take, [s.name for s in specs])))
     try:
@@ -88,14 +79,14 @@ def calibration_reference(model: onnx.ModelProto, source, batch_size: int,
     except InputLayoutError:  # no-batch input differing between samples: validate on one sample
         feeds = stack_feeds(specs, {k: v[:1] for k, v in batch.items()})
     n = len(next(iter(batch.values())))
-    names, outputs = run_float(model, feeds, weights_dir)
+    names, outputs = run_float(model, feeds)
     return Reference(feeds, names, outputs, f"calibration samples 0..{n - 1}")
 
 
-def check_same_outputs(reference: Reference, model, what: str, weights_dir: str | None = None) -> None:
+def check_same_outputs(reference: Reference, model, what: str) -> None:
     """``model`` must compute ``reference``'s outputs within float rounding, else ModelError."""
     try:
-        names, outputs = run_float(model, reference.feeds, weights_dir)
+        names, outputs = run_float(model, reference.feeds)
     except Exception as exc:
         raise ModelError(f"{what}: the model no longer runs on {reference.source}: {first_line(exc)}") from None
     for name, want, got in zip(reference.names, reference.outputs, outputs):

@@ -26,8 +26,9 @@ import onnx
 from onnx import numpy_helper
 
 from fp8core.formats import encode_to_dtype, get_format
-from fp8core.graph import GraphIndex, node_attr
+from fp8core.graph import node_attr
 from fp8core.losses import get_loss
+from fp8core.model import Model
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.weights import WeightQuantizationError, output_channel_axis, quantize_per_channel
 
@@ -111,16 +112,15 @@ def weight_axis(node: onnx.NodeProto, weight_rank: int) -> int:
     return output_channel_axis(node.op_type, weight_rank, trans_b)
 
 
-def choose_weight_params(model: onnx.ModelProto, plans: list[OpPlan], granularity: str, scale_kind: str,
-                         formats: list[str] | tuple[str, ...], loss: str,
-                         weights_dir: str | None = None) -> list[OpPlan]:
+def choose_weight_params(model: Model | onnx.ModelProto, plans: list[OpPlan], granularity: str, scale_kind: str,
+                         formats: list[str] | tuple[str, ...], loss: str) -> list[OpPlan]:
     """Copies of ``plans`` whose FP8 weights carry real scales (unchanged for per_tensor pow2).
 
     A weight read by several FP8 ops is searched once per distinct (tensor, axis).
     """
     if not uses_real_scales(granularity, scale_kind):
         return plans
-    index = GraphIndex(model.graph, weights_dir)
+    index = Model.of(model).index()
     nodes = {n.name: n for n in model.graph.node}
     found: dict[tuple[str, int | None, int], RealScaleParams] = {}
     out = []

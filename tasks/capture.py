@@ -12,8 +12,7 @@ from fp8core.report import ProgressLine
 
 
 @task(name="capture-activations", cache_policy=NONE, **IO_RETRIES)
-def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False,
-                        weights_dir: str | None = None):
+def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False):
     log = get_run_logger()
     line = ProgressLine("capture", enabled=show_progress)
 
@@ -21,6 +20,6 @@ def capture_activations(model, tensors: list[str], source, batch_size: int, shar
         line.update(done, total)
         log.debug("capture: batch %d/%d", done, total)
 
-    stats = capture_stats(model, tensors, source, batch_size, progress, shard, weights_dir)
+    stats = capture_stats(model, tensors, source, batch_size, progress, shard)
     line.close()
     return stats

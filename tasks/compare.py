@@ -14,21 +14,20 @@ from fp8core.report import ProgressLine
 
 @task(name="precision-compare", cache_policy=NONE)
 def precision_compare(float_model, fp8_model, plans, data_path: str, batch_size: int, log_dir: str,
-                      max_samples: int | None = None, show_progress: bool = False,
-                      weights_dir: str | None = None) -> dict:
+                      max_samples: int | None = None, show_progress: bool = False) -> dict:
     """Compare on ``data_path``; write the logs; return the report, log paths and MLflow metrics."""
     log = get_run_logger()
     source = open_dataset(data_path)
     validate_against_model(source, model_input_specs(float_model), batch_size)
     line = ProgressLine("compare", enabled=show_progress)
     report = compare_models(float_model, fp8_model, plans, source, batch_size, max_samples,
-                            progress=line.update, weights_dir=weights_dir)
+                            progress=line.update)
     line.close()
     # which ops matter for the outputs: each kept alone, on a few samples (one switchable session);
     # on models with more FP8 ops than MAX_MEASURED_OPS, the ones adding the most noise
-    probe = OutputProbe(float_model, source, batch_size, SENSITIVITY_SAMPLES, weights_dir)
+    probe = OutputProbe(float_model, source, batch_size, SENSITIVITY_SAMPLES)
     fp8_ops = measurable_ops(plans, report)
-    sensitivity = measure_sensitivity(Trials(float_model, plans, probe, weights_dir), fp8_ops) if fp8_ops else None
+    sensitivity = measure_sensitivity(Trials(float_model, plans, probe), fp8_ops) if fp8_ops else None
     keep_gain = {n: sensitivity.gain(n) for n in fp8_ops} if sensitivity else None
     paths = write_compare_logs(report, log_dir, keep_gain, SENSITIVITY_METRIC)
     worst = ", ".join(f"{r.label} ({r.snr_db:.1f} dB)" for r in report.worst_ops())

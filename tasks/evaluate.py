@@ -9,5 +9,5 @@ from fp8core.evaluate import evaluate_top1
 
 
 @task(name="evaluate-accuracy", cache_policy=NONE)
-def evaluate_accuracy(float_model, fp8_model, data_path: str, weights_dir: str | None = None) -> dict:
-    return evaluate_top1(float_model, fp8_model, data_path, weights_dir=weights_dir)
+def evaluate_accuracy(float_model, fp8_model, data_path: str) -> dict:
+    return evaluate_top1(float_model, fp8_model, data_path)

@@ -25,21 +25,20 @@ def _progress_every_tenth(log, what: str):
     return progress
 
 
-def _trials_on(float_model, plans: list[OpPlan], data_path: str, batch_size: int, samples: int,
-               weights_dir: str | None) -> Trials:
+def _trials_on(float_model, plans: list[OpPlan], data_path: str, batch_size: int, samples: int) -> Trials:
     """The data checked against the model, then one switchable session probed on ``samples`` samples."""
     source = open_dataset(data_path)
     validate_against_model(source, model_input_specs(float_model), batch_size)
-    return Trials(float_model, plans, OutputProbe(float_model, source, batch_size, samples, weights_dir), weights_dir)
+    return Trials(float_model, plans, OutputProbe(float_model, source, batch_size, samples))
 
 
 @task(name="measure-op-sensitivity", cache_policy=NONE)
 def op_sensitivity(float_model, plans: list[OpPlan], data_path: str, batch_size: int, max_samples: int | None,
-                   candidates: list[str], weights_dir: str | None = None) -> Sensitivity:
+                   candidates: list[str]) -> Sensitivity:
     """Each candidate kept alone in original precision on top of the full FP8 model, on a few samples."""
     log = get_run_logger()
     trials = _trials_on(float_model, plans, data_path, batch_size,
-                        min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES), weights_dir)
+                        min(max_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES))
     sensitivity = measure_sensitivity(trials, candidates, progress=_progress_every_tenth(log, "op sensitivity"))
     top = sensitivity.ranked()[:5]
     log.info("ops that matter most (%s of the outputs %.4g with every op in FP8): %s", sensitivity.metric,
@@ -72,10 +71,10 @@ def keep_k(plans: list[OpPlan], k: int, sensitivity: Sensitivity | None = None,
 
 @task(name="keep-dominant-ops", cache_policy=NONE)
 def keep_dominant(float_model, plans: list[OpPlan], data_path: str, batch_size: int, share: float,
-                  candidates: list[str], weights_dir: str | None = None) -> tuple[list[OpPlan], Dominance]:
+                  candidates: list[str]) -> tuple[list[OpPlan], Dominance]:
     """--keep_dominant_share: the ops that alone carry that share of the output noise, by group testing."""
     log = get_run_logger()
-    trials = _trials_on(float_model, plans, data_path, batch_size, SENSITIVITY_SAMPLES, weights_dir)
+    trials = _trials_on(float_model, plans, data_path, batch_size, SENSITIVITY_SAMPLES)
     dominance = find_dominant_ops(trials, candidates, share)
     if dominance.found:
         log.info("kept in original precision (each alone carries >= %g of the outputs' FP8 noise): %s (%d trials)",
@@ -89,7 +88,7 @@ def keep_dominant(float_model, plans: list[OpPlan], data_path: str, batch_size: 
 @task(name="accuracy-target-fallback", cache_policy=NONE)
 def accuracy_target_fallback(float_model, plans: list[OpPlan], data_path: str, target: str, batch_size: int,
                              max_samples: int | None = 32, max_keep: int | None = None,
-                             candidates: list[str] | None = None, weights_dir: str | None = None) -> FallbackResult:
+                             candidates: list[str] | None = None) -> FallbackResult:
     """Sensitivity + bisection on ``max_samples`` samples of ``data_path``; every trial is logged."""
     log = get_run_logger()
     parsed = AccuracyTarget.parse(target)
@@ -101,7 +100,7 @@ def accuracy_target_fallback(float_model, plans: list[OpPlan], data_path: str, t
                  len(step.kept), parsed.metric, step.metric, " - met" if step.met else "")
 
     result = fallback_for_target(float_model, plans, source, parsed, batch_size, max_samples,
-                                 candidates=candidates, max_keep=max_keep, progress=progress, weights_dir=weights_dir,
+                                 candidates=candidates, max_keep=max_keep, progress=progress,
                                  sensitivity_progress=_progress_every_tenth(log, "accuracy target sensitivity"))
     (log.info if result.met else log.warning)(result.message)
     return result

@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 from tasks.retry import IO_RETRIES
 
 from fp8core.graph import default_opset, files_sha256, load_model as _load, model_files
+from fp8core.model import Model
 from fp8core.rewrite import prepare_model, target_opset
 from fp8core.validation import Reference, check_same_outputs, probe_reference
 
@@ -23,8 +24,7 @@ class LoadedModel:
     bytes: int
     source_opset: int
     opset: int
-    model: onnx.ModelProto  # prepared: named nodes, fixed input shapes, target opset
-    weights_dir: str | None = None  # set when large external weights were left on disk
+    model: Model  # prepared: named nodes, fixed input shapes, target opset; large weights maybe on disk
     notes: list[str] = dataclasses.field(default_factory=list)  # what was repaired or assumed, one line each
     reference: Reference | None = None  # generated inputs the model runs on, and its outputs
 
@@ -39,24 +39,23 @@ def load_model(path: str, input_shape: dict[str, list[int]], convert_version: in
     model computes is an error, not a silently wrong FP8 model)."""
     original = _load(path, load_weights=False)
     files = model_files(path, original)  # the .onnx and its external data: all of it is the model
-    weights_dir = os.path.dirname(os.path.abspath(path))
-    if not stream_weights:
-        original = _load(path) if len(files) > 1 else original
-        weights_dir = None
-    data_dir = weights_dir if len(files) > 1 else None
+    external = len(files) > 1
+    if external and not stream_weights:
+        original = _load(path)
+    folder = os.path.dirname(os.path.abspath(path)) if external and stream_weights else None
     opset = target_opset(original, convert_version)
     notes: list[str] = []
-    prepared = prepare_model(original, opset, input_shape, batch_axes, notes)
+    prepared = Model(prepare_model(original, opset, input_shape, batch_axes, notes), folder)
     upgraded = default_opset(original) < opset
-    reference = probe_reference(original if upgraded and not input_shape else prepared, data_dir)
+    reference = probe_reference(Model(original, folder) if upgraded and not input_shape else prepared)
     if reference is not None and upgraded and not input_shape:
         check_same_outputs(reference, prepared, f"the opset upgrade {default_opset(original)} -> {opset} "
-                           "changed what the model computes (an onnx.version_converter defect)", data_dir)
+                           "changed what the model computes (an onnx.version_converter defect)")
     if reference is None:
         notes.append("the model ran on no generated inputs (dynamic dims tried: 1, 16, 64, 224, 512); "
                      "the FP8 model is validated on calibration data only (give --input_shape or --data_preprocess)")
     return LoadedModel(os.path.abspath(path), files_sha256(files), sum(os.path.getsize(f) for f in files),
-                       default_opset(original), opset, prepared, data_dir, notes, reference)
+                       default_opset(original), opset, prepared, notes, reference)
 
 
 @task(name="read-written-model", cache_policy=NONE, **IO_RETRIES)

@@ -7,15 +7,15 @@ from prefect.cache_policies import NONE
 
 from tasks.retry import IO_RETRIES
 
-from fp8core.graph import GraphIndex
+from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.search import search
 from fp8core.stats import TensorStats
 
 
 @task(name="weight-statistics", cache_policy=NONE)
-def weight_stats(model, plans: list[OpPlan], weights_dir: str | None = None) -> dict[str, TensorStats]:
-    index = GraphIndex(model.graph, weights_dir)  # external weights are read one at a time
+def weight_stats(model, plans: list[OpPlan]) -> dict[str, TensorStats]:
+    index = Model.of(model).index()  # external weights are read one at a time
     out: dict[str, TensorStats] = {}
     for plan in plans:
         if plan.fp8:

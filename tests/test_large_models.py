@@ -20,6 +20,7 @@ import pytest
 
 import fp8core.modelio as modelio
 from fp8core.graph import ModelError, external_tensors, load_model
+from fp8core.model import Model
 from fp8core.modelio import OutputError, save_model_atomic, validate_fp8_model, wants_external_data
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, target_opset
@@ -34,16 +35,15 @@ def _save_external(model: onnx.ModelProto, path) -> None:
 
 
 def _convert(path, load_weights=True, external_data="never", out=None):
-    folder = os.path.dirname(os.path.abspath(path))
-    model = load_model(path, load_weights=load_weights)
-    prepared = prepare_model(model, target_opset(model, None))
-    plans = plan_fp8_ops(prepared, "fp8", [], P, P)
-    encoded = encode_weights(prepared, plans, weights_dir=folder)
-    fp8 = rewrite_to_fp8(prepared, plans, encoded, weights_dir=folder)
+    model = Model.load(path, load_weights=load_weights)
+    prepared = model.derive(prepare_model(model.proto, target_opset(model.proto, None)))
+    plans = plan_fp8_ops(prepared.proto, "fp8", [], P, P)
+    encoded = encode_weights(prepared, plans)
+    fp8 = prepared.derive(rewrite_to_fp8(prepared, plans, encoded))
     assert not encoded, "rewrite consumes the encoded weights (held once)"
     if out is not None:
-        save_model_atomic(fp8, str(out), external_data=external_data, weights_dir=folder, check=validate_fp8_model)
-    return fp8
+        fp8.save(str(out), external_data=external_data, check=validate_fp8_model)
+    return fp8.proto
 
 
 @pytest.fixture
