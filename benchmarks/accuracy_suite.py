@@ -31,7 +31,7 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
 * ``quantize_<loss>``: ``--precision fp8 --quantize --quantize_loss_type <loss>`` for mse, mae,
   snr, kld, cos_dist. The loss whose run scores best (EfficientNet: top-1 agreement, then KL;
   MiniLM: mean cosine) is the *base* of every run below. ``quantize_<DEFAULT_LOSS>``
-  (``flows.params``, mse today) is fp8-convert's default ``--quantize`` run: every other flag at
+  (``tasks.params``, mse today) is fp8-convert's default ``--quantize`` run: every other flag at
   its default (so with ``--keep_dominant_share``, its kept ops show in "FP8 / kept ops").
 * ``keep_1..3``: base + ``--num_of_layers_keep_fp16 K``.
 * ``target``: base + ``--accuracy_target METRIC=VALUE --compare_data <calibration data>
@@ -328,7 +328,7 @@ def quantize_args(case: ModelCase, loss: str) -> list[str]:
 
 def default_loss() -> str:
     """fp8-convert's --quantize_loss_type default (its ``quantize_<loss>`` run is the default --quantize run)."""
-    from flows.params import DEFAULT_LOSS
+    from tasks.params import DEFAULT_LOSS
 
     return DEFAULT_LOSS
 

@@ -3,7 +3,7 @@
     python -m deployments.serve            # needs PREFECT_API_URL pointing at a Prefect server
 
 * ``fp8-convert/fp8-convert-on-demand``: the conversion flow; its parameter form is drawn from
-  :class:`flows.params.ConvertParams` (types, descriptions, enum choices, defaults).
+  :class:`tasks.params.ConvertParams` (types, descriptions, enum choices, defaults).
 * ``fp8-requantize-nightly/fp8-requantize-nightly``: re-quantizes the models in
   ``deployments/models.yaml`` on a cron schedule (default 02:00 every day), skipping unchanged ones.
 

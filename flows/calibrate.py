@@ -12,7 +12,7 @@ import os
 
 from prefect import get_run_logger
 
-from flows.params import ConvertParams, FP8Params
+from tasks.params import ConvertParams, FP8Params
 from flows.runners import capture_shards, map_search, task_runner
 from fp8core.cache import StatsKey
 from fp8core.model import Model

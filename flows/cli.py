@@ -38,7 +38,7 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.params import DEFAULT_DOMINANT_SHARE, DEFAULT_LOSS
+    from tasks.params import DEFAULT_DOMINANT_SHARE, DEFAULT_LOSS
 
     p = _Parser(prog="fp8-convert", description="Convert an FP32/FP16 ONNX model to FP8 mixed precision (PopRT-compatible flags).")
     p.add_argument("--input_model", help="FP32/FP16 ONNX model (default: the demo model in data/)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params_from_args(args) -> "ConvertParams":
-    from flows.params import ConvertParams
+    from tasks.params import ConvertParams
 
     fields = dict(
         input_shape=dict(args.input_shape),

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.errors import failed_state, is_user_error, one_line, quiet_user_error_tracebacks
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from flows.quality import apply_fallback, compare_precision
 from fp8core.plan import already_quantized_note
 from fp8core.report import fp8_config

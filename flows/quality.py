@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from fp8core.plan import OpPlan
 from tasks.compare import precision_compare
 from fp8core.fallback import DOMINANCE_MIN_OPS

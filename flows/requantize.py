@@ -1,6 +1,6 @@
 """The ``fp8-requantize-nightly`` flow: re-quantize the watched models whose inputs changed.
 
-For each model in the config (deployments/config.py): take the newest calibration data under its
+For each model in the config (flows/nightly_config.py): take the newest calibration data under its
 directory, fingerprint the model file (sha256) and the data (CalibrationSource.fingerprint), and
 skip the model when both equal the fingerprints of its last successful run and its output still
 exists. Otherwise run the ``fp8-convert`` flow (a subflow) with ``--quantize`` on that data.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from deployments.config import ConfigError, ResolvedConfig, WatchedModel, load_config, newest_calibration_data
+from flows.nightly_config import ConfigError, ResolvedConfig, WatchedModel, load_config, newest_calibration_data
 from flows.errors import failed_state, is_user_error, one_line, quiet_user_error_tracebacks
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from fp8core.calibration import open_dataset
 from fp8core.graph import file_sha256
 from fp8core.modelio import write_bytes_atomic
@@ -85,7 +85,7 @@ def unchanged(previous: dict | None, current: dict, output_model: Path) -> bool:
 def fp8_requantize_nightly(config_path: str = DEFAULT_CONFIG, force: bool = False) -> list[dict]:
     """Re-quantize every watched model whose model file or newest calibration data changed.
 
-    config_path: the YAML/JSON config (see deployments/config.py); force: convert even unchanged models.
+    config_path: the YAML/JSON config (see flows/nightly_config.py); force: convert even unchanged models.
     """
     from flows.convert import fp8_convert
 

@@ -15,7 +15,7 @@ import os
 
 from prefect import unmapped
 
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from fp8core.stats import TensorStats
 from tasks.capture import capture_activations
 from tasks.search import search_tensors

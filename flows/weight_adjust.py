@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from fp8core.bias_shift import correct_mean_shift
 from fp8core.feature_moments import capture_feature_moments
 from fp8core.model import Model

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fp8core.plan import OpPlan, QuantParams, check_skip_names, plan_fp8_ops
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 
 
 @task(name="plan-fp8-ops", cache_policy=NONE)

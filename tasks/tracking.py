@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Iterator
 
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 
 DEFAULT_DB = "mlflow.db"
 

@@ -63,7 +63,7 @@ def test_a_deployment_style_run_honours_dask_address(tmp_path, cluster):
     """A deployed flow's own task runner is fixed at deployment; calling the flow the way a
     deployment run does (parameters only) must still send capture shards and searches to Dask."""
     from flows.convert import fp8_convert
-    from flows.params import ConvertParams
+    from tasks.params import ConvertParams
 
     threads = _convert(tmp_path, "thread", "--task_runner", "thread")
     before = _task_counts(cluster)

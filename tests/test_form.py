@@ -7,7 +7,7 @@ import json
 from prefect.utilities.callables import parameter_schema
 
 from flows.convert import fp8_convert, run_title
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 
 
 def _convert_params_schema() -> dict:

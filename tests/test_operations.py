@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deployments.config import ConfigError, inside, load_config, newest_calibration_data
+from flows.nightly_config import ConfigError, inside, load_config, newest_calibration_data
 from fp8core.cache import CacheEntryCorrupt, StatsCache, StatsKey, decode_entry, encode_entry
 from fp8core.stats import TensorStats
 

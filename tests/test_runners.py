@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prefect import flow
 
-from flows.params import ConvertParams
+from tasks.params import ConvertParams
 from flows.runners import map_search, search_groups, task_runner, workers
 from fp8core.search import search
 from fp8core.stats import TensorStats

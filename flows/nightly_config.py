@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.params import DEFAULT_LOSS, FormatName, LossName
+from tasks.params import DEFAULT_LOSS, FormatName, LossName
 from fp8core.errors import FP8Error
 
 CALIBRATION_SUFFIXES = (".parquet", ".npz", ".pkl", ".pickle")
