@@ -96,7 +96,7 @@ def convert(params: ConvertParams, verbose: int) -> dict:
                                                  staging.path)
 
         to_encode, weight_adjust = loaded.model, []
-        if params.weight_rounding == "gptq" or params.bias_correction:
+        if params.weight_rounding != "nearest" or params.bias_correction:
             from flows.weight_adjust import adjusted_model
 
             with clock.stage("adjust_weights"):
@@ -165,7 +165,7 @@ def run_title(params: ConvertParams) -> str:
         parts.append(params.precision)
     parts += [flag for flag, on in (("per_channel", params.weight_granularity == "per_channel"),
                                     ("float_scales", params.scale_kind == "float"),
-                                    ("gptq", params.weight_rounding == "gptq"),
+                                    (params.weight_rounding, params.weight_rounding != "nearest"),
                                     ("bias_correction", params.bias_correction)) if on]
     if params.num_of_layers_keep_fp16:
         parts.append(f"keep{params.num_of_layers_keep_fp16}")

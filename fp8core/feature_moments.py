@@ -66,15 +66,16 @@ class Rows:
         return (f"{self.tensor}|patches k={self.kernel} s={self.strides} d={self.dilations} "
                 f"p={self.pads} {self.auto_pad} g={self.group}")
 
-    def groups_of(self, x: np.ndarray) -> Iterator[np.ndarray]:
-        """The rows of a captured batch ``x`` as float64 ``[R, G, K]`` pieces (one per sample for Conv)."""
+    def groups_of(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> Iterator[np.ndarray]:
+        """The rows of a captured batch ``x`` as ``[R, G, K]`` pieces of ``dtype`` (one per sample for
+        Conv; with ``max_rows``, at most that many of a sample's rows, at evenly spaced positions)."""
         x = np.asarray(x)
         if self.kernel is None:
             k = x.shape[self.feature_axis]
-            yield np.moveaxis(x, self.feature_axis, -1).reshape(-1, 1, k).astype(np.float64)
+            yield np.moveaxis(x, self.feature_axis, -1).reshape(-1, 1, k).astype(dtype)
             return
         for sample in x:
-            yield self._patches(sample)
+            yield self._patches(sample, max_rows, dtype)
 
     def _begin_end_pads(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
         d = len(spatial)
@@ -90,12 +91,12 @@ class Rows:
             return begin, end
         return [0] * d, [0] * d
 
-    def _patches(self, sample: np.ndarray) -> np.ndarray:
+    def _patches(self, sample: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> np.ndarray:
         """im2col of one sample ``[C, *spatial]``: ``[positions, G, C / G * prod(kernel)]``."""
         c, spatial = sample.shape[0], tuple(sample.shape[1:])
         d = len(spatial)
         begin, end = self._begin_end_pads(spatial)
-        padded = np.pad(sample.astype(np.float64), [(0, 0)] + list(zip(begin, end)))
+        padded = np.pad(sample, [(0, 0)] + list(zip(begin, end)))  # converted to dtype only for the rows kept
         span = [(k - 1) * dil + 1 for k, dil in zip(self.kernel, self.dilations)]
         windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(1, d + 1)))
         # windows: [C, *positions (stride 1), *span]; keep every stride-th position, every dilation-th tap
@@ -103,7 +104,13 @@ class Rows:
                           + tuple(slice(None, None, dil) for dil in self.dilations)]
         positions = windows.shape[1:1 + d]
         order = list(range(1, d + 1)) + [0] + list(range(d + 1, 2 * d + 1))  # positions, C, kernel
-        rows = np.ascontiguousarray(windows.transpose(order)).reshape(math.prod(positions), c, -1)
+        by_position = windows.transpose(order)
+        count = math.prod(positions)
+        if max_rows is not None and count > max_rows:
+            keep = np.linspace(0, count - 1, max_rows).round().astype(np.int64)
+            rows = by_position[np.unravel_index(keep, positions)].astype(dtype)
+        else:
+            rows = np.ascontiguousarray(by_position, dtype=dtype).reshape(count, c, -1)
         return rows.reshape(rows.shape[0], self.group, -1)
 
 

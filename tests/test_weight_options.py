@@ -198,3 +198,21 @@ def test_bad_values_of_the_weight_flags(tmp_path, capfd, flags, words):
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "m_fp8.onnx").exists()
+
+
+def test_gptaq_fits_every_linear_op_to_its_fp8_input_and_keeps_the_demo_accuracy(tmp_path, capsys):
+    args = _args(tmp_path, "--quantize", "--data_preprocess", str(DATA / "calib.parquet"), "--weight_rounding", "gptaq",
+                 "--keep_dominant_share", "0", "--eval_data", str(DATA / "eval.parquet"))
+    assert main(args) == 0, capsys.readouterr().out
+    first = (tmp_path / "m_fp8.onnx").read_bytes()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("weights").experiment_id])[0]
+    assert run.data.params["weight_rounding"] == "gptaq"
+    fitted = [k.split("/", 1)[1] for k in run.data.metrics if k.startswith("output_error_reduction/")]
+    assert len(fitted) == 4 and {"MatMul_7", "Gemm_10"} <= set(fitted)
+    assert all(run.data.metrics[f"output_error_reduction/{op}"] >= 0 for op in fitted)
+    assert run.data.metrics["eval_accuracy_fp8"] >= run.data.metrics["eval_accuracy_fp32"] - 0.02
+    assert main(args) == 0  # the same run again gives the same bytes
+    assert (tmp_path / "m_fp8.onnx").read_bytes() == first

@@ -1,0 +1,127 @@
+"""fp8core.activation_fit: weights fitted to the inputs the FP8 model gives them (--weight_rounding gptaq)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fp8core.activation_fit import PairedMoments, asymmetric_error, fit_to_fp8_inputs, fitted_weight
+from fp8core.calibration import ArraySource
+from fp8core.gptq import fp8_grid, gptq_round_groups
+from fp8core.plan import QuantParams, plan_fp8_ops
+from fp8core.rewrite import rewrite_to_fp8
+from fp8core.runtime import make_session
+from test_bias_shift import K, chain
+
+E4M3_VALUES = np.unique(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64))
+E4M3_VALUES = E4M3_VALUES[np.isfinite(E4M3_VALUES)]
+
+
+def _roundings_near(v: float, scale: float, n: int = 3) -> np.ndarray:
+    grid = E4M3_VALUES * scale
+    i = int(np.searchsorted(grid, v))
+    return grid[max(0, i - n):i + n]
+
+
+def _direct_error(x, x_fp8, w, q) -> float:
+    """``|| X W - X~ Q ||^2`` from the rows themselves (the reference for the moments)."""
+    return float(np.sum((x[:, 0] @ w[0] - x_fp8[:, 0] @ q[0]) ** 2))
+
+
+def test_a_2x2_weight_fit_is_never_worse_than_nearest_and_close_to_the_best_fp8_rounding():
+    """Brute force: every combination of the 6 FP8 values around each entry of the fitted weight."""
+    scale = 2.0 ** -4
+    grid = fp8_grid("F143", np.float32(scale))
+    ratios, exact = [], 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        x = (rng.standard_normal((200, 2)) * [1.0, 0.3] + 0.5)[:, None, :]
+        x_fp8 = grid(x.astype(np.float32)).astype(np.float64)  # the op's input, rounded as the FP8 model does
+        w = rng.standard_normal((1, 2, 2))
+        m = PairedMoments()
+        m.update(x, x_fp8)
+        star = fitted_weight(w, m)
+        q = gptq_round_groups(star, m.h_fp8, grid)
+        best = min(_direct_error(x, x_fp8, w, np.reshape(c, (1, 2, 2)))
+                   for c in itertools.product(*[_roundings_near(v, scale) for v in star.ravel()]))
+        e_fit, e_nearest = _direct_error(x, x_fp8, w, q), _direct_error(x, x_fp8, w, grid(w.astype(np.float32)))
+        assert e_fit <= e_nearest * (1 + 1e-9), seed
+        assert e_fit >= best * (1 - 1e-9), seed  # brute force covers the fit's own choice
+        ratios.append(e_fit / best)
+        exact += e_fit <= best * 1.01
+    assert exact >= 5 and np.mean(ratios) < 1.1, ratios
+
+
+def test_moments_give_the_error_computed_directly():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 1, 5))
+    x_fp8 = x + 0.05 * rng.standard_normal(x.shape)
+    w, q1, q2 = (rng.standard_normal((1, 5, 3)) for _ in range(3))
+    m = PairedMoments()
+    m.update(x[:40], x_fp8[:40])
+    m.update(x[40:], x_fp8[40:])  # streamed in two batches
+    size = np.sum((x_fp8[:, 0] @ w[0]) ** 2)
+    want = (_direct_error(x, x_fp8, w, q1) - _direct_error(x, x_fp8, w, q2)) / size
+    assert asymmetric_error(w, q1, m) - asymmetric_error(w, q2, m) == pytest.approx(want, rel=1e-9)
+    # the refit minimises the error over real weights: no small move of it does better
+    star = fitted_weight(w, m, damp=0.0)
+    for _ in range(20):
+        moved = star + 1e-3 * rng.standard_normal(star.shape)
+        assert _direct_error(x, x_fp8, w, star) <= _direct_error(x, x_fp8, w, moved)
+
+
+def _held_out_error(model, plans, x):
+    reference = make_session(model).run(None, {"x": x})[0].astype(np.float64)
+    fp8 = make_session(rewrite_to_fp8(model, plans)).run(None, {"x": x})[0].astype(np.float64)
+    return float(np.sum((fp8 - reference) ** 2) / np.sum(reference ** 2))
+
+
+def test_sequential_fit_lowers_held_out_output_error_below_nearest_and_one_pass():
+    model = chain(depth=3)
+    before = model.SerializeToString()
+    # coarse activations (F143 at 2^-5: steps of 1/64 near 1, saturating at 14): the FP8 inputs
+    # differ from the float ones, which a fit to float inputs cannot see
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    rng = np.random.default_rng(1)
+    source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
+    held_out = (rng.standard_normal((1024, K)) + 1.0).astype(np.float32)
+
+    sequential, report = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=4)
+    one_pass, _ = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1)
+    assert model.SerializeToString() == before  # the input model is untouched
+    assert [r["op"] for r in report] == ["mm_0", "mm_1", "mm_2", "gemm"]
+    assert all(r["output_error_reduction"] > 0 for r in report)
+
+    nearest = _held_out_error(model, plans, held_out)
+    e_sequential, e_one_pass = _held_out_error(sequential, plans, held_out), _held_out_error(one_pass, plans, held_out)
+    assert e_sequential < 0.75 * nearest, (e_sequential, nearest)
+    assert e_sequential < e_one_pass, (e_sequential, e_one_pass)
+
+
+def test_local_fit_needs_one_pass_and_still_beats_nearest():
+    model = chain(depth=6)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    rng = np.random.default_rng(1)
+    source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
+    held_out = (rng.standard_normal((1024, K)) + 1.0).astype(np.float32)
+    local, _ = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1, local=True)
+    assert _held_out_error(local, plans, held_out) < 0.75 * _held_out_error(model, plans, held_out)
+
+
+def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
+    model = chain(depth=2)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    rng = np.random.default_rng(2)
+    source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((128, K)) + 1.0).astype(np.float32)})
+    fitted, _ = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=3)
+    grid = fp8_grid("F143", np.float32(2.0 ** -5))
+    for init in fitted.graph.initializer:
+        if init.name.startswith("w"):
+            from onnx import numpy_helper
+
+            value = numpy_helper.to_array(init)
+            assert np.array_equal(grid(value), value), init.name
