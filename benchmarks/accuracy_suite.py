@@ -46,6 +46,8 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
   ``--bias_correction``; ``combined``: base + all of them that exist; ``combined_keep_3``:
   combined + ``--num_of_layers_keep_fp16 3``. A flag missing from ``fp8-convert --help`` makes
   its run "not available".
+* ``gptaq``: fp8-convert's default ``--quantize`` + ``--weight_rounding gptaq`` (weights and
+  biases fitted to the inputs the FP8 model gives them).
 * ``ort_fp8``: onnxruntime ``quantize_static(QuantFormat.QDQ, activation_type=weight_type=
   QFLOAT8E4M3FN, calibrate_method=Distribution, op_types_to_quantize=[Conv, MatMul, Gemm])`` on
   the same calibration samples (a subprocess, timed the same way).
@@ -341,6 +343,9 @@ def first_runs(case: ModelCase) -> list[RunSpec]:
     ]
     runs += [RunSpec(f"quantize_{loss}", f"--quantize --quantize_loss_type {loss}",
                      ["--precision", "fp8", *quantize_args(case, loss)]) for loss in LOSSES]
+    default = default_loss()
+    runs.append(RunSpec("gptaq", f"--quantize --quantize_loss_type {default} + --weight_rounding gptaq",
+                        ["--precision", "fp8", *quantize_args(case, default), "--weight_rounding", "gptaq"]))
     return runs
 
 
@@ -608,6 +613,7 @@ CONTRIBUTIONS = (
     ("per_channel", "quantize_{base}", "per-channel real weight scales"),
     ("scale_float", "quantize_{base}", "real per-tensor weight scales"),
     ("gptq", "quantize_{base}", "GPTQ weight rounding"),
+    ("gptaq", "quantize_{default}", "weights and biases fitted to the FP8 model's own inputs (default loss)"),
     ("bias_correction", "quantize_{base}", "bias correction"),
     ("combined", "quantize_{base}", "all weight techniques together"),
     ("keep_1", "quantize_{base}", "1 worst op kept in high precision"),
