@@ -2,6 +2,9 @@
 
     /work/venv/bin/python benchmarks/bench_resnet50.py --samples 50,500 --mode quantize
     /work/venv/bin/python benchmarks/bench_resnet50.py --samples 50 --mode fast --skip-ort
+    /work/venv/bin/python benchmarks/bench_resnet50.py --samples 50 --mode capture --repeats 3 --baseline-commit 1058283
+    /work/venv/bin/python benchmarks/bench_resnet50.py --samples 50 --mode quantize --skip-ort --repeats 3 \
+        --baseline-commit 1058283 [--our-args "--keep_dominant_share 0"]
 
 The model is a ResNet50-architecture ONNX graph with random He-initialised weights (53 Conv +
 1 Gemm, 25.5M parameters, built by ``resnet50_model.py``); the calibration data is random
@@ -32,6 +35,26 @@ Runs:
   (the largest smaller measured run's peak + the captured tensors of the extra samples) exceeds
   ``--memory-fraction`` of the machine's memory is not run and reported with that reason.
 
+Capture (``--mode capture``): the calibration capture stage against plain inference, in one
+process so that other work on the machine slows both alike. A child process, repeated
+``--repeats`` times, measures on the same model and samples:
+
+* inference: a plain FP32 session (``fp8core.runtime.session_options()``, onnxruntime's defaults)
+  made once and warmed up, then one pass over the samples in batches of ``--batch-size``, reading
+  them from the Parquet file as capture does;
+* capture: ``fp8core.capture.capture_stats`` on the activation inputs of every Conv/Gemm (what
+  ``--quantize`` captures on this model), session creation included, as the CLI's capture stage;
+* ``TensorStats.update`` in ns per value (median of 5, one thread, CPU time of the thread, which
+  other processes do not stretch): 2^20 post-ReLU float32 values (``max(N(0, 1), 0)``, half
+  zeros), the same as float16, and the real captured tensors of one 2-sample run.
+
+The ratio capture / inference is taken per repeat, then the median. ``--baseline-commit C`` also
+runs the child on a copy of the working tree's packages with ``--baseline-files`` (default
+``fp8core/stats.py`` and ``fp8core/capture.py``) as they were at commit C, alternating with the
+current tree, so before and after are measured under the same load. With ``--mode quantize``,
+``--baseline-commit`` does the same for whole ``fp8-convert`` runs, and ``--repeats`` keeps the
+median run (by wall time) of each.
+
 Results are merged into ``benchmarks/results/resnet50.json`` (one entry per tool, mode and sample
 count, so runs made at different times combine) and ``benchmarks/results/resnet50.md``.
 """
@@ -60,12 +83,20 @@ import resnet50_model  # noqa: E402  (a sibling module, not a package)
 RESULTS_JSON = HERE / "results" / "resnet50.json"
 RESULTS_MD = HERE / "results" / "resnet50.md"
 ORT_CHILD_MARKER = "ORT_CHILD_RESULT "
+CAPTURE_CHILD_MARKER = "CAPTURE_CHILD_RESULT "
+BASELINE_FILES = "fp8core/stats.py,fp8core/capture.py"
+PACKAGES = ("fp8core", "flows", "tasks")
 FAST_PARAMS = "F143,F143,-3,-3"
 TARGETS = {  # from the issue, at 50 samples
     "our_wall_s_max": 60.0,
     "our_peak_rss_gb_max": 2.5,
     "speedup_vs_ort_min": 5.0,
     "memory_fraction_of_ort_max": 1 / 3,
+}
+CAPTURE_TARGETS = {  # issue 10 (one activation stream): at 50 samples, on a quiet machine
+    "capture_over_inference_max": 3.0,
+    "our_wall_s_max": 20.0,
+    "our_peak_rss_gb_max": 1.0,
 }
 MB = 1024 * 1024
 
@@ -115,7 +146,8 @@ class _TreePeakSampler(threading.Thread):
         self.join()
 
 
-def run_measured(command: list[str], cwd: Path, timeout_s: float, log_path: Path) -> dict:
+def run_measured(command: list[str], cwd: Path, timeout_s: float, log_path: Path,
+                 env: dict[str, str] | None = None) -> dict:
     """Run ``command`` to completion; wall seconds, peak RSS (MB), exit code, its stdout and stderr.
 
     stdout/stderr go to files (a pipe could fill up and stall the child); both are returned as text
@@ -126,7 +158,7 @@ def run_measured(command: list[str], cwd: Path, timeout_s: float, log_path: Path
     load_before = os.getloadavg()[0]
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         sampler = _TreePeakSampler(process.pid)
         sampler.start()
         timer = threading.Timer(timeout_s, process.kill)
@@ -167,9 +199,16 @@ def fp8_convert_executable() -> str:
     return found
 
 
-def our_command(model: Path, data: Path, output: Path, mode: str, batch_size: int, cache_dir: Path) -> list[str]:
+def our_command(model: Path, data: Path, output: Path, mode: str, batch_size: int, cache_dir: Path,
+                tree: Path | None = None, extra_args: list[str] = ()) -> list[str]:
+    """The fp8-convert command; with ``tree``, the same CLI run from that copy of the packages
+    (``python -c``, with ``PYTHONPATH=tree`` set by the caller)."""
+    if tree is None:
+        program = [fp8_convert_executable()]
+    else:
+        program = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
     command = [
-        fp8_convert_executable(), "--input_model", str(model), "--output_model", str(output),
+        *program, "--input_model", str(model), "--output_model", str(output),
         "--precision", "fp8", "--mlflow_tracking_uri", f"sqlite:///{cache_dir / 'mlflow.db'}",
     ]
     if mode == "quantize":
@@ -179,7 +218,7 @@ def our_command(model: Path, data: Path, output: Path, mode: str, batch_size: in
                     "--batch_size", str(batch_size), "--cache_dir", str(output.parent / "statistics_cache")]
     else:
         command += ["--fp8_params", FAST_PARAMS]
-    return command
+    return command + list(extra_args)
 
 
 _STAGE = re.compile(r"([A-Za-z_][\w ]*?)\s+([0-9]+(?:\.[0-9]+)?)s\b")
@@ -194,17 +233,169 @@ def parse_stage_seconds(stdout: str) -> dict[str, float]:
     return {}
 
 
-def measure_ours(model: Path, data: Path, samples: int, mode: str, batch_size: int, cache_dir: Path, timeout_s: float) -> dict:
-    work = cache_dir / "runs" / f"ours_{mode}_{samples}"
+def measure_ours(model: Path, data: Path, samples: int, mode: str, batch_size: int, cache_dir: Path, timeout_s: float,
+                 tree: Path | None = None, extra_args: list[str] = (), name: str = "ours") -> dict:
+    work = cache_dir / "runs" / f"{name}_{mode}_{samples}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     output = work / "resnet50_fp8.onnx"
-    command = our_command(model, data, output, mode, batch_size, cache_dir)
-    result = run_measured(command, work, timeout_s, work / "run")
+    command = our_command(model, data, output, mode, batch_size, cache_dir, tree, extra_args)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    result = run_measured(command, work, timeout_s, work / "run", env)
     result["stage_s"] = parse_stage_seconds(result["stdout"])
     result["tool_s"] = round(sum(result["stage_s"].values()), 2) if result["stage_s"] else None
     result["output_exists"] = output.exists()
+    if output.exists():
+        import hashlib
+
+        result["output_sha256"] = hashlib.sha256(output.read_bytes()).hexdigest()
     return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one for an even count), with every run's wall
+    time, CPU time and peak RSS kept beside it."""
+    ok = [r for r in runs if r.get("exit_code") == 0] or runs
+    chosen = dict(sorted(ok, key=lambda r: r["wall_s"])[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        chosen["repeats"] = {k: [r.get(k) for r in runs] for k in ("wall_s", "cpu_s", "peak_rss_mb", "exit_code")}
+        chosen["repeats"]["capture_s"] = [r.get("stage_s", {}).get("capture") for r in runs]
+    return chosen
+
+
+def baseline_tree(commit: str, files: list[str], cache_dir: Path) -> Path:
+    """A copy of the working tree's packages (:data:`PACKAGES`) with ``files`` as they were at
+    ``commit``: the code before a change, everything else as now."""
+    repo = HERE.parent
+    tree = cache_dir / f"baseline_{commit}"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    for package in PACKAGES:
+        shutil.copytree(repo / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in files:
+        text = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=repo, capture_output=True, check=True).stdout
+        (tree / name).write_bytes(text)
+    return tree
+
+
+# --------------------------------------------------------------------------------------------
+# Capture against inference, in one process (runs inside the child process this script starts)
+# --------------------------------------------------------------------------------------------
+def captured_tensors(model) -> list[str]:
+    """The activation input of every Conv/Gemm/MatMul, once each, in graph order: what
+    ``--quantize`` captures on this model (fp8core.capture.activations_to_capture over its plans)."""
+    initializers = {t.name for t in model.graph.initializer}
+    names: list[str] = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and node.input[0] not in initializers and node.input[0] not in names:
+            names.append(node.input[0])
+    return names
+
+
+def _median_ns_per_value(update_factory, arrays: list, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the thread CPU time of updating fresh statistics with ``arrays``."""
+    import statistics
+
+    values = sum(a.size for a in arrays)
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        for array in arrays:
+            update_factory().update(array)
+        times.append(time.thread_time() - start)
+    return round(statistics.median(times) / values * 1e9, 2)
+
+
+def _capture_child(tree: str, model_path: str, data: str, batch_size: int) -> None:
+    """Body of the capture child: inference pass, capture, inference pass; update ns/value."""
+    sys.path.insert(0, tree)
+    try:  # the CLI's allocator setting (flows/cli.py), so capture allocates as it does there
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+    import numpy as np
+    import onnx
+
+    import fp8core
+    from fp8core import capture
+    from fp8core.calibration import open_dataset
+    from fp8core.runtime import make_session, session_options
+    from fp8core.stats import TensorStats
+
+    assert Path(fp8core.__file__).resolve().is_relative_to(Path(tree).resolve()), fp8core.__file__
+    model = onnx.load(model_path)
+    tensors = captured_tensors(model)
+    source = open_dataset(data)
+    input_name = model.graph.input[0].name
+
+    def inference_pass(session) -> float:
+        start = time.perf_counter()
+        for batch in source.iter_batches(batch_size, [input_name]):
+            session.run(None, capture.input_feeds(model, batch))
+        return time.perf_counter() - start
+
+    session = make_session(model, session_options())
+    first = next(iter(source.iter_batches(batch_size, [input_name])))
+    session.run(None, capture.input_feeds(model, first))  # warm-up
+    inference = [inference_pass(session)]
+    start, cpu = time.perf_counter(), time.process_time()
+    stats = capture.capture_stats(model, tensors, source, batch_size)
+    capture_s, capture_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    inference.append(inference_pass(session))
+    captured_values = sum(s.total_count for s in stats.values())
+
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.standard_normal(1 << 20, dtype=np.float32), 0)
+    two = {input_name: first[input_name][:2]}
+    real = make_session(model, session_options(), extra_outputs=tensors).run(tensors, capture.input_feeds(model, two))
+    result = {
+        "inference_s": [round(t, 3) for t in inference],
+        "capture_s": round(capture_s, 3),
+        "capture_cpu_s": round(capture_cpu_s, 3),
+        "ratio": round(capture_s / (sum(inference) / len(inference)), 3),
+        "captured_tensors": len(tensors),
+        "captured_values": captured_values,
+        "update_ns_per_value": {
+            "relu_float32_1M": _median_ns_per_value(TensorStats, [relu]),
+            "relu_float16_1M": _median_ns_per_value(TensorStats, [relu.astype(np.float16)]),
+            "captured_2_samples": _median_ns_per_value(TensorStats, real),
+        },
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(CAPTURE_CHILD_MARKER + json.dumps(result), flush=True)
+
+
+def measure_capture(model: Path, data: Path, batch_size: int, cache_dir: Path, timeout_s: float, tree: Path) -> dict:
+    work = cache_dir / "runs" / "capture"
+    work.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--_capture-child", str(tree), str(model), str(data), str(batch_size)]
+    run = run_measured(command, work, timeout_s, work / f"run_{tree.name}")
+    for line in run["stdout"].splitlines():
+        if line.startswith(CAPTURE_CHILD_MARKER):
+            return {**json.loads(line[len(CAPTURE_CHILD_MARKER):]), "peak_rss_mb": run["peak_rss_mb"]}
+    raise RuntimeError(f"capture child failed (exit {run['exit_code']}): {run['stderr'][-2000:]}")
+
+
+def summarize_capture(repeats: list[dict]) -> dict:
+    """Medians over the child runs of one tree (ratios are taken per run first)."""
+    import statistics
+
+    med = lambda values: round(statistics.median(values), 3)  # noqa: E731
+    kinds = repeats[0]["update_ns_per_value"]
+    return {
+        "repeats": len(repeats),
+        "inference_s": med([statistics.mean(r["inference_s"]) for r in repeats]),
+        "capture_s": med([r["capture_s"] for r in repeats]),
+        "capture_cpu_s": med([r["capture_cpu_s"] for r in repeats]),
+        "capture_over_inference": med([r["ratio"] for r in repeats]),
+        "update_ns_per_value": {k: med([r["update_ns_per_value"][k] for r in repeats]) for k in kinds},
+        "captured_values": repeats[0]["captured_values"],
+        "captured_tensors": repeats[0]["captured_tensors"],
+        "load_average_1m": [r["load_average_1m"] for r in repeats],
+        "runs": repeats,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,23 +569,35 @@ def comparisons(runs: dict) -> list[dict]:
     return rows
 
 
-def target_checks(runs: dict) -> list[dict]:
+def target_checks(runs: dict, capture: dict | None = None) -> list[dict]:
     ours = runs.get(run_key("ours", "quantize", 50))
     ort = runs.get(run_key("ort", "distribution", 50))
+    checks = []
+    at50 = (capture or {}).get("50")
+    if at50:
+        ratio = at50["current"]["capture_over_inference"]
+        checks.append({"target": "capture <= 3x one FP32 inference pass (issue 10)", "value": ratio,
+                       "met": ratio <= CAPTURE_TARGETS["capture_over_inference_max"]})
     if not ours or ours.get("exit_code") != 0:
-        return [{"target": "all", "status": "not measured: no successful --quantize run at 50 samples"}]
-    checks = [
+        return checks + [{"target": "all", "status": "not measured: no successful --quantize run at 50 samples"}]
+    checks += [
+        {"target": "whole --quantize <= 20 s (issue 10, quiet machine)", "value": ours["wall_s"],
+         "met": ours["wall_s"] <= CAPTURE_TARGETS["our_wall_s_max"]},
+        {"target": "whole --quantize peak RSS <= 1 GB (issue 10)", "value": round(ours["peak_rss_mb"] / 1024, 3),
+         "met": ours["peak_rss_mb"] <= CAPTURE_TARGETS["our_peak_rss_gb_max"] * 1024},
+    ]
+    checks_issue = [
         ("wall time <= 60 s", ours["wall_s"], ours["wall_s"] <= TARGETS["our_wall_s_max"]),
         ("peak RSS <= 2.5 GB", ours["peak_rss_mb"] / 1024, ours["peak_rss_mb"] <= TARGETS["our_peak_rss_gb_max"] * 1024),
     ]
     if ort and ort.get("exit_code") == 0:
         speedup = ort["wall_s"] / ours["wall_s"]
         memory = ours["peak_rss_mb"] / ort["peak_rss_mb"]
-        checks += [
+        checks_issue += [
             (">= 5x faster than ORT", speedup, speedup >= TARGETS["speedup_vs_ort_min"]),
             ("<= 1/3 of ORT's memory", memory, memory <= TARGETS["memory_fraction_of_ort_max"]),
         ]
-    return [{"target": t, "value": round(v, 3), "met": bool(ok)} for t, v, ok in checks]
+    return checks + [{"target": t, "value": round(v, 3), "met": bool(ok)} for t, v, ok in checks_issue]
 
 
 def markdown(results: dict) -> str:
@@ -414,15 +617,19 @@ def markdown(results: dict) -> str:
         "| tool | mode | samples | wall s | tool's own s | CPU s | peak RSS MB | stages (s) | load before/after | status |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    order = {"ours": 0, "ort": 1}
-    for run in sorted(runs.values(), key=lambda r: (order.get(r["tool"], 2), r["mode"], r["samples"])):
-        tool = "fp8-convert" if run["tool"] == "ours" else "ORT quantize_static"
+    order = {"ours": 0, "ours_baseline": 1, "ort": 2}
+    for run in sorted(runs.values(), key=lambda r: (order.get(r["tool"], 3), r["mode"], r["samples"])):
+        tool = {"ours": "fp8-convert", "ort": "ORT quantize_static"}.get(run["tool"], run["tool"])
+        if run["tool"] == "ours_baseline":
+            tool = f"fp8-convert, {', '.join(Path(f).name for f in run.get('baseline_files', []))} at {run.get('baseline_commit')}"
         if run.get("not_run"):
             lines.append(f"| {tool} | {run['mode']} | {run['samples']} | - | - | - | - | - | - | not run: {run['not_run']} |")
             continue
-        own = run.get("tool_s") if run["tool"] == "ours" else run.get("quantize_static_s")
+        own = run.get("quantize_static_s") if run["tool"] == "ort" else run.get("tool_s")
         stages = ", ".join(f"{k} {v:g}" for k, v in run.get("stage_s", {}).items()) or "-"
         status = "ok" if run.get("exit_code") == 0 else f"failed (exit {run.get('exit_code')})"
+        if run.get("repeats"):
+            status += f"; median of {len(run['repeats']['wall_s'])}, wall s {run['repeats']['wall_s']}"
         load = "/".join(f"{x:g}" for x in run.get("load_average_1m", [])) or "?"
         lines.append(
             f"| {tool} | {run['mode']} | {run['samples']} | {run['wall_s']:.1f} | "
@@ -434,6 +641,7 @@ def markdown(results: dict) -> str:
                   "|---:|---|---:|---:|---:|"]
         lines += [f"| {r['samples']} | {r['our_mode']} | {r['time_ratio_ort_over_ours']:.2f}x | "
                   f"{r['cpu_time_ratio_ort_over_ours']:.2f}x | {r['memory_ratio_ours_over_ort']:.3f} |" for r in rows]
+    lines += capture_markdown(results.get("capture", {}))
     lines += ["", "Targets (issue, at 50 samples, --quantize):", ""]
     for check in results.get("targets", []):
         if "met" in check:
@@ -448,6 +656,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def capture_markdown(capture: dict) -> list[str]:
+    """The capture-vs-inference table (``--mode capture``)."""
+    if not capture:
+        return []
+    lines = ["", "Capture vs plain inference, in one process (`--mode capture`; medians, per-run ratios first):", "",
+             "| code | samples | runs | inference pass s | capture s | capture / inference | capture CPU s | "
+             "update ns/value: ReLU f32 / ReLU f16 / captured | load (1 min) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for n, entry in sorted(capture.items(), key=lambda kv: int(kv[0])):
+        for name in ("baseline", "current"):
+            if name not in entry:
+                continue
+            c = entry[name]
+            code = (f"before: {', '.join(Path(f).name for f in entry.get('baseline_files', []))} at {entry.get('baseline_commit')}"
+                    if name == "baseline" else f"after: {entry.get('git_commit')}")
+            ns = c["update_ns_per_value"]
+            lines.append(f"| {code} | {n} | {c['repeats']} | {c['inference_s']:.2f} | {c['capture_s']:.2f} | "
+                         f"**{c['capture_over_inference']:.2f}x** | {c['capture_cpu_s']:.1f} | "
+                         f"{ns['relu_float32_1M']:.1f} / {ns['relu_float16_1M']:.1f} / {ns['captured_2_samples']:.1f} | "
+                         f"{', '.join(f'{x:g}' for x in c['load_average_1m'])} |")
+        if "baseline" in entry:
+            b, c = entry["baseline"], entry["current"]
+            lines.append(f"| after / before | | | | {c['capture_s'] / b['capture_s']:.2f} | "
+                         f"{c['capture_over_inference'] / b['capture_over_inference']:.2f} | "
+                         f"{c['capture_cpu_s'] / b['capture_cpu_s']:.2f} | " + " / ".join(
+                             f"{c['update_ns_per_value'][k] / b['update_ns_per_value'][k]:.2f}"
+                             for k in c["update_ns_per_value"]) + " | |")
+    lines += ["", f"{capture[max(capture, key=int)]['current']['captured_values']:,} values in "
+              f"{capture[max(capture, key=int)]['current']['captured_tensors']} tensors captured at "
+              f"{max(capture, key=int)} samples. update ns/value is one thread's CPU time; capture folds "
+              "each run's tensors in on every core."]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -455,7 +697,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", default="50,500", help="sample counts for our tool, comma separated")
     p.add_argument("--ort-samples", default=None, help="sample counts for ORT (default: same as --samples)")
-    p.add_argument("--mode", choices=["quantize", "fast"], default="quantize")
+    p.add_argument("--mode", choices=["quantize", "fast", "capture"], default="quantize",
+                   help="capture: the capture stage against plain inference, in one process (module docstring)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the median is kept")
+    p.add_argument("--baseline-commit", default=None,
+                   help="also measure the working tree with --baseline-files as at this commit (before a change)")
+    p.add_argument("--baseline-files", default=BASELINE_FILES, help="comma-separated paths taken from --baseline-commit")
+    p.add_argument("--our-args", default="", help="extra fp8-convert arguments (recorded in the mode column)")
     p.add_argument("--skip-ort", action="store_true", help="do not run onnxruntime's quantizer")
     p.add_argument("--skip-ours", action="store_true", help="do not run fp8-convert")
     p.add_argument("--batch-size", type=int, default=8)
@@ -474,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_ort-child"]:
         _ort_child(argv[1], argv[2], argv[3], int(argv[4]))
+        return 0
+    if argv[:1] == ["--_capture-child"]:
+        _capture_child(argv[1], argv[2], argv[3], int(argv[4]))
         return 0
     args = parse_args(argv)
     cache = args.cache_dir.resolve()
@@ -496,14 +747,53 @@ def main(argv: list[str] | None = None) -> int:
                  "git_commit": results["environment"]["git_commit"], **_trimmed(run)}
         results["runs"][run_key(tool, mode, samples)] = entry
         results["comparisons"] = comparisons(results["runs"])
-        results["targets"] = target_checks(results["runs"])
+        results["targets"] = target_checks(results["runs"], results.get("capture"))
         save_results(results)
         state = "ok" if run.get("exit_code") == 0 else run.get("not_run") or f"exit {run.get('exit_code')}"
         print(f"{tool} {mode} {samples}: wall {run.get('wall_s')} s, peak RSS {run.get('peak_rss_mb')} MB ({state})", flush=True)
 
+    baseline = None
+    if args.baseline_commit:
+        files = [f for f in args.baseline_files.split(",") if f]
+        baseline = {"commit": args.baseline_commit, "files": files,
+                    "tree": baseline_tree(args.baseline_commit, files, cache)}
+    if args.mode == "capture":
+        for n in our_samples:
+            trees = {"current": HERE.parent, **({"baseline": baseline["tree"]} if baseline else {})}
+            measured: dict[str, list[dict]] = {name: [] for name in trees}
+            for repeat in range(args.repeats):  # the trees alternate: the same load hits both
+                for name, tree in trees.items():
+                    one = measure_capture(model_path, data[n], args.batch_size, cache, args.timeout, tree)
+                    measured[name].append(one)
+                    print(f"capture {name} {n} samples, run {repeat + 1}: inference {one['inference_s']} s, "
+                          f"capture {one['capture_s']} s ({one['ratio']}x), update ns/value "
+                          f"{one['update_ns_per_value']}, load {one['load_average_1m']}", flush=True)
+            entry = {"samples": n, "batch_size": args.batch_size, "measured_at": now(),
+                     "git_commit": results["environment"]["git_commit"],
+                     **{name: summarize_capture(runs) for name, runs in measured.items()}}
+            if baseline:
+                entry["baseline_commit"], entry["baseline_files"] = baseline["commit"], baseline["files"]
+            results.setdefault("capture", {})[str(n)] = entry
+            results["targets"] = target_checks(results["runs"], results.get("capture"))
+            save_results(results)
+        print(markdown(results))
+        return 0
+
+    extra_args = args.our_args.split()
+    mode = args.mode + (f" {args.our_args}" if extra_args else "")
     if not args.skip_ours:
         for n in our_samples:
-            record("ours", args.mode, n, measure_ours(model_path, data[n], n, args.mode, args.batch_size, cache, args.timeout))
+            variants = {"ours": None, **({"ours_baseline": baseline["tree"]} if baseline else {})}
+            measured = {name: [] for name in variants}
+            for _ in range(args.repeats):
+                for name, tree in variants.items():
+                    measured[name].append(measure_ours(model_path, data[n], n, args.mode, args.batch_size, cache,
+                                                       args.timeout, tree, extra_args, name))
+            for name, runs in measured.items():
+                run = median_run(runs)
+                if name == "ours_baseline":
+                    run["baseline_commit"], run["baseline_files"] = baseline["commit"], baseline["files"]
+                record(name, mode, n, run)
     if not args.skip_ort:
         for n in sorted(ort_samples):  # smallest first: its peak predicts the larger ones'
             predicted, basis = predicted_ort_peak_mb(n, model_path, results["runs"])

@@ -3,10 +3,16 @@
 The float model is run in onnxruntime with every wanted activation exposed as an extra graph
 output (``make_session(..., extra_outputs=...)``); each batch's tensors are folded into :class:`fp8core.stats.TensorStats` and dropped, so
 memory does not grow with the number of samples. A tensor read by several ops is captured once.
+
+Between runs the captured tensors are folded in on every core (:func:`update_threads` threads, one
+tensor per task, largest first; numpy releases the GIL in its loops). Each tensor still sees its
+batches in order, one at a time, so the statistics are exactly those of a single-threaded capture.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -46,7 +52,16 @@ def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[st
 
 RUN_SAMPLES = 2
 """Samples per onnxruntime run. Every captured tensor of a run is held at once (ResNet50: ~36 MB
-per sample), so capture runs small slices of each batch; CPU throughput barely depends on it."""
+per sample, twice: onnxruntime's buffers and the numpy arrays it returns), so capture runs small
+slices of each batch; CPU throughput barely depends on it."""
+
+
+def update_threads() -> int:
+    """Threads that fold a run's tensors into their statistics: one per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
@@ -82,30 +97,54 @@ def capture_stats(
     handle = Model.of(model)
     model = handle.proto
     options = session_options()
-    # Without the arena, activations of each batch go back to the OS: peak memory stays flat.
-    options.enable_cpu_mem_arena = False
+    # The arena stays on: every run has the same shapes, so after the first run each one reuses
+    # the same buffers (without it every activation was a fresh mmap, page-faulted and unmapped:
+    # about a third of ResNet50's capture CPU time in onnxruntime). onnxruntime's threads do not
+    # spin between ops: the statistics threads need those cores as soon as a run returns.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     model_for_run, readable = expose_values(model, tensors)  # values inside If/Loop/Scan bodies too
     session = make_session(handle.derive(model_for_run), options, extra_outputs=[readable[t] for t in tensors])
     run_names = [readable[t] for t in tensors]
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size
     stats = {name: TensorStats() for name in tensors}
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(tensors):
+        positions.setdefault(name, []).append(i)
     total = -(-source.num_samples // batch_size)
     start = 0
-    for index, batch in enumerate(source.iter_batches(batch_size, input_names)):
-        n = len(next(iter(batch.values())))
-        if shard is None or index % shard[1] == shard[0]:
-            for lo in range(0, n, step):
-                part = {k: v[lo:lo + step] for k, v in batch.items()}
-                feeds = input_feeds(model, part)
-                try:
-                    outputs = session.run(run_names, feeds)
-                except Exception:
-                    raise CaptureError(_failing_sample(session, run_names, model, part, start + lo)) from None
-                for name, value in zip(tensors, outputs):
-                    stats[name].update(value)
-                del outputs
-        start += n
-        if progress:
-            progress(index + 1, total)
+    pool = ThreadPoolExecutor(min(update_threads(), max(1, len(tensors))), "capture-stats")
+    try:
+        for index, batch in enumerate(source.iter_batches(batch_size, input_names)):
+            n = len(next(iter(batch.values())))
+            if shard is None or index % shard[1] == shard[0]:
+                for lo in range(0, n, step):
+                    part = {k: v[lo:lo + step] for k, v in batch.items()}
+                    feeds = input_feeds(model, part)
+                    try:
+                        outputs = session.run(run_names, feeds)
+                    except Exception:
+                        raise CaptureError(_failing_sample(session, run_names, model, part, start + lo)) from None
+                    _fold_in(pool, stats, positions, outputs)
+                    del outputs
+            start += n
+            if progress:
+                progress(index + 1, total)
+    finally:  # on Ctrl-C or an error, the run's queued updates are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     return stats
+
+
+def _fold_in(pool: ThreadPoolExecutor, stats: dict[str, TensorStats], positions: dict[str, list[int]],
+             outputs: list[np.ndarray]) -> None:
+    """Update each tensor's statistics with its outputs of one run, a task per tensor on the pool,
+    largest first; returns when all are done (a tensor's next batch must come after this one)."""
+
+    def fold(name: str) -> None:
+        for i in positions[name]:
+            stats[name].update(outputs[i])
+
+    order = sorted(positions, key=lambda name: -sum(outputs[i].size for i in positions[name]))
+    for future in [pool.submit(fold, name) for name in order]:
+        future.result()

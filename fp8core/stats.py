@@ -51,6 +51,27 @@ in float64.)
 Memory: three 16384-entry arrays (interior count int64, sum d and sum d^2 float64) and one
 8192-entry edge count (int64, even bins only) = 458,752 bytes per tensor, whatever the number of
 values; :meth:`TensorStats.to_dict` stores only the occupied bins.
+
+How :meth:`TensorStats.update` sums the bins, exactly
+-----------------------------------------------------
+Values are folded in chunks of :data:`CHUNK` = 2^15 finite values; each chunk's per-bin sums are
+added to the running sums in chunk order. Inside a bin of binade e every value and its reference
+are multiples of the binade's float32 spacing ``u = 2^(e - 23)`` (``2^-149`` for the subnormals,
+which share e = -126), and the float32 bit patterns are evenly spaced across a binade and into the
+next one, so ``d = sign * k * u`` with ``k`` an integer read straight off the bits: the low
+``18 + 1`` bits of the pattern (the bin's parity and the bits below the key) as a signed 19-bit
+number, ``|k| <= 2^18`` (an even bin's ``k`` is the offset above its lower edge, an odd bin's the
+negative distance to its upper edge; ``k = 0`` exactly on the grid). So within one chunk
+``|sum k| <= 2^33`` and ``sum k^2 <= 2^51``: every partial sum of ``d`` or ``d^2`` over values of one
+bin is an integer times ``u`` (or ``u^2``) below ``2^53`` of them, exact in float64 in any order.
+A chunk's per-bin sums are therefore exact whatever computes them, and the running sums see the
+same float64 additions, chunk by chunk, as summing the float64 deviations ``x - r`` value by value
+(``np.bincount`` with those weights) gives. One ``np.bincount`` weighted by ``k + 2^35`` returns
+each bin's count and ``sum k`` together (``count * 2^35 + sum k``, exact, below 2^51), one weighted
+by ``k^2`` its ``sum k^2``. Grid values (``d = 0``: edge values) are counted apart: zeros, most of
+a ReLU output, directly, and left out of the bincounts when they are many; other grid values take
+the key ``NUM_BINS + key``, whose bins count them. Each chunk's moments are computed in float64
+with numpy's pairwise sums and merged with Pebay's formulas (:class:`Moments`).
 """
 
 from __future__ import annotations
@@ -58,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import threading
 
 import numpy as np
 
@@ -68,10 +90,10 @@ NUM_BINS = 1 << (1 + 8 + MANTISSA_BITS_KEPT)
 NUM_EDGE_SLOTS = NUM_BINS // 2
 GRID_LOW_MASK = (1 << (KEY_SHIFT + 1)) - 1  # mantissa bits below the first 4: zero on the grid
 CHUNK = 1 << 15
-"""Values per vectorised step. Its float64 temporaries (256 KiB) stay in L2 and under the CLI's
-1 MiB mmap threshold: at 1 << 17 every temporary was a fresh mmap/munmap, and in the
-multi-threaded CLI process the page faults and TLB shootdowns doubled the capture time
-(ResNet50, 50 samples: 20 s of system time)."""
+"""Values per vectorised step (and per partial sum: changing it changes the float64 rounding of the
+running sums and moments, so cached statistics would no longer match). Its float64 work arrays
+(256 KiB) stay in L2; they are allocated once per thread (:func:`_work_arrays`): a fresh
+allocation per step costs page faults every time it is returned to the OS."""
 FORMAT_VERSION = 1
 
 
@@ -104,6 +126,58 @@ def _bin_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 BIN_LOWER_EDGE, BIN_WIDTH, BIN_REFERENCE = _bin_tables()
+
+
+def _spacing_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per bin: the float32 spacing u of its binade, signed like the bin (d = k * that), and u^2.
+    Zero for the inf/NaN patterns, which are never binned."""
+    keys = np.arange(NUM_BINS, dtype=np.int64)
+    biased_exponent = (keys >> MANTISSA_BITS_KEPT) & 0xFF
+    spacing = np.ldexp(1.0, np.maximum(biased_exponent, 1) - 127 - 23)
+    spacing[biased_exponent == 0xFF] = 0.0
+    signed = np.where(keys >> (8 + MANTISSA_BITS_KEPT), -spacing, spacing)
+    squared = spacing * spacing  # >= 2^-298: no underflow in float64
+    for table in (signed, squared):
+        table.setflags(write=False)
+    return signed, squared
+
+
+_BIN_SPACING, _BIN_SPACING_SQ = _spacing_tables()
+_DEVIATION_SHIFT = 32 - (KEY_SHIFT + 1)
+"""Shifting the int32 pattern left then (arithmetically) right by this keeps its low 19 bits as a
+signed number: k, the deviation in units of the bin's spacing (module docstring)."""
+_COUNT_UNIT = 2.0**35
+"""Bincount weight ``k + 2^35``: per bin ``count * 2^35 + sum k`` with ``|sum k| <= 2^33`` (< half a
+unit) and the total below 2^51, so both come back exactly."""
+_GRID_FLAG_SHIFT = NUM_BINS.bit_length() - 1
+_FLOAT16_AS_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+"""Every float16 pattern as float32 (exact): a table lookup converts float16 faster than a cast."""
+_FLOAT16_AS_FLOAT32.setflags(write=False)
+
+
+class _WorkArrays:
+    """Per-thread CHUNK-sized work arrays of :meth:`TensorStats.update` (about 1.4 MB)."""
+
+    def __init__(self) -> None:
+        self.f32 = np.empty(CHUNK, np.float32)
+        self.u32 = np.empty(CHUNK, np.uint32)
+        self.low = np.empty(CHUNK, np.uint32)
+        self.bits = np.empty(CHUNK, np.uint32)
+        self.i32 = np.empty(CHUNK, np.int32)
+        self.key = np.empty(CHUNK, np.intp)
+        self.a = np.empty(CHUNK, np.float64)
+        self.b = np.empty(CHUNK, np.float64)
+        self.mask = np.empty(CHUNK, np.bool_)
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def _work_arrays() -> _WorkArrays:
+    work = getattr(_THREAD_LOCAL, "work", None)
+    if work is None:
+        work = _THREAD_LOCAL.work = _WorkArrays()
+    return work
 
 
 def bin_interior_representative(keys: np.ndarray) -> np.ndarray:
@@ -172,47 +246,94 @@ class TensorStats:
         values = np.asarray(x)
         if not np.issubdtype(values.dtype, np.floating):
             raise TypeError(f"TensorStats takes floating-point arrays, got dtype {values.dtype}")
-        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        flat = np.ascontiguousarray(values).reshape(-1)  # converted chunk by chunk below
+        work = _work_arrays()
         for start in range(0, flat.size, CHUNK):
-            self._update_chunk(flat[start:start + CHUNK])
+            part = flat[start:start + CHUNK]
+            if part.dtype == np.float32:
+                chunk = part
+            elif part.dtype == np.float16:  # mode "clip": no defensive copy (indices < 2^16)
+                chunk = _FLOAT16_AS_FLOAT32.take(part.view(np.uint16), out=work.f32[:part.size], mode="clip")
+            else:  # float64 and wider: rounded to float32, as a cast rounds them
+                chunk = work.f32[:part.size]
+                chunk[...] = part
+            self._update_chunk(chunk, work)
         return self
 
-    def _update_chunk(self, v: np.ndarray) -> None:
-        if not np.isfinite(v).all():
+    def _update_chunk(self, v: np.ndarray, work: _WorkArrays) -> None:
+        low, high = v.min(), v.max()  # NaN if there is one (numpy's min/max propagate NaN)
+        if not (math.isfinite(low) and math.isfinite(high)):
             nan = np.isnan(v)
             self.nan_count += int(nan.sum())
             self.posinf_count += int((v == np.inf).sum())
             self.neginf_count += int((v == -np.inf).sum())
             v = v[np.isfinite(v)]
-        if v.size == 0:
-            return
-        bits = v.view(np.uint32)
-        key = (bits >> KEY_SHIFT).astype(np.intp)
-        on_grid = (bits & GRID_LOW_MASK) == 0  # only possible in even bins, where r = x
-        v64 = v.astype(np.float64)
-        dev = v64 - np.take(BIN_REFERENCE, key)  # exact in float64
-        edges = np.bincount(key[on_grid] >> 1, minlength=NUM_EDGE_SLOTS)
-        self.edge_count += edges
-        self.interior_count += np.bincount(key, minlength=NUM_BINS)
-        self.interior_count[0::2] -= edges
-        self.sum_dev += np.bincount(key, weights=dev, minlength=NUM_BINS)
-        dev *= dev
-        self.sum_dev_sq += np.bincount(key, weights=dev, minlength=NUM_BINS)
+            if v.size == 0:
+                return
+            low, high = v.min(), v.max()
+        n = v.size
+        self._bin_chunk(v.view(np.uint32), work)
 
         # Central moments of the chunk, in place (np.dot would start BLAS threads).
-        n = v64.size
+        v64 = work.a[:n]
+        v64[...] = v
         mean = float(v64.sum()) / n
         c = v64
         c -= mean
-        c2 = c * c
+        c2 = np.multiply(c, c, out=work.b[:n])
         m2 = float(c2.sum())
         c *= c2
         m3 = float(c.sum())
         c2 *= c2
         m4 = float(c2.sum())
-        self._merge_moments(Moments(n, mean, m2, m3, m4))
-        self.min = min(self.min, float(v.min()))
-        self.max = max(self.max, float(v.max()))
+        self._merge_moment_sums(n, mean, m2, m3, m4)
+        self.min = min(self.min, float(low))
+        self.max = max(self.max, float(high))
+
+    def _bin_chunk(self, bits: np.ndarray, work: _WorkArrays) -> None:
+        """Add one chunk of finite values (their float32 patterns) to the bins (module docstring)."""
+        n = bits.size
+        low = np.bitwise_and(bits, GRID_LOW_MASK, out=work.low[:n])  # 0 on the grid: d = 0
+        on_grid = n - int(np.count_nonzero(low))
+        if on_grid:
+            doubled = np.left_shift(bits, 1, out=work.u32[:n])  # 0 for +0 and -0
+            zeros = n - int(np.count_nonzero(doubled))
+            if zeros * 8 >= n:  # ReLU outputs: count the zeros here and bin the other values
+                positive_zeros = int(np.count_nonzero(bits == 0))
+                self.edge_count[0] += positive_zeros
+                self.edge_count[NUM_EDGE_SLOTS // 2] += zeros - positive_zeros
+                keep = np.not_equal(doubled, 0, out=work.mask[:n])
+                n -= zeros
+                on_grid -= zeros
+                bits = np.compress(keep, bits, out=work.bits[:n])
+                if on_grid:
+                    low = np.bitwise_and(bits, GRID_LOW_MASK, out=work.low[:n])
+        if n == 0:
+            return
+        key = np.right_shift(bits, KEY_SHIFT, out=work.key[:n], casting="unsafe")
+        if on_grid:  # grid values take key NUM_BINS + key: those bins count the edges
+            flag = np.subtract(low, 1, out=low)  # wraps to 2^32 - 1 on the grid, else < 2^19
+            np.right_shift(flag, 31, out=flag)
+            np.left_shift(flag, _GRID_FLAG_SHIFT, out=flag)
+            np.bitwise_or(key, flag, out=key)
+        k = np.left_shift(bits.view(np.int32), _DEVIATION_SHIFT, out=work.i32[:n])
+        np.right_shift(k, _DEVIATION_SHIFT, out=k)
+        k64 = work.a[:n]
+        k64[...] = k
+        packed = np.bincount(key, weights=np.add(k64, _COUNT_UNIT, out=work.b[:n]))
+        squares = np.bincount(key, weights=np.multiply(k64, k64, out=k64))  # k^2 <= 2^36: exact
+        if packed.size > NUM_BINS:
+            edges = packed[NUM_BINS::2]
+            slots = np.flatnonzero(edges != 0)
+            self.edge_count[slots] += np.rint(edges[slots] * (1.0 / _COUNT_UNIT)).astype(np.int64)
+            packed, squares = packed[:NUM_BINS], squares[:NUM_BINS]
+        occupied = np.flatnonzero(packed != 0)  # (a float array's flatnonzero is 4x slower)
+        packed = packed[occupied]
+        counts = np.rint(packed * (1.0 / _COUNT_UNIT))
+        sum_k = packed - counts * _COUNT_UNIT
+        self.interior_count[occupied] += counts.astype(np.int64)
+        self.sum_dev[occupied] += sum_k * _BIN_SPACING[occupied]
+        self.sum_dev_sq[occupied] += squares[occupied] * _BIN_SPACING_SQ[occupied]
 
     # --- merging -------------------------------------------------------------------------
     def merge(self, other: TensorStats) -> TensorStats:
@@ -234,10 +355,17 @@ class TensorStats:
         return self
 
     def _merge_moments(self, b: Moments) -> None:
-        a = Moments(self.count, self.mean, self.m2, self.m3, self.m4)
-        merged = a.merged(b)
-        self.count, self.mean, self.m2, self.m3, self.m4 = (
-            merged.n, merged.mean, merged.m2, merged.m3, merged.m4)
+        self._merge_moment_sums(b.n, b.mean, b.m2, b.m3, b.m4)
+
+    def _merge_moment_sums(self, n: int, mean: float, m2: float, m3: float, m4: float) -> None:
+        """Fold in the moments of ``n`` other values (:meth:`Moments.merged`, without the objects)."""
+        if n == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2, self.m3, self.m4 = n, mean, m2, m3, m4
+            return
+        self.count, self.mean, self.m2, self.m3, self.m4 = _merged_moments(
+            self.count, self.mean, self.m2, self.m3, self.m4, n, mean, m2, m3, m4)
 
     def copy(self) -> TensorStats:
         return TensorStats.from_dict(self.to_dict())
@@ -395,19 +523,25 @@ class Moments:
 
     def merged(self, b: Moments) -> Moments:
         """Pebay (2008) eq. 2.1-2.4: the moments of the union of two disjoint sets."""
-        a = self
         if b.n == 0:
-            return a
-        if a.n == 0:
+            return self
+        if self.n == 0:
             return b
-        n = a.n + b.n
-        delta = b.mean - a.mean
-        na, nb = float(a.n), float(b.n)
-        mean = a.mean + delta * nb / n
-        m2 = a.m2 + b.m2 + delta**2 * na * nb / n
-        m3 = (a.m3 + b.m3 + delta**3 * na * nb * (na - nb) / n**2
-              + 3.0 * delta * (na * b.m2 - nb * a.m2) / n)
-        m4 = (a.m4 + b.m4 + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-              + 6.0 * delta**2 * (na * na * b.m2 + nb * nb * a.m2) / n**2
-              + 4.0 * delta * (na * b.m3 - nb * a.m3) / n)
-        return Moments(n, mean, m2, m3, m4)
+        return Moments(*_merged_moments(self.n, self.mean, self.m2, self.m3, self.m4,
+                                        b.n, b.mean, b.m2, b.m3, b.m4))
+
+
+def _merged_moments(an: int, amean: float, am2: float, am3: float, am4: float,
+                    bn: int, bmean: float, bm2: float, bm3: float, bm4: float) -> tuple:
+    """:meth:`Moments.merged` on plain numbers (both counts > 0): ``(n, mean, m2, m3, m4)``."""
+    n = an + bn
+    delta = bmean - amean
+    na, nb = float(an), float(bn)
+    mean = amean + delta * nb / n
+    m2 = am2 + bm2 + delta**2 * na * nb / n
+    m3 = (am3 + bm3 + delta**3 * na * nb * (na - nb) / n**2
+          + 3.0 * delta * (na * bm2 - nb * am2) / n)
+    m4 = (am4 + bm4 + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+          + 6.0 * delta**2 * (na * na * bm2 + nb * nb * am2) / n**2
+          + 4.0 * delta * (na * bm3 - nb * am3) / n)
+    return n, mean, m2, m3, m4
