@@ -14,7 +14,9 @@ sums (:class:`ErrorSums`), and those sums come either
   ``sum (x/|x| - q/|q|)^2 = S2/|x|^2 + 2 u S1/|x| + n u^2``.
 
 ``kld`` is a function of counts instead: how many values of each bin round to each ``q``, and
-whether they saturate (:class:`JointHistogram`), exact in both forms.
+whether they saturate (:class:`JointHistogram`), exact in both forms. :class:`KldRows` evaluates
+it for many rows and many round trips at once (the per-channel weight search), from how many of
+each row's values saturate and flush.
 
 The registry :data:`LOSSES` maps a name to a :class:`Loss`; :func:`get_loss` looks one up.
 """
@@ -146,9 +148,11 @@ def _joint_from_arrays(x32: np.ndarray, q32: np.ndarray, bound: float | None) ->
         q_values = (present[pairs % groups].astype(np.uint32) << 16).view(np.float32)
         return JointHistogram(pairs // groups, q_values.astype(np.float64), counts[rows],
                               (rows % 2).astype(bool))
-    rows, counts = np.unique(np.stack([keys, q32.astype(np.float64) + 0.0, saturated]), axis=1,
-                             return_counts=True)
-    return JointHistogram(rows[0].astype(np.int64), rows[1], counts, rows[2].astype(bool))
+    # Any other q (real-valued scales: nearly every value its own q): one row per value. Grouping
+    # them first (np.unique over the (bin, q, saturated) triples) sorted the whole tensor and took
+    # seconds per million values; the histograms only add the rows up.
+    return JointHistogram(keys, q32.astype(np.float64) + 0.0, np.ones(keys.size, np.int64),
+                          saturated.astype(bool))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,8 +331,135 @@ def kld(e: ErrorSums) -> float:
     p, q = kld_histograms(j)
     used = p > 0
     p, q = p[used], q[used]
+    return max(0.0, float(np.sum(kld_terms(p, q)) / p.sum()))
+
+
+def kld_terms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The terms ``P ln(P / Qe)`` of :func:`kld`, ``Qe = Q + eps (P - Q)``, for bins with P > 0."""
     smoothed = q + KLD_EPSILON * (p - q)
-    return max(0.0, float(np.sum(p * np.log(p / smoothed)) / p.sum()))
+    return p * np.log(p / smoothed)
+
+
+class KldRows:
+    """:func:`kld` of every row of ``x`` (2-D) at once, for round trips given by two counts per row.
+
+    ``KldRows(x)(n_saturated, n_flushed)[r]`` equals ``kld(x[r], q[r])`` (up to the order of the
+    floating-point sum) for any round trip ``q[r]`` of the row whose saturated values
+    (``|x| > max |q|``) are its ``n_saturated[r]`` largest magnitudes - always so - and whose
+    flushed values (``q = 0``, not saturated) are its ``n_flushed[r]`` smallest: so whenever
+    ``|q|`` does not decrease as ``|x|`` grows, as for an FP8 round trip with one scale per row.
+    :func:`kld_rows` takes the round trips themselves.
+
+    Why this is cheap: P depends on x alone, and Q equals P in every linear bin that loses no
+    value, where the term ``P ln(P/Qe)`` is exactly 0. The values lost are a run of the sorted
+    magnitudes at each end: the largest (saturated), and the smallest (flushed) when they reach
+    past bin 0. So a row's kld is the sum of the terms of the bins emptied at either end
+    (``P ln(P / (eps P))``, summed once per row from each end), of at most two bins partly
+    emptied, and of bin 0 (which gains the flushed values): a few look-ups per row and round
+    trip, whatever the row's length.
+    """
+
+    def __init__(self, x: np.ndarray):
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] == 0:
+            raise ValueError(f"KldRows needs a 2-D array of non-empty rows, got shape {list(x.shape)}")
+        rows, n = x.shape
+        self.magnitudes = np.sort(np.abs(x), axis=1)  # what the callers count in
+        flat = self.magnitudes.reshape(-1)
+        fine = flat.view(np.uint32) >> np.uint32(KEY_SHIFT)  # the stats bin of |x|
+        # Values sharing a stats bin share a linear bin: work on the (row, stats bin) groups.
+        new = np.empty(flat.size, bool)
+        new[0] = True
+        np.not_equal(fine[1:], fine[:-1], out=new[1:])
+        new[::n] = True
+        g_start = np.flatnonzero(new)
+        del new
+        g_row = g_start // n
+        g_fine = fine[g_start].astype(np.int64)
+        del fine
+        lo, width = BIN_LOWER_EDGE[g_fine], BIN_WIDTH[g_fine]
+        ub = lo + width
+        row_first = np.searchsorted(g_start, np.arange(rows) * n)
+        self.top = ub[np.r_[row_first[1:], g_start.size] - 1]  # A: magnitudes ascend in a row
+        g_pos = np.minimum(np.floor((lo + 0.5 * width) * (KLD_BINS / self.top[g_row])), KLD_BINS - 1)
+        g_pos = np.where(g_fine == 0, 0, g_pos).astype(np.int64)
+        # Runs: consecutive groups of a row in the same linear bin (the bins with P > 0, in order).
+        run = np.ones(g_start.size, bool)
+        run[1:] = (g_pos[1:] != g_pos[:-1]) | (g_row[1:] != g_row[:-1])
+        r_start, r_row, r_pos = g_start[run], g_row[run], g_pos[run]
+        r_size = np.diff(np.r_[r_start, flat.size])
+        r_first = np.searchsorted(r_start, np.arange(rows) * n)
+        r_index = np.arange(r_start.size) - r_first[r_row]
+        width_runs = int(r_index.max()) + 1
+        self._start = np.full((rows, width_runs), n, np.int64)
+        self._start[r_row, r_index] = r_start - r_row * n
+        self._end = np.full((rows, width_runs), n, np.int64)
+        self._end[r_row, r_index] = r_start - r_row * n + r_size
+        self._pos = np.full((rows, width_runs), -1, np.int64)
+        self._pos[r_row, r_index] = r_pos
+        p = r_size.astype(np.float64)
+        emptied = kld_terms(p, np.zeros_like(p))
+        emptied[r_index == 0] = 0.0  # a row's first run is always evaluated on its own
+        full = np.zeros((rows, width_runs))
+        full[r_row, r_index] = emptied
+        # emptied terms of the runs before / after each run, summed from the row's ends inwards
+        self._before = np.zeros_like(full)
+        np.cumsum(full[:, :-1], axis=1, out=self._before[:, 1:])
+        self._after = np.zeros_like(full)
+        self._after[:, :-1] = np.cumsum(full[:, :0:-1], axis=1)[:, ::-1]
+        self._run_of = np.repeat(r_index.astype(np.int32), r_size).reshape(rows, n)
+        self.n = n
+
+    def __call__(self, n_saturated: np.ndarray, n_flushed: np.ndarray) -> np.ndarray:
+        """kld per row (float64) when the ``n_saturated`` largest and ``n_flushed`` smallest
+        magnitudes of each row are saturated and flushed (the two sets must not overlap).
+
+        The counts broadcast against the rows: ``[k, rows]`` counts give ``[k, rows]`` losses,
+        k round trips of every row at once."""
+        n = self.n
+        rows = np.arange(self.magnitudes.shape[0])
+        n_sat = np.asarray(n_saturated, np.int64) + np.zeros_like(rows)
+        n_fl = np.asarray(n_flushed, np.int64) + np.zeros_like(rows)
+        if np.any(n_sat < 0) or np.any(n_fl < 0) or np.any(n_sat + n_fl > n):
+            raise ValueError(f"saturated and flushed counts must be disjoint parts of {n} values")
+        # flushing counts only when it reaches past bin 0: the largest flushed value's stats bin
+        largest = self.magnitudes[rows, np.maximum(n_fl - 1, 0)].view(np.uint32) >> np.uint32(KEY_SHIFT)
+        reach = BIN_LOWER_EDGE[largest] + BIN_WIDTH[largest]
+        moved = np.where((n_fl > 0) & (reach > self.top / KLD_BINS), n_fl, 0)
+        first_sat = n - n_sat
+        flush_run = self._run_of[rows, np.maximum(moved - 1, 0)]
+        sat_run = self._run_of[rows, np.minimum(first_sat, n - 1)]
+        total = (np.where(moved > 0, self._before[rows, flush_run], 0.0)
+                 + np.where(n_sat > 0, self._after[rows, sat_run], 0.0))
+        # the runs evaluated on their own: the first, and the two where the emptied ends stop
+        for run, own in ((np.zeros_like(n_sat), True),
+                         (flush_run, (moved > 0) & (flush_run != 0)),
+                         (sat_run, (n_sat > 0) & (sat_run != 0) & ~((moved > 0) & (sat_run == flush_run)))):
+            start, end = self._start[rows, run], self._end[rows, run]
+            lost = (np.maximum(0, np.minimum(end, moved) - start)
+                    + np.maximum(0, end - np.maximum(start, first_sat)))
+            p = (end - start).astype(np.float64)
+            q = p - lost + np.where(self._pos[rows, run] == 0, moved, 0)  # bin 0 gains the flushed
+            with np.errstate(divide="ignore", invalid="ignore"):
+                total = total + np.where(own & (p > 0), kld_terms(p, q), 0.0)
+        return np.maximum(0.0, total / n)
+
+
+def kld_rows(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """:func:`kld` of every row pair ``(x[r], q[r])`` of two 2-D arrays, by :class:`KldRows`.
+
+    Raises ValueError unless each row's flushed values (``q = 0``, not saturated) are its
+    smallest magnitudes (true when ``|q|`` does not decrease as ``|x|`` grows)."""
+    x32, q32 = np.asarray(x, np.float32), np.asarray(q, np.float32)
+    if x32.shape != q32.shape or x32.ndim != 2:
+        raise ValueError(f"x and q must be 2-D arrays of one shape, got {list(x32.shape)} and {list(q32.shape)}")
+    mag = np.abs(x32)
+    saturated = mag > np.max(np.abs(q32), axis=1, keepdims=True)
+    flushed = (q32 == 0) & ~saturated
+    kept = ~flushed & ~saturated
+    if np.any(np.max(np.where(flushed, mag, -1.0), axis=1) > np.min(np.where(kept, mag, np.inf), axis=1)):
+        raise ValueError("kld_rows: a row flushes a value larger than one it keeps")
+    return KldRows(x32)(saturated.sum(axis=1), flushed.sum(axis=1))
 
 
 def get_loss(name: str | Loss) -> Loss:

@@ -99,7 +99,11 @@ def real_scale_params(w: np.ndarray, axis: int | None, formats: list[str] | tupl
         geomean = float(np.exp2(np.mean(np.log2(scales.astype(np.float64)))))
         p = RealScaleParams(fmt, round(math.log2(geomean)), "per_tensor" if axis is None else "per_channel",
                             axis, tuple(float(s) for s in scales))
-        value = float(loss_fn(w32.reshape(-1), dequantize_real_scaled(w32, p).reshape(-1)))
+        if np.array_equal(scales, chosen.scales):  # the search encoded w with these scales already
+            dequantized = chosen.dequantized()
+        else:
+            dequantized = dequantize_real_scaled(w32, p)
+        value = float(loss_fn(w32.reshape(-1), dequantized.reshape(-1)))
         p = dataclasses.replace(p, loss=value)
         if best is None or value < best.loss:
             best = p

@@ -18,8 +18,20 @@ float32, rounded to the nearest FP8 value, ties to even, saturated to +-max
 :func:`PerChannelWeight.dequantized` bit for bit (tests/test_weights.py).
 
 Ranking per channel: smallest loss, ties (within 1e-9 relative) to the smaller ``|j|``, then the
-smaller j. ``mse``, ``mae``, ``snr`` and ``cos_dist`` are evaluated for every channel at once;
-``kld`` (and any other registered loss) one channel at a time with :mod:`fp8core.losses`.
+smaller j. ``mse``, ``mae``, ``snr`` and ``cos_dist`` are their row-wise float64 forms - the
+weight moved to ``[channels, values]``, round-tripped, ``mean((x - q)^2)`` and so on per row -
+evaluated a block of channels at a time for every candidate, each sum in the order numpy takes
+over the whole rows: for a C-contiguous weight (every ONNX initializer) the losses of the
+unblocked forms to the last bit (tests/test_weights.py). ``kld`` by
+:class:`fp8core.losses.KldRows`: :func:`fp8core.losses.kld` of each channel, up to the order of
+one floating-point sum. Any other registered loss: one channel at a time.
+
+The search's round trips round ``x / scale_c`` to the FP8 grid by adding and subtracting a
+multiple of the grid step (:func:`_round_to_grid`: numpy's float32 addition rounds to nearest,
+ties to even, as ``QuantizeLinear`` does): the values of :func:`fp8core.formats.round_trip` for
+every float32 in ``[-max, max]`` (all of them checked, once, in every format), in 5 array
+operations instead of a cast to FP8 and back. The chosen scales are encoded with
+:func:`fp8core.formats.encode_to_dtype`.
 """
 
 from __future__ import annotations
@@ -30,13 +42,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fp8core.formats import encode_to_dtype, get_format, round_trip
-from fp8core.losses import get_loss
+from fp8core.formats import FP8Format, encode_to_dtype, get_format, round_trip
+from fp8core.losses import KldRows, get_loss
 
 STEPS_PER_OCTAVE = 8
 SCALE_STEPS = range(-16, 9)  # factors 2^-2 .. 2^1 around absmax / max
 VECTORISED_LOSSES = ("mse", "mae", "snr", "cos_dist")
 GRANULARITIES = ("per_tensor", "per_channel")
+BLOCK_VALUES = 1 << 16
+"""Values per block of the mse/mae/snr/cos_dist search: its float64 buffers (512 KiB, allocated
+once per block, under the CLI's 1 MiB mmap threshold) stay in cache while every candidate is
+evaluated on it, where a pass over the whole weight per candidate and operation went to memory
+(benchmarks/bench_weight_scales.py; 1 << 15 and 1 << 17 measured slower)."""
+KLD_BLOCK_VALUES = 1 << 18
+"""Values per block of the kld search: a sort, then a few operations per channel and candidate
+(not per value), so larger blocks; bounded, since its tables are a few times the block."""
 
 
 class WeightQuantizationError(ValueError):
@@ -87,26 +107,278 @@ def quantize_with_scales(w: np.ndarray, scales: np.ndarray, axis: int, fmt: str)
     return round_trip(w32 / s, fmt, 0) * s
 
 
-def _channel_losses(w: np.ndarray, q: np.ndarray, axis: int, loss: str) -> np.ndarray:
-    """The loss of every channel (rows of the weight moved to ``axis`` first)."""
-    x = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
-    y = np.moveaxis(np.asarray(q, np.float64), axis, 0).reshape(w.shape[axis], -1)
-    if loss not in VECTORISED_LOSSES:
-        fn = get_loss(loss)
-        return np.array([fn(x[c].astype(np.float32), y[c].astype(np.float32)) for c in range(x.shape[0])])
-    e = x - y
-    if loss == "mse":
-        return np.mean(e * e, axis=1)
-    if loss == "mae":
-        return np.mean(np.abs(e), axis=1)
-    x_sq = np.sum(x * x, axis=1)
+def _round_to_grid(y: np.ndarray, f: FP8Format) -> np.ndarray:
+    """``y`` (float32, within +-max) rounded to the FP8 grid, nearest, ties to even, in place.
+
+    ``c = 1.5 * 2^23 * step``, with ``step = 2^(max(exponent(y), min normal) - mantissa bits)`` the
+    grid step at ``y``: ``y + c`` lies in c's binade, whose float32 spacing is ``step``, so the
+    float32 addition does the FP8 rounding and ``- c`` is exact. c's significand is even, so ties
+    go to even. Equals :func:`fp8core.formats.round_trip` at scale 0 except that -0 may come
+    back +0 (no loss can tell).
+    """
+    e = y.view(np.uint32) & np.uint32(0x7F800000)
+    np.maximum(e, np.uint32((f.min_normal_exponent + 127) << 23), out=e)
+    e += np.uint32(((23 - f.mantissa_bits) << 23) | 0x00400000)
+    c = e.view(np.float32)
+    y += c
+    y -= c
+    return y
+
+
+def _scaled_round_trip(x32: np.ndarray, s: np.ndarray, f: FP8Format, out: np.ndarray) -> np.ndarray:
+    """``round_trip(x / s) * s`` in float32 (:func:`quantize_with_scales`), into ``out``."""
+    lim = np.float32(f.max)
+    np.divide(x32, s, out=out)
+    np.clip(out, -lim, lim, out=out)
+    _round_to_grid(out, f)
+    out *= s
+    return out
+
+
+def _pairwise_leaves(n: int, limit: int):
+    """numpy's pairwise summation tree of n values, cut into pieces of at most ``limit`` values.
+
+    ``np.sum`` over a contiguous run of n > 128 float64 values adds the sum of its first
+    ``n // 2`` (rounded down to a multiple of 8) values to the sum of the rest, recursively; the
+    pieces' ``np.sum``, added up along this tree, give the whole run's sum to the bit
+    (tests/test_weights.py checks it).
+    """
+    if n <= max(limit, 128):
+        return n
+    half = n // 2
+    half -= half % 8
+    return (_pairwise_leaves(half, limit), _pairwise_leaves(n - half, limit))
+
+
+def _leaf_slices(tree, start: int = 0) -> list[slice]:
+    if isinstance(tree, int):
+        return [slice(start, start + tree)]
+    left = _leaf_slices(tree[0], start)
+    return left + _leaf_slices(tree[1], left[-1].stop)
+
+
+def _tree_sum(tree, parts: list):
+    """The pieces' sums (in :func:`_leaf_slices` order) added up along ``tree``."""
+    it = iter(parts)
+
+    def walk(t):
+        return next(it) if isinstance(t, int) else walk(t[0]) + walk(t[1])
+    return walk(tree)
+
+
+def _error_sums(x: np.ndarray, s: np.ndarray, f: FP8Format, loss: str, axis: int, whole: bool = False,
+                norms=None, carry: dict | None = None) -> dict:
+    """Per candidate and channel, the sums ``loss`` needs over one piece of the channels' values.
+
+    ``x``: the piece, in the weight's dtype, a channel's values along ``axis``; ``s``: the
+    candidate scales ``[candidates, channels]``. Keys: ``x_sq`` (sum x^2, per channel: snr,
+    cos_dist), ``err`` (sum of squared or absolute errors: mse, mae, snr), ``q_sq`` (sum q^2) and
+    ``unit_sq`` (sum (x/|x| - q/|q|)^2): cos_dist. ``unit_sq`` needs the norms: computed here when
+    ``whole`` (the piece is the channels' every value), else given as ``norms = (|x|, |q|)`` - and
+    then it is the only sum. The operations are those of the losses' definitions, in float64.
+
+    Order of the sums: numpy's. Along axis 1 (contiguous rows, or one block of any other layout)
+    ``np.add.reduce`` as over the whole rows; along axis 0 (a strided axis for numpy: its values
+    are added one after another) the piece's values go after ``carry``'s sums, when given.
+    """
+    x32 = np.asarray(x, np.float32)
+    x64 = np.asarray(x, np.float64)
+    y = np.empty_like(x32)
+    if axis == 0 and carry is not None:
+        ext = np.empty((x64.shape[0] + 1, x64.shape[1]))  # row 0: the sums so far
+        e = ext[1:]
+    else:
+        ext, e = None, np.empty_like(x64)
+
+    def add_up(key, i=None):
+        if ext is None:
+            return np.add.reduce(e, axis=axis)
+        ext[0] = carry[key] if i is None else carry[key][i]
+        return np.add.reduce(ext, axis=0)
+
+    def along(v):
+        return v[:, None] if axis == 1 else v[None, :]
+    sums: dict[str, np.ndarray] = {}
+    if norms is None and loss in ("snr", "cos_dist"):
+        np.multiply(x64, x64, out=e)
+        sums["x_sq"] = add_up("x_sq")
+    if loss != "cos_dist":
+        keys = ("err",)
+    else:
+        keys = ("q_sq", "unit_sq") if whole else ("unit_sq",) if norms is not None else ("q_sq",)
+        if "unit_sq" in keys:
+            nx = np.sqrt(np.where(sums["x_sq"] > 0, sums["x_sq"], 1)) if whole else norms[0]
+            xn = x64 / along(nx)
+    for key in keys:
+        sums[key] = np.empty(s.shape)
+    for i, si in enumerate(s):
+        _scaled_round_trip(x32, along(si), f, y)
+        if loss == "cos_dist":
+            if "q_sq" in keys:
+                np.multiply(y, y, out=e, dtype=np.float64)
+                sums["q_sq"][i] = q_sq = add_up("q_sq", i)
+            if "unit_sq" in keys:
+                ny = np.sqrt(np.where(q_sq > 0, q_sq, 1)) if whole else norms[1][i]
+                np.divide(y, along(ny), out=e, dtype=np.float64)
+                np.subtract(xn, e, out=e)
+                np.multiply(e, e, out=e)
+                sums["unit_sq"][i] = add_up("unit_sq", i)
+            continue
+        np.subtract(x64, y, out=e, dtype=np.float64)
+        if loss == "mae":
+            np.abs(e, out=e)
+        else:
+            np.multiply(e, e, out=e)
+        sums["err"][i] = add_up("err", i)
+    return sums
+
+
+def _losses_of_sums(loss: str, n: int, sums: dict) -> np.ndarray:
+    """The loss per candidate and channel from :func:`_error_sums`' sums over n values each."""
+    if loss == "mse" or loss == "mae":
+        return sums["err"] / n  # np.mean: the sum, then divided by the count
+    x_sq = sums["x_sq"]
     if loss == "snr":
-        return np.where(x_sq > 0, np.sum(e * e, axis=1) / np.where(x_sq > 0, x_sq, 1), 0.0)
-    y_sq = np.sum(y * y, axis=1)  # cos_dist as |x/|x| - y/|y||^2 / 2 (no cancellation)
-    nx, ny = np.sqrt(np.where(x_sq > 0, x_sq, 1)), np.sqrt(np.where(y_sq > 0, y_sq, 1))
-    unit = x / nx[:, None] - y / ny[:, None]
-    d = np.maximum(0.0, np.sum(unit * unit, axis=1) / 2)
+        return np.where(x_sq > 0, sums["err"] / np.where(x_sq > 0, x_sq, 1), 0.0)
+    y_sq = sums["q_sq"]  # cos_dist as |x/|x| - y/|y||^2 / 2 (no cancellation)
+    d = np.maximum(0.0, sums["unit_sq"] / 2)
     return np.where((x_sq == 0) | (y_sq == 0), np.where(x_sq == y_sq, 0.0, 1.0), d)
+
+
+def _norms(sums: dict):
+    return (np.sqrt(np.where(sums["x_sq"] > 0, sums["x_sq"], 1)),
+            np.sqrt(np.where(sums["q_sq"] > 0, sums["q_sq"], 1)))
+
+
+def _error_loss_table(rows: np.ndarray, cands: np.ndarray, f: FP8Format, loss: str) -> np.ndarray:
+    """``[candidates, channels]`` losses of mse, mae, snr or cos_dist, a block at a time.
+
+    ``rows`` is the C-contiguous weight with its channel axis moved first (a view, or a copy for
+    a middle axis), the layout these sums have always been taken in, because numpy's order of a
+    sum follows it: pairwise along contiguous rows (axis 0, a copied middle axis, a per-tensor
+    row), one value after another along a strided axis (the last axis: MatMul and Gemm weights).
+    The blocks keep each order, so the sums are the same to the bit.
+    """
+    channels, n = rows.shape
+    table = np.empty((len(cands), channels))
+    if rows.flags.c_contiguous and n > BLOCK_VALUES:  # a long row (a per-tensor search): tree pieces
+        tree = _pairwise_leaves(n, BLOCK_VALUES)
+        pieces = _leaf_slices(tree)
+        for r in range(channels):
+            x, s = rows[r:r + 1], cands[:, r:r + 1]
+            parts = [_error_sums(x[:, p], s, f, loss, 1) for p in pieces]
+            sums = {key: _tree_sum(tree, [part[key] for part in parts]) for key in parts[0]}
+            if loss == "cos_dist":
+                norms = _norms(sums)
+                sums["unit_sq"] = _tree_sum(tree, [_error_sums(x[:, p], s, f, loss, 1, norms=norms)["unit_sq"]
+                                                   for p in pieces])
+            table[:, r:r + 1] = _losses_of_sums(loss, n, sums)
+    elif rows.flags.c_contiguous or not rows.T.flags.c_contiguous:
+        # any other layout (not reached from a C-contiguous weight): one block, summed as numpy does
+        step = max(1, BLOCK_VALUES // n) if rows.flags.c_contiguous else channels
+        for r0 in range(0, channels, step):
+            sums = _error_sums(rows[r0:r0 + step], cands[:, r0:r0 + step], f, loss, 1, whole=True)
+            table[:, r0:r0 + step] = _losses_of_sums(loss, n, sums)
+    else:  # the channels are the contiguous axis: groups of channels, pieces of their values
+        cols = rows.T
+        width = min(channels, max(512, BLOCK_VALUES // n))
+        length = max(1, BLOCK_VALUES // width)
+        for c0 in range(0, channels, width):
+            x, s = cols[:, c0:c0 + width], cands[:, c0:c0 + width]
+            if n <= length:
+                sums = _error_sums(x, s, f, loss, 0, whole=True)
+            else:
+                sums = None
+                for k0 in range(0, n, length):
+                    sums = _error_sums(x[k0:k0 + length], s, f, loss, 0, carry=sums)
+                if loss == "cos_dist":
+                    norms, unit = _norms(sums), None
+                    for k0 in range(0, n, length):
+                        unit = _error_sums(x[k0:k0 + length], s, f, loss, 0, norms=norms, carry=unit)
+                    sums["unit_sq"] = unit["unit_sq"]
+            table[:, c0:c0 + width] = _losses_of_sums(loss, n, sums)
+    return table
+
+
+def _count_leading(sorted_rows: np.ndarray, guess: np.ndarray, holds) -> np.ndarray:
+    """``[candidates, rows]``: how many leading values of each row of ``sorted_rows`` (ascending,
+    >= 0) satisfy ``holds`` - a condition true on a prefix of each row, called with one value per
+    candidate and row (``[candidates, rows]``).
+
+    ``guess`` ``[candidates, rows]`` (float32, >= 0) estimates the largest value that holds: the
+    count of values up to it is checked against ``holds`` at its boundary and found by bisection
+    where the estimate was wrong, so the result is exact either way.
+    """
+    k, channels = guess.shape
+    n = sorted_rows.shape[1]
+    rows = np.arange(channels)
+    # one sorted int64 key per value, row-major: the row, then the float32 bits (ordered for >= 0)
+    keys = (rows[:, None] << 32) | sorted_rows.view(np.uint32).astype(np.int64)
+    probe = (rows << 32) | np.asarray(guess, np.float32).view(np.uint32).astype(np.int64)
+    count = np.searchsorted(keys.reshape(-1), probe, side="right") - rows * n
+
+    below = (count == 0) | holds(sorted_rows[rows, np.maximum(count - 1, 0)])
+    above = (count == n) | ~holds(sorted_rows[rows, np.minimum(count, n - 1)])
+    wrong = ~(below & above)
+    if wrong.any():
+        lo, hi = np.zeros_like(count), np.full_like(count, n)
+        while np.any(wrong & (lo < hi)):
+            mid = (lo + hi) // 2
+            ok = holds(sorted_rows[rows, np.minimum(mid, n - 1)])
+            lo, hi = np.where(wrong & (lo < hi) & ok, mid + 1, lo), np.where(wrong & (lo < hi) & ~ok, mid, hi)
+        count = np.where(wrong, lo, count)
+    return count
+
+
+def _kld_loss_table(rows: np.ndarray, cands: np.ndarray, f: FP8Format) -> np.ndarray:
+    """``[candidates, channels]`` kld losses by :class:`fp8core.losses.KldRows`.
+
+    A channel's round trip ``q = round(x / s) * s`` has ``|q|`` non-decreasing in ``|x|`` (each
+    step is), so its saturated values (``|x| > max |q|``, max |q| the round trip of the largest
+    ``|x|``) and its flushed ones (``q = 0``) are counted in the sorted magnitudes. A scale that
+    underflowed to 0 makes ``0 / 0`` NaN and breaks the order: such channels are evaluated one at
+    a time as before.
+    """
+    channels, n = rows.shape
+    kld = get_loss("kld")
+    table = np.empty((len(cands), channels))
+    step = max(1, KLD_BLOCK_VALUES // n)
+    half_smallest = np.float32(f.min_subnormal / 2)
+    for r0 in range(0, channels, step):
+        x32 = np.ascontiguousarray(rows[r0:r0 + step], np.float32)
+        s = cands[:, r0:r0 + step]
+        kr = KldRows(x32)
+        mags = kr.magnitudes
+
+        def round_trip_of(v):  # v: one magnitude per candidate and channel
+            return round_trip(v / s, f, 0) * s
+        top_q = round_trip_of(mags[:, -1])  # max |q|: the round trip of max |x|
+        n_sat = n - _count_leading(mags, top_q, lambda v: v <= top_q)
+        zero_below = half_smallest * s  # about where q becomes nonzero
+        n_zero = _count_leading(mags, zero_below, lambda v: round_trip_of(v) == 0)
+        table[:, r0:r0 + step] = kr(n_sat, np.minimum(n_zero, n - n_sat))
+        for c in np.flatnonzero(np.any(s == 0, axis=0)):
+            x = x32[c]
+            for i in range(len(cands)):
+                table[i, r0 + c] = kld(x, round_trip(x / s[i, c], f, 0) * s[i, c])
+    return table
+
+
+def _channel_loss_table(w: np.ndarray, axis: int, cands: np.ndarray, f: FP8Format, loss: str) -> np.ndarray:
+    """The loss of every candidate (rows of ``cands``) and channel: ``[candidates, channels]``."""
+    rows = np.moveaxis(np.ascontiguousarray(w), axis, 0).reshape(w.shape[axis], -1)
+    if loss in VECTORISED_LOSSES:
+        return _error_loss_table(rows, cands, f, loss)
+    if loss == "kld":
+        return _kld_loss_table(rows, cands, f)
+    fn = get_loss(loss)
+    x32 = np.asarray(rows, np.float32)
+    table = np.empty((len(cands), rows.shape[0]))
+    y = np.empty(x32.shape, np.float32)
+    for i, s in enumerate(cands):
+        _scaled_round_trip(x32, s[:, None], f, y)
+        table[i] = [fn(x32[c], y[c]) for c in range(rows.shape[0])]
+    return table
 
 
 def candidate_scales(absmax: np.ndarray, fmt: str, steps=SCALE_STEPS) -> np.ndarray:
@@ -130,7 +402,7 @@ def quantize_per_channel(w: np.ndarray, axis: int, fmt: str = "F143", loss: str 
     steps = list(steps)
     absmax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1).astype(np.float64)
     cands = candidate_scales(absmax, fmt, steps)
-    table = np.stack([_channel_losses(w, quantize_with_scales(w, s, axis, fmt), axis, loss) for s in cands])
+    table = _channel_loss_table(w, axis, cands, get_format(fmt), loss)
     order = sorted(range(len(steps)), key=lambda i: (abs(steps[i]), steps[i]))  # tie-break order
     best = np.full(w.shape[axis], order[0])
     for i in order[1:]:

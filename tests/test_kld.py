@@ -243,3 +243,60 @@ def test_the_search_breaks_near_ties_of_kld_by_mse():
     assert min(tied, key=lambda c: c.mse).mse == pytest.approx(
         next(c.mse for c in result.candidates
              if (c.format, c.scale) == (result.format, result.scale)), rel=1e-9)
+
+
+# --- the batched form: many rows and round trips at once (the per-channel weight search) ---------
+
+def rows_of_every_kind(rng, n: int) -> np.ndarray:
+    """Rows of n values: heavy-tailed at magnitudes 2^-12..2^6, an all-zero row, half zeros, one
+    huge outlier, repeated values, float16-rounded values, a row of float32 subnormals."""
+    x = rng.standard_t(3, (9, n)) * np.exp2(rng.integers(-12, 6, (9, 1)))
+    x[0] = 0.0
+    x[1, : n // 2] = 0.0
+    x[2, 0] = 1e4 * np.abs(x[2]).max() + 1.0
+    x[3] = np.round(x[3] * 4) / 4
+    x[4] = x[4].astype(np.float16)
+    x[5] *= 1e-38 / np.abs(x[5]).max()
+    return x.astype(np.float32)
+
+
+def row_round_trips(rng, x: np.ndarray, fmt: str) -> np.ndarray:
+    """Each row's FP8 round trip with its own real scale, from saturating much to flushing values
+    far past kld's bin 0 (scales up to 2^14 times the largest value over the format's max)."""
+    absmax = np.abs(x).max(axis=1)
+    s = np.where(absmax > 0, absmax, 1) / get_format(fmt).max * np.exp2(rng.uniform(-3, 14, len(x)))
+    s = s.astype(np.float32)[:, None]
+    return round_trip(x / s, fmt, 0) * s
+
+
+@pytest.mark.parametrize("n", [1, 7, 130, 3000])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_kld_equals_kld_row_by_row(seed, n):
+    rng = np.random.default_rng(seed)
+    x = rows_of_every_kind(rng, n)
+    for fmt in FORMATS:
+        q = row_round_trips(rng, x, fmt)
+        q[6] = 0.0  # everything saturates (R = 0)
+        q[7] = x[7]  # nothing is lost
+        q[8] = np.where(np.abs(x[8]) < np.median(np.abs(x[8])), 0, x[8])  # flushed far past bin 0
+        want = [losses.kld(x[r], q[r]) for r in range(len(x))]
+        np.testing.assert_allclose(losses.kld_rows(x, q), want, rtol=1e-12, atol=1e-300)
+
+
+def test_batched_kld_takes_counts_for_many_round_trips_at_once():
+    rng = np.random.default_rng(3)
+    x = rows_of_every_kind(rng, 500)
+    qs = [row_round_trips(rng, x, "F143") for _ in range(4)]
+    mags = np.abs(x)
+    n_sat = np.stack([np.sum(mags > np.abs(q).max(axis=1, keepdims=True), axis=1) for q in qs])
+    n_flushed = np.stack([np.sum((q == 0) & (mags <= np.abs(q).max(axis=1, keepdims=True)), axis=1) for q in qs])
+    got = losses.KldRows(x)(n_sat, n_flushed)
+    assert got.shape == (4, len(x))
+    for k, q in enumerate(qs):
+        np.testing.assert_array_equal(got[k], losses.kld_rows(x, q))
+
+
+def test_batched_kld_refuses_round_trips_that_flush_a_larger_value_than_they_keep():
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    with pytest.raises(ValueError, match="flushes a value larger"):
+        losses.kld_rows(x, np.array([[1.0, 0.0, 3.0, 4.0]], np.float32))

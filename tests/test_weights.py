@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from fp8core.formats import get_format, round_trip
+from fp8core import weights
+from fp8core.formats import FORMATS, get_format, representable_values, round_trip
 from fp8core.losses import get_loss
 from fp8core.runtime import make_session, reference_session
 from fp8core.search import search_weight
@@ -16,10 +17,12 @@ from fp8core.weights import (
     SCALE_STEPS,
     STEPS_PER_OCTAVE,
     WeightQuantizationError,
+    candidate_scales,
     corrected_bias,
     dequantize_node,
     output_channel_axis,
     quantize_per_channel,
+    quantize_with_scales,
 )
 
 
@@ -139,3 +142,77 @@ def test_bias_correction_restores_the_mean_output_and_lowers_the_output_error():
     assert np.mean((corrected - ref) ** 2) < 0.8 * np.mean((plain - ref) ** 2)
     with pytest.raises(WeightQuantizationError, match="length-K input mean"):
         corrected_bias(w, wq, b, np.zeros(3))
+
+
+# --- the fast search computes the same numbers as the direct one -------------------------------
+
+def direct_channel_losses(w, axis, scales, fmt, loss):
+    """One candidate's loss per channel, directly: the whole weight round-tripped, its rows in float64."""
+    q = quantize_with_scales(w, scales, axis, fmt)
+    x = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    y = np.moveaxis(np.asarray(q, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    if loss == "kld":
+        return np.array([get_loss(loss)(x[c].astype(np.float32), y[c].astype(np.float32)) for c in range(len(x))])
+    e = x - y
+    if loss == "mse":
+        return np.mean(e * e, axis=1)
+    if loss == "mae":
+        return np.mean(np.abs(e), axis=1)
+    x_sq = np.sum(x * x, axis=1)
+    if loss == "snr":
+        return np.where(x_sq > 0, np.sum(e * e, axis=1) / np.where(x_sq > 0, x_sq, 1), 0.0)
+    y_sq = np.sum(y * y, axis=1)
+    nx, ny = np.sqrt(np.where(x_sq > 0, x_sq, 1)), np.sqrt(np.where(y_sq > 0, y_sq, 1))
+    unit = x / nx[:, None] - y / ny[:, None]
+    d = np.maximum(0.0, np.sum(unit * unit, axis=1) / 2)
+    return np.where((x_sq == 0) | (y_sq == 0), np.where(x_sq == y_sq, 0.0, 1.0), d)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "snr", "cos_dist", "kld"])
+@pytest.mark.parametrize("fmt", ["F143", "F152"])
+@pytest.mark.parametrize("case", ["conv_axis0", "matmul_last_axis", "middle_axis", "per_tensor_row"])
+def test_blocked_loss_table_equals_the_direct_losses_bit_for_bit(monkeypatch, case, fmt, loss):
+    """Small blocks, so that every path runs: blocks of rows, a row in pieces of numpy's
+    pairwise tree (per tensor), strided channels in carried pieces (the last axis)."""
+    monkeypatch.setattr(weights, "BLOCK_VALUES", 256)
+    monkeypatch.setattr(weights, "KLD_BLOCK_VALUES", 256)
+    rng = np.random.default_rng(11)
+    w, axis = {
+        "conv_axis0": (conv_like_weight(1, channels=40), 0),
+        "matmul_last_axis": (rng.standard_t(4, (300, 24)).astype(np.float32), 1),
+        "middle_axis": (rng.laplace(0, 0.1, (5, 12, 9)).astype(np.float32), 1),
+        "per_tensor_row": (conv_like_weight(2, channels=40).reshape(1, -1), 0),
+    }[case]
+    absmax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1).astype(np.float64)
+    cands = candidate_scales(absmax, fmt)
+    table = weights._channel_loss_table(w, axis, cands, get_format(fmt), loss)
+    for i, s in enumerate(cands):
+        want = direct_channel_losses(w, axis, s, fmt, loss)
+        if loss == "kld":  # one sum in another order
+            np.testing.assert_allclose(table[i], want, rtol=1e-12, atol=1e-300)
+        else:
+            np.testing.assert_array_equal(table[i], want)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_grid_rounding_of_the_search_equals_the_round_trip(fmt):
+    """The add-and-subtract rounding against ml_dtypes' cast: random float32 in [-max, max], every
+    FP8 value, the midpoints between neighbours (ties) and the floats next to them, float32
+    subnormals (checked once for every float32 in range: no difference)."""
+    f = get_format(fmt)
+    rng = np.random.default_rng(0)
+    top = int(np.float32(f.max).view(np.uint32))
+    v = representable_values(f).astype(np.float32)
+    mid = ((v[1:].astype(np.float64) + v[:-1]) / 2).astype(np.float32)
+    near = np.concatenate([np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf))])
+    y = np.concatenate([rng.integers(0, top + 1, 1_000_000, dtype=np.uint32).view(np.float32), v, mid, near,
+                        np.arange(0, 5000, dtype=np.uint32).view(np.float32)])
+    y = np.concatenate([y, -y])
+    np.testing.assert_array_equal(weights._round_to_grid(y.copy(), f), round_trip(y, f, 0))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 129, 1000, 70_001, 300_007])
+def test_pairwise_pieces_add_up_to_np_sum(n):
+    a = np.random.default_rng(n).standard_normal(n) * np.exp2(np.random.default_rng(1).integers(-30, 30, n))
+    tree = weights._pairwise_leaves(n, 1000)
+    assert weights._tree_sum(tree, [np.sum(a[p]) for p in weights._leaf_slices(tree)]) == np.sum(a)
