@@ -84,7 +84,9 @@ def linear_ops(model: onnx.ModelProto, plans: list[OpPlan]) -> list[LinearOp]:
     for plan in plans:
         if not plan.fp8 or plan.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
-        node = nodes[plan.name]
+        node = nodes.get(plan.name)
+        if node is None:  # inside an If/Loop/Scan body: its inputs are not top-level tensors; left as it is
+            continue
         weights = [q for q in plan.input("weight") if q.index == 1 and q.params is not None]
         if not weights or index.is_constant(node.input[0]):
             continue

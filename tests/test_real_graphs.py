@@ -165,3 +165,12 @@ def test_a_branch_no_calibration_sample_takes_is_kept_and_said(tmp_path, capsys)
     assert [op["name"] for op in kept] == ["If_1/else_branch/Conv_2"] and "never reaches" in kept[0]["reason"]
     assert "never reaches them" in capsys.readouterr().err
     _check_close(src, out, data)
+
+
+@pytest.mark.parametrize("flags", [("--weight_rounding", "gptaq"), ("--bias_correction",)])
+def test_weight_adjustments_leave_ops_inside_if_branches_as_they_are(tmp_path, flags):
+    """A voice-activity model has every FP8 op inside If branches: --weight_rounding gptaq and
+    --bias_correction failed there with KeyError; they now convert it (the branch ops rounded to nearest)."""
+    model, data = real_graphs.if_branches()
+    src, out = _convert(tmp_path, "if", model, data, "--quantize", "--batch_size", "6", *flags)
+    _check_close(src, out, data)
