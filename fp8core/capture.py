@@ -4,9 +4,14 @@ The float model is run in onnxruntime with every wanted activation exposed as an
 output (``make_session(..., extra_outputs=...)``); each batch's tensors are folded into :class:`fp8core.stats.TensorStats` and dropped, so
 memory does not grow with the number of samples. A tensor read by several ops is captured once.
 
-Between runs the captured tensors are folded in on every core (:func:`update_threads` threads, one
-tensor per task, largest first; numpy releases the GIL in its loops). Each tensor still sees its
-batches in order, one at a time, so the statistics are exactly those of a single-threaded capture.
+Folding a run's tensors in overlaps the next run: one thread folds run i while onnxruntime computes
+run i+1 on the other cores (:func:`onnxruntime_threads`: all but one). One fold thread, because
+``np.bincount`` holds the GIL: two fold threads were slower than one. Each tensor sees its batches
+in the same order and in the same pieces as a plain loop, so the statistics are bit for bit the
+same. On 2 CPUs (ResNet50, 50 samples, quiet machine): capture 6.0-6.6 s with onnxruntime on one
+thread and the fold on the other, 7.8-8.0 s with onnxruntime on both (they contend), 8.9-9.0 s
+folding after each run; a model with far more compute per captured value (MatMul 1024 -> 4096 ->
+1024) captures 15-25% slower on one onnxruntime thread than on two, still ~2.4x its inference.
 """
 
 from __future__ import annotations
@@ -52,16 +57,22 @@ def input_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[st
 
 RUN_SAMPLES = 2
 """Samples per onnxruntime run. Every captured tensor of a run is held at once (ResNet50: ~36 MB
-per sample, twice: onnxruntime's buffers and the numpy arrays it returns), so capture runs small
-slices of each batch; CPU throughput barely depends on it."""
+per sample; two runs while one is folded in and the next computed), so capture runs small slices
+of each batch; CPU throughput barely depends on it. The statistics' float64 rounding follows the
+arrays they are fed: changing it changes the last bits of the statistics (and the cache key does
+not know)."""
 
 
-def update_threads() -> int:
-    """Threads that fold a run's tensors into their statistics: one per CPU this process may use."""
+def usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def onnxruntime_threads() -> int:
+    """onnxruntime's threads in the capture session: every CPU but the one the fold thread uses."""
+    return max(1, usable_cpus() - 1)
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
@@ -96,11 +107,11 @@ def capture_stats(
     """
     handle = Model.of(model)
     model = handle.proto
-    options = session_options()
+    options = session_options(onnxruntime_threads())
     # The arena stays on: every run has the same shapes, so after the first run each one reuses
     # the same buffers (without it every activation was a fresh mmap, page-faulted and unmapped:
     # about a third of ResNet50's capture CPU time in onnxruntime). onnxruntime's threads do not
-    # spin between ops: the statistics threads need those cores as soon as a run returns.
+    # spin between ops: the fold thread gets the CPU whenever they wait.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     model_for_run, readable = expose_values(model, tensors)  # values inside If/Loop/Scan bodies too
@@ -109,12 +120,10 @@ def capture_stats(
     input_names = [vi.name for vi in graph_inputs(model.graph)]
     step = RUN_SAMPLES if _batch_is_dynamic(model) else batch_size
     stats = {name: TensorStats() for name in tensors}
-    positions: dict[str, list[int]] = {}
-    for i, name in enumerate(tensors):
-        positions.setdefault(name, []).append(i)
     total = -(-source.num_samples // batch_size)
     start = 0
-    pool = ThreadPoolExecutor(min(update_threads(), max(1, len(tensors))), "capture-stats")
+    folding = None  # the fold of the previous run, running while onnxruntime computes this one
+    pool = ThreadPoolExecutor(1, "capture-fold")
     try:
         for index, batch in enumerate(source.iter_batches(batch_size, input_names)):
             n = len(next(iter(batch.values())))
@@ -126,25 +135,23 @@ def capture_stats(
                         outputs = session.run(run_names, feeds)
                     except Exception:
                         raise CaptureError(_failing_sample(session, run_names, model, part, start + lo)) from None
-                    _fold_in(pool, stats, positions, outputs)
+                    if folding is not None:
+                        folding.result()  # a tensor's batches are folded in order, one at a time
+                    folding = pool.submit(_fold_in, stats, tensors, outputs)
                     del outputs
             start += n
             if progress:
                 progress(index + 1, total)
-    finally:  # on Ctrl-C or an error, the run's queued updates are dropped, not waited for
+        if folding is not None:
+            folding.result()
+    finally:  # on Ctrl-C or an error: no new fold starts, the running one ends with its run
         pool.shutdown(wait=True, cancel_futures=True)
     return stats
 
 
-def _fold_in(pool: ThreadPoolExecutor, stats: dict[str, TensorStats], positions: dict[str, list[int]],
-             outputs: list[np.ndarray]) -> None:
-    """Update each tensor's statistics with its outputs of one run, a task per tensor on the pool,
-    largest first; returns when all are done (a tensor's next batch must come after this one)."""
-
-    def fold(name: str) -> None:
-        for i in positions[name]:
-            stats[name].update(outputs[i])
-
-    order = sorted(positions, key=lambda name: -sum(outputs[i].size for i in positions[name]))
-    for future in [pool.submit(fold, name) for name in order]:
-        future.result()
+def _fold_in(stats: dict[str, TensorStats], tensors: list[str], outputs: list[np.ndarray]) -> None:
+    """Update each tensor's statistics with its output of one run, dropping each output once
+    folded in (its buffer can serve the run being computed)."""
+    for i, name in enumerate(tensors):
+        stats[name].update(outputs[i])
+        outputs[i] = None
