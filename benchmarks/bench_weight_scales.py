@@ -1,6 +1,6 @@
 """How long the real-valued FP8 weight-scale search takes on ~10M parameters, per loss.
 
-``fp8core.weight_options.real_scale_params(w, axis, ("F143", "F152"), loss)`` - the search of
+``fp8core.weight_scales.real_scale_params(w, axis, ("F143", "F152"), loss)`` - the search of
 ``--weight_granularity per_channel`` (25 candidate scales per output channel and format, then the
 format by the whole weight's loss) - on a seeded set of seven weights, 10,092,544 parameters:
 
@@ -44,8 +44,8 @@ from fp8core.formats import encode_to_dtype, get_format, round_trip
 from fp8core.losses import JointHistogram, error_sums_from_arrays, get_loss
 from fp8core.plan import RealScaleParams
 from fp8core.stats import bin_keys
-from fp8core.weight_options import _stored_scales, dequantize_real_scaled, real_scale_params
-from fp8core.weights import SCALE_STEPS, candidate_scales
+from fp8core.scale import storable
+from fp8core.weight_scales import SCALE_STEPS, candidate_scales, dequantized_weight, real_scale_params
 
 RESULTS = Path(__file__).parent / "results"
 FORMATS = ("F143", "F152")
@@ -163,11 +163,11 @@ def old_real_scale_params(w, axis, formats, loss, elem_type=onnx.TensorProto.FLO
             chosen = _old_quantize_per_channel(w32.reshape(1, -1), 0, fmt, loss)
         else:
             chosen = _old_quantize_per_channel(w32, axis, fmt, loss)
-        scales = _stored_scales(chosen, elem_type)
+        scales = storable(chosen, elem_type)
         geomean = float(np.exp2(np.mean(np.log2(scales.astype(np.float64)))))
         p = RealScaleParams(fmt, round(math.log2(geomean)), "per_tensor" if axis is None else "per_channel",
                             axis, tuple(float(s) for s in scales))
-        value = float(loss_fn(w32.reshape(-1), dequantize_real_scaled(w32, p).reshape(-1)))
+        value = float(loss_fn(w32.reshape(-1), dequantized_weight(w32, p).reshape(-1)))
         p = dataclasses.replace(p, loss=value)
         if best is None or value < best.loss:
             best = p
@@ -223,7 +223,7 @@ def measure(args) -> dict:
                          "runs": times, "cpu_seconds": cpu, "formats": [p.format for p in new]})
             print(json.dumps(rows[-1]), flush=True)
     return {
-        "benchmark": "fp8core.weight_options.real_scale_params(w, axis, ('F143', 'F152'), loss) "
+        "benchmark": "fp8core.weight_scales.real_scale_params(w, axis, ('F143', 'F152'), loss) "
                      "over a ~10M-parameter weight set",
         "weights": [{"name": n, "shape": list(w.shape), "axis": a} for n, w, a in weights],
         "parameters": int(sum(w.size for _, w, _ in weights)),

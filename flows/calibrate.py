@@ -19,7 +19,7 @@ from fp8core.model import Model
 from fp8core.capture import activations_to_capture
 from fp8core.plan import OpPlan, keep_unreached
 from fp8core.quantize_log import apply_choices, quantize_report, write_quantize_logs
-from fp8core.weight_options import choose_weight_params
+from fp8core.weight_scales import choose_weight_params
 from tasks.cache import HIT, load_cached_stats, store_stats
 from tasks.ingest import ingest_calibration_data
 from tasks.search import weight_stats

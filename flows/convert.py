@@ -19,7 +19,7 @@ from flows.quality import apply_fallback, compare_precision
 from fp8core.plan import already_quantized_note
 from fp8core.report import fp8_config
 from fp8core.staging import StagedOutputs
-from fp8core.weight_options import choose_weight_params
+from fp8core.weight_scales import choose_weight_params
 from tasks import tracking
 from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
 from tasks.evaluate import evaluate_accuracy

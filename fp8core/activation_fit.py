@@ -55,7 +55,7 @@ from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
 from fp8core.runtime import make_session, session_options
 from fp8core.weight_adjust import LinearOp, _grid, _with_changes, linear_ops
-from fp8core.weight_options import dequantized_weight
+from fp8core.weight_scales import dequantized_weight
 
 FIT_DAMP = 0.01
 MIN_ROWS_PER_FEATURE = 4

@@ -35,7 +35,7 @@ from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
 from fp8core.weight_adjust import _with_changes, linear_ops
-from fp8core.weight_options import dequantized_weight
+from fp8core.weight_scales import dequantized_weight
 
 
 def correct_mean_shift(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,

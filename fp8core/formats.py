@@ -4,16 +4,18 @@ Every format is one :class:`FP8Format` built from its primary parameters (expone
 bits, bias, how it spells infinity and NaN). Everything else - largest finite value, smallest
 normal and subnormal, the ONNX element type, the ml_dtypes dtype - is derived, never typed twice.
 
-Scale semantics (SPEC section 2): a scale is an integer ``s`` and the real value of an FP8 number
-``q`` is ``q * 2**s``. Encoding a real ``x`` is exactly ONNX ``QuantizeLinear`` with
-``y_scale = 2**s``, the FP8 zero point and ``saturate=1``:
+Scale semantics (SPEC section 2): the real value of an FP8 number ``q`` is ``q * scale``, the
+scale a :class:`fp8core.scale.Scale`: a power of two ``2**s`` (given as the integer ``s``, or
+``Scale.pow2(s)``), a real float32 multiplier, or one float32 multiplier per index along an axis.
+Encoding a real ``x`` is exactly ONNX ``QuantizeLinear`` with ``y_scale = scale`` (a scalar, or
+1-D with ``axis``), the FP8 zero point and ``saturate=1``:
 
-* ``y = x / 2**s`` computed in float32 (as onnxruntime does, so results match it bit for bit;
+* ``y = x / scale`` computed in float32 (as onnxruntime does, so results match it bit for bit;
   ``x`` is first converted to float32, exact for float16 and bfloat16);
 * rounded to the nearest FP8 value, ties to even (a value halfway between max and the next
   power-of-two step, ``max + ulp/2``, is a tie too, and saturation then takes it to max);
 * saturated: a value beyond the largest finite FP8 value becomes +-max, never inf or NaN. This
-  includes +-inf, in every format, E5M2 too, and it includes a finite ``x`` whose ``x / 2**s``
+  includes +-inf, in every format, E5M2 too, and it includes a finite ``x`` whose ``x / scale``
   overflows float32;
 * NaN (any NaN, quiet or signalling, either sign) stays NaN: 0x80 in the FNUZ formats, S.1111.111
   in E4M3FN, a top-exponent NaN in E5M2;
@@ -38,6 +40,7 @@ import numpy as np
 import onnx
 
 from fp8core.errors import FP8Error
+from fp8core.scale import MAX_SCALE, MIN_SCALE, InvalidScaleError, Scale, checked_exponent, scale_value
 
 NanStyle = Literal["fnuz", "fn", "ieee"]
 
@@ -143,16 +146,8 @@ class UnknownFormatError(FP8Error, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class InvalidScaleError(ValueError):
-    """A scale that is not an integer ``s`` with ``2**s`` a normal float32 (-126 <= s <= 127)."""
-
-
 class FormatMismatchError(TypeError):
     """FP8 data whose dtype is a different FP8 format than the one asked to decode it."""
-
-
-# 2**s must be a normal float32: ONNX stores y_scale as float32 and onnxruntime divides by it.
-MIN_SCALE, MAX_SCALE = -126, 127
 
 
 def get_format(name: str | FP8Format) -> FP8Format:
@@ -176,49 +171,41 @@ def format_for_onnx_type(elem_type: int) -> FP8Format:
     raise UnknownFormatError(f"ONNX element type {elem_type} is not an FP8 type; FP8 types: {fp8}")
 
 
-def scale_value(scale: int) -> float:
-    """The multiplier ``2**scale`` of an integer scale ``MIN_SCALE <= scale <= MAX_SCALE``."""
-    return float(np.ldexp(1.0, _checked_scale(scale)))
+def encode(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:
+    """Encode real values to FP8 bytes (uint8), ``QuantizeLinear(y_scale=scale, saturate=1)``.
 
-
-def _checked_scale(scale) -> int:
-    try:
-        s = int(scale)
-        integral = s == scale
-    except (TypeError, ValueError, OverflowError):
-        integral = False
-    if not integral or isinstance(scale, bool) or not MIN_SCALE <= s <= MAX_SCALE:
-        raise InvalidScaleError(
-            f"FP8 scale {scale!r} is not an integer in [{MIN_SCALE}, {MAX_SCALE}]; "
-            "a scale s means value = fp8 * 2**s, give s as an integer such as -3")
-    return s
-
-
-def encode(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
-    """Encode real values to FP8 bytes (uint8), ``QuantizeLinear(y_scale=2**scale, saturate=1)``.
-
-    The rules are the module's (see its docstring): ``x / 2**scale`` in float32, round to
-    nearest, ties to even, saturate to +-max (+-inf included, in every format), NaN stays NaN.
-    float16 and bfloat16 inputs are converted to float32 exactly, as onnxruntime does; float64
-    inputs (which QuantizeLinear does not take) are rounded to float32 first.
+    ``scale`` is a :class:`~fp8core.scale.Scale` (a power of two, a real multiplier, or one
+    multiplier per index along an axis) or an integer exponent ``s`` meaning ``2**s``. The rules
+    are the module's (see its docstring): ``x / scale`` in float32, round to nearest, ties to
+    even, saturate to +-max (+-inf included, in every format), NaN stays NaN. float16 and
+    bfloat16 inputs are converted to float32 exactly, as onnxruntime does; float64 inputs (which
+    QuantizeLinear does not take) are rounded to float32 first.
     """
     return encode_to_dtype(x, fmt, scale).view(np.uint8)
 
 
-def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
+def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:
     """As :func:`encode`, returning the ml_dtypes FP8 array instead of raw bytes."""
     f = get_format(fmt)
-    s = _checked_scale(scale)
     x = np.asarray(x)
+    if isinstance(scale, Scale):
+        s, m = (scale.exponent, None) if scale.is_pow2 else (None, scale.multiplier(x.ndim))
+    else:
+        s, m = checked_exponent(scale), None
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     lim = np.float32(f.max)
-    # One float32 temporary, written by the division (or the clip when s == 0) and reused in place.
-    y = np.empty(x.shape, np.float32)
-    if s:
+    if m is not None:  # a real scale: the quotient may broadcast to a larger shape than x
+        y = np.empty(np.broadcast_shapes(x.shape, np.shape(m)), np.float32)
+    else:
+        # One float32 temporary, written by the division (or the clip when s == 0) and reused in place.
+        y = np.empty(x.shape, np.float32)
+        if s:
+            m = np.float32(scale_value(s))
+    if m is not None:
         # Overflow to +-inf is fine (the clip saturates it); NaN in, NaN out, no warning needed.
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.divide(x, np.float32(scale_value(s)), out=y)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            np.divide(x, m, out=y)
         np.clip(y, -lim, lim, out=y)
     else:
         np.clip(x, -lim, lim, out=y)  # NaN passes np.clip unchanged
@@ -228,17 +215,22 @@ def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.n
         return y.astype(f.dtype)
 
 
-def decode(q: np.ndarray, fmt: str | FP8Format, scale: int = 0, dtype=np.float32) -> np.ndarray:
-    """Decode FP8 data to reals: ``q * 2**scale``, as ONNX ``DequantizeLinear(y_scale=2**scale)``.
+def decode(q: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0, dtype=np.float32) -> np.ndarray:
+    """Decode FP8 data to reals: ``q * scale``, as ONNX ``DequantizeLinear(y_scale=scale)``.
 
-    ``q`` is raw bytes (uint8/int8, read as ``fmt``) or already the format's ml_dtypes dtype; an
-    array of a different FP8 dtype raises :class:`FormatMismatchError` rather than being
-    reinterpreted. The product is exact in float32 (a power-of-two scale of an FP8 value), then
+    ``scale`` as in :func:`encode`. ``q`` is raw bytes (uint8/int8, read as ``fmt``) or already
+    the format's ml_dtypes dtype; an array of a different FP8 dtype raises
+    :class:`FormatMismatchError` rather than being reinterpreted. The product is taken in float32
+    (exact for a power-of-two scale, rounded once for a real one, as onnxruntime does), then
     rounded once to ``dtype`` (float16 overflows to +-inf beyond 65504, as onnxruntime does).
     """
     f = get_format(fmt)
-    s = _checked_scale(scale)
     q = np.asarray(q)
+    if isinstance(scale, Scale):
+        m = None if scale.exponent == 0 else scale.multiplier(q.ndim)
+    else:
+        s = checked_exponent(scale)
+        m = np.float32(scale_value(s)) if s else None
     if q.dtype in (np.uint8, np.int8):
         q = q.view(f.dtype)
     elif q.dtype != f.dtype:
@@ -247,12 +239,15 @@ def decode(q: np.ndarray, fmt: str | FP8Format, scale: int = 0, dtype=np.float32
             f"or an array of dtype {f.dtype}")
     y = q.astype(np.float32)
     with np.errstate(over="ignore"):  # large scales overflow to +-inf, as onnxruntime does
-        if s:
-            y *= np.float32(scale_value(s))
+        if m is not None:
+            if np.shape(m) == () or np.broadcast_shapes(y.shape, np.shape(m)) == y.shape:
+                y *= m
+            else:
+                y = y * m
         return y.astype(dtype, copy=False)
 
 
-def round_trip(x: np.ndarray, fmt: str | FP8Format, scale: int = 0) -> np.ndarray:
+def round_trip(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:
     """``decode(encode(x))`` in float32: what an FP8 Q/DQ pair does to ``x``."""
     return decode(encode_to_dtype(x, fmt, scale), fmt, scale)
 

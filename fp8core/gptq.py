@@ -23,17 +23,19 @@ from __future__ import annotations
 import numpy as np
 
 from fp8core.formats import round_trip
+from fp8core.scale import Scale
 
 DAMP = 0.01
 BLOCK = 128
 
 
-def fp8_grid(fmt: str, scales: np.ndarray | float) -> callable:
-    """Round rows of ``[., N]`` to nearest FP8 at ``scales`` (scalar, or one per column)."""
-    s = np.asarray(scales, np.float32)
+def fp8_grid(fmt: str, scale: Scale | np.ndarray | float) -> callable:
+    """Round rows of ``[., N]`` to nearest FP8 at ``scale``: a :class:`~fp8core.scale.Scale`, or
+    real multipliers (a scalar, or one per column as numpy broadcasts them)."""
+    scale = scale if isinstance(scale, Scale) else Scale.real(scale)
 
     def grid(rows: np.ndarray) -> np.ndarray:
-        return round_trip(np.asarray(rows, np.float32) / s, fmt, 0) * s
+        return round_trip(rows, fmt, scale)
 
     return grid
 

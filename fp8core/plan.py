@@ -24,6 +24,7 @@ from fp8core.graph import (
     tensor_elem_types,
     walk_graphs,
 )
+from fp8core.scale import Scale
 
 Precision = Literal["fp8", "fp8_weight"]
 PRECISIONS: tuple[str, ...] = ("fp8", "fp8_weight")
@@ -45,6 +46,10 @@ class QuantParams:
         """What fp8_config.json and the logs show for these params."""
         return {"format": self.format, "scale": self.scale}
 
+    def to_scale(self) -> Scale:
+        """The scale to encode and decode with: ``2**scale``."""
+        return Scale.pow2(self.scale)
+
 
 @dataclasses.dataclass(frozen=True)
 class RealScaleParams(QuantParams):
@@ -59,6 +64,12 @@ class RealScaleParams(QuantParams):
     axis: int | None = None
     scales: tuple[float, ...] = ()
     loss: float | None = dataclasses.field(default=None, compare=False)
+
+    def to_scale(self) -> Scale:
+        """The scale to encode and decode with: ``scales`` along ``axis``, or ``scales[0]``."""
+        if self.axis is None:
+            return Scale.real(self.scales[0])
+        return Scale.along(self.scales, self.axis)
 
     def describe(self) -> dict:
         s = [float(v) for v in self.scales]

@@ -15,13 +15,11 @@ import os
 from fp8core.charts import per_op_bar_chart
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
-from fp8core.rewrite import FLOAT16_SCALES
-
-FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+from fp8core.scale import fits
 
 
 def _allowed(plan: OpPlan, scale: int) -> bool:
-    return plan.elem_type != FLOAT16 or scale in FLOAT16_SCALES
+    return fits(scale, plan.elem_type)
 
 
 def _choice(plan: OpPlan, result) -> QuantParams:

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fp8core.errors import first_line
-from fp8core.formats import encode, get_format, scale_value
+from fp8core.formats import encode, get_format
 from fp8core.graph import (
     MIN_FP8_OPSET,
     GraphIndex,
@@ -40,11 +40,10 @@ from fp8core.graph import (
 from fp8core.inputs import normalize_dynamic_dims, record_batch_axes
 from fp8core.model import Model
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
-from fp8core.weight_options import encode_real_scaled, scale_initializer
+from fp8core.scale import FLOAT16_EXPONENTS, fits, scale_initializer
 
 DEFAULT_OPSET = 21
 OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gained output_dtype in opset 21
-FLOAT16_SCALES = range(-24, 16)  # 2**s representable in float16
 
 
 def target_opset(model: onnx.ModelProto, requested: int | None) -> int:
@@ -163,14 +162,14 @@ def _drop_value_info(graph: onnx.GraphProto) -> None:
                 _drop_value_info(sub)
 
 
-def _scale_tensor(name: str, scale: int, elem_type: int) -> onnx.TensorProto:
-    dtype = np.float16 if elem_type == onnx.TensorProto.FLOAT16 else np.float32
-    if dtype is np.float16 and scale not in FLOAT16_SCALES:
+def _scale_tensor(name: str, p: QuantParams, elem_type: int) -> onnx.TensorProto:
+    """The scale initializer of ``p`` in the op's float type (:mod:`fp8core.scale`'s storage rules)."""
+    if not isinstance(p, RealScaleParams) and not fits(p.scale, elem_type):
         raise ModelError(
-            f"scale {scale} is not representable in float16 (this op is float16); "
-            f"use a scale in {FLOAT16_SCALES.start}..{FLOAT16_SCALES.stop - 1}"
+            f"scale {p.scale} is not representable in float16 (this op is float16); "
+            f"use a scale in {FLOAT16_EXPONENTS.start}..{FLOAT16_EXPONENTS.stop - 1}"
         )
-    return numpy_helper.from_array(np.array(scale_value(scale), dtype=dtype), name)
+    return scale_initializer(name, p.to_scale(), elem_type)
 
 
 def _zero_point(name: str, fmt: str) -> onnx.TensorProto:
@@ -265,16 +264,17 @@ ENCODE_CHUNK_ELEMENTS = 1 << 20
 def _encode_in_chunks(value: np.ndarray, p: QuantParams, pool: ThreadPoolExecutor) -> np.ndarray:
     """``encode(value)``, element by element the same, computed in 1M-element slices on all cores
     (numpy and ml_dtypes release the GIL), each slice's float32 temporary freed as it finishes."""
-    if isinstance(p, RealScaleParams):  # per-channel / real scales: one pass
-        return encode_real_scaled(value, p)
+    scale = p.to_scale()
+    if scale.axis is not None:  # per-channel scales: one pass
+        return encode(value, p.format, scale)
     flat = np.ascontiguousarray(value).reshape(-1)
     if flat.size <= ENCODE_CHUNK_ELEMENTS:
-        return encode(value, p.format, p.scale)
+        return encode(value, p.format, scale)
     out = np.empty(flat.size, np.uint8)
 
     def one(start: int) -> None:
         stop = start + ENCODE_CHUNK_ELEMENTS
-        out[start:stop] = encode(flat[start:stop], p.format, p.scale)
+        out[start:stop] = encode(flat[start:stop], p.format, scale)
 
     list(pool.map(one, range(0, flat.size, ENCODE_CHUNK_ELEMENTS)))
     return out.reshape(value.shape)
@@ -323,13 +323,13 @@ def rewrite_to_fp8(
             data = encoded.pop((tensor, p), None)
             if data is None:
                 value = source.constant_value(tensor)
-                data = encode_real_scaled(value, p) if real else encode(value, p.format, p.scale)
+                data = encode(value, p.format, p.to_scale())
                 del value
             q_name, s_name = fresh(f"{base}_fp8"), fresh(f"{base}_scale")
             q = numpy_helper.from_array(np.asarray(data, dtype=np.uint8), q_name)
             del data
             q.data_type = get_format(p.format).onnx_type  # reinterpret the uint8 bytes as FP8
-            scale = scale_initializer(s_name, p, elem_type) if real else _scale_tensor(s_name, p.scale, elem_type)
+            scale = _scale_tensor(s_name, p, elem_type)
             new_inits.extend([q, scale])
             stored[(tensor, p)] = (q_name, s_name)
         q_name, s_name = stored[(tensor, p)]
@@ -342,7 +342,7 @@ def rewrite_to_fp8(
     def activation_qdq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
         base = f"{tensor}_{_params_suffix(p)}"
         s_name, q_out, out = fresh(f"{base}_scale"), fresh(f"{base}_q"), fresh(f"{base}_dq")
-        new_inits.append(_scale_tensor(s_name, p.scale, elem_type))
+        new_inits.append(_scale_tensor(s_name, p, elem_type))
         done[(tensor, p)] = out
         fmt = get_format(p.format)
         if use_output_dtype:

@@ -35,8 +35,8 @@ from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
 from fp8core.graph import GraphIndex, node_attr, with_initializers, without_large_initializers
 from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
-from fp8core.weight_options import dequantized_weight
-from fp8core.weights import corrected_bias
+from fp8core.scale import Scale
+from fp8core.weight_scales import WeightQuantizationError, dequantized_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +161,28 @@ def moment_requests(ops: list[LinearOp], gptq: bool, bias_correction: bool) -> d
 def _grid(op: LinearOp, groups: int):
     """Round-to-nearest FP8 grid of the op's weight as ``[G, rows, N]`` (per-channel: per column)."""
     p = op.params
-    if isinstance(p, RealScaleParams):
-        scales = np.asarray(p.scales, np.float32)
-        if p.axis is None:
-            return fp8_grid(p.format, scales[0])
-        return fp8_grid(p.format, scales.reshape(groups, 1, -1))
-    return fp8_grid(p.format, np.float32(2.0 ** p.scale))
+    if isinstance(p, RealScaleParams) and p.axis is not None:  # output channel g * N + n at [g, :, n]
+        return fp8_grid(p.format, Scale.real(np.asarray(p.scales, np.float32).reshape(groups, 1, -1)))
+    return fp8_grid(p.format, p.to_scale())
+
+
+def corrected_bias(w: np.ndarray, w_quantized: np.ndarray, bias: np.ndarray | None,
+                   input_mean: np.ndarray) -> np.ndarray:
+    """Bias correction for a ``y = x @ W + b`` layer (MatMul, or Gemm with B as ``[K, N]``).
+
+    Quantizing W shifts the layer's mean output by ``E[x] @ (Wq - W)``; the corrected bias
+    ``b - E[x] @ (Wq - W)`` makes the mean output on the calibration data what it was in float.
+    ``input_mean`` is ``E[x]`` per input feature (length K), e.g. streamed over calibration
+    batches. Conv applies it per group to the mean im2col patch (:mod:`fp8core.weight_adjust`).
+    """
+    w64 = np.asarray(w, np.float64)
+    if w64.ndim != 2 or np.shape(input_mean) != (w64.shape[0],):
+        raise WeightQuantizationError(
+            f"bias correction needs a [K, N] weight and a length-K input mean; got {list(w64.shape)} "
+            f"and {list(np.shape(input_mean))}")
+    shift = np.asarray(input_mean, np.float64) @ (np.asarray(w_quantized, np.float64) - w64)
+    b = np.zeros(w64.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return (b - shift).astype(np.float32)
 
 
 def output_error_groups(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:

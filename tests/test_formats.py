@@ -35,6 +35,7 @@ from fp8core.formats import (
     round_trip,
     scale_value,
 )
+from fp8core.scale import Scale
 
 ALL_FORMATS = list(FORMATS.values())
 SCALES = (-10, -3, 0, 3, 10)
@@ -306,6 +307,86 @@ def test_decode_every_byte_matches_onnxruntime_dequantize(f, float_type, dtype):
         bits = np.dtype(f"u{ours.itemsize}")
         same = (ours.view(bits) == theirs.view(bits)) | (np.isnan(ours) & np.isnan(theirs))
         assert same.all(), f"{f} scale {s}: {q[~same]} decode to {ours[~same]}, ORT {theirs[~same]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# real scales (a scalar, or one per index along an axis) against onnxruntime
+
+
+def _per_axis_session(op: str, f: FP8Format, float_type: int, rank: int, axis: int | None,
+                      channels: int) -> ort.InferenceSession:
+    """QuantizeLinear (saturate=1) or DequantizeLinear with a real scale input: a scalar when
+    ``axis`` is None, else 1-D of ``channels`` values along ``axis``; zero point 0 of ``f``."""
+    scale_shape = [] if axis is None else [channels]
+    data, out = ("x", "y") if op == "QuantizeLinear" else ("q", "y")
+    attrs = ({"saturate": 1} if op == "QuantizeLinear" else {}) | ({} if axis is None else {"axis": axis})
+    node = helper.make_node(op, [data, "scale", "zero_point"], [out], **attrs)
+    in_type, out_type = (float_type, f.onnx_type) if op == "QuantizeLinear" else (f.onnx_type, float_type)
+    inputs = [helper.make_tensor_value_info(data, in_type, [None] * rank),
+              helper.make_tensor_value_info("scale", float_type, scale_shape)]
+    output = helper.make_tensor_value_info(out, out_type, [None] * rank)
+    zero_point = helper.make_tensor("zero_point", f.onnx_type, scale_shape, [0.0] * (channels if scale_shape else 1))
+    return _session(node, inputs, output, zero_point, opset=21)
+
+
+def _random_data(rng, shape, dtype) -> np.ndarray:
+    """Values of every magnitude (subnormal to beyond max after scaling), both signs, and a few
+    specials: +-0, +-inf, NaN."""
+    top = 15 if dtype == np.float16 else 20  # float16 holds up to 65504
+    x = rng.choice([-1.0, 1.0], shape) * np.exp2(rng.uniform(-30, top, shape))
+    flat = x.reshape(-1)
+    flat[:5] = [0.0, -0.0, np.inf, -np.inf, np.nan]
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("float_type, dtype", [(TensorProto.FLOAT, np.float32),
+                                               (TensorProto.FLOAT16, np.float16)])
+@pytest.mark.parametrize("f", ALL_FORMATS, ids=str)
+def test_real_and_per_axis_scales_match_onnxruntime(f, float_type, dtype):
+    """encode/decode with ``Scale.real`` and ``Scale.along`` against QuantizeLinear /
+    DequantizeLinear with a float scale (scalar, and 1-D along each axis, negative included),
+    on random data and random real scales in the input's own float type."""
+    rng = np.random.default_rng(7)
+    shape = (6, 5, 40)
+    x = _random_data(rng, shape, dtype)
+    for axis in (None, 0, 1, 2, -1):
+        channels = 1 if axis is None else shape[axis]
+        scales = np.exp2(rng.uniform(-12, 4, channels)).astype(dtype)  # real, rarely a power of two
+        scale = Scale.real(scales[0]) if axis is None else Scale.along(scales, axis)
+        ort_scale = scales.reshape(()) if axis is None else scales
+        what = f"{f} {np.dtype(dtype).name} axis {axis}"
+
+        session = _per_axis_session("QuantizeLinear", f, float_type, len(shape), axis, channels)
+        ours = encode(x, f, scale)
+        theirs = _ort_quantize(session, f, x, ort_scale).reshape(shape)
+        _assert_same_fp8(ours.reshape(-1), theirs.reshape(-1), f, x.reshape(-1), what)
+
+        session = _per_axis_session("DequantizeLinear", f, float_type, len(shape), axis, channels)
+        theirs = _ort_dequantize(session, f, ours, ort_scale)
+        back = decode(ours, f, scale, dtype=dtype)
+        assert back.dtype == theirs.dtype == dtype
+        bits = np.dtype(f"u{back.itemsize}")
+        same = (back.view(bits) == theirs.view(bits)) | (np.isnan(back) & np.isnan(theirs))
+        assert same.all(), f"{what}: {back[~same][:8]} against ORT {theirs[~same][:8]}"
+        np.testing.assert_array_equal(round_trip(x, f, scale), decode(ours, f, scale))
+
+
+def test_scale_kinds_agree_where_they_mean_the_same():
+    """An int exponent, ``Scale.pow2``, a real scalar 2**s and a per-axis vector of 2**s encode
+    alike; a real scale divides in float32 (x / s, not x * (1 / s))."""
+    x = np.random.default_rng(3).standard_normal((4, 7)).astype(np.float32) * 30
+    want = encode(x, "F143", -3)
+    for scale in (Scale.pow2(-3), Scale.real(2.0**-3), Scale.along(np.full(7, 2.0**-3), 1)):
+        np.testing.assert_array_equal(encode(x, "F143", scale), want)
+        np.testing.assert_array_equal(decode(want, "F143", scale), decode(want, "F143", -3))
+    s = np.float32(0.37)
+    np.testing.assert_array_equal(encode(x, "E4M3FN", Scale.real(s)), encode(x / s, "E4M3FN"))
+    with pytest.raises(InvalidScaleError, match="not an integer"):
+        Scale.pow2(0.5)
+    with pytest.raises(InvalidScaleError, match="1-D"):
+        Scale.along(np.ones((2, 2)), 0)
+    with pytest.raises(InvalidScaleError, match="axis 3"):
+        encode(x, "F143", Scale.along(np.ones(7), 3))
 
 
 def test_saturation_rules_by_example():

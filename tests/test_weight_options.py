@@ -21,7 +21,7 @@ from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8
 from fp8core.runtime import make_session
 from fp8core.weight_adjust import adjust_weights, linear_ops, moment_requests
-from fp8core.weights import SCALE_STEPS, STEPS_PER_OCTAVE
+from fp8core.weight_scales import SCALE_STEPS, STEPS_PER_OCTAVE
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 F143_MAX = 240.0

@@ -1,4 +1,4 @@
-"""fp8core.weights: per-channel real scales equal a brute-force search per channel; onnxruntime agrees."""
+"""fp8core.weight_scales: per-channel real scales equal a brute-force search per channel; onnxruntime agrees."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from fp8core import weights
+from fp8core import weight_scales
 from fp8core.formats import FORMATS, get_format, representable_values, round_trip
 from fp8core.losses import get_loss
 from fp8core.runtime import make_session, reference_session
 from fp8core.search import search_weight
-from fp8core.weights import (
+from fp8core.scale import Scale
+from fp8core.weight_adjust import corrected_bias
+from fp8core.weight_scales import (
     SCALE_STEPS,
     STEPS_PER_OCTAVE,
     WeightQuantizationError,
     candidate_scales,
-    corrected_bias,
     dequantize_node,
     output_channel_axis,
     quantize_per_channel,
-    quantize_with_scales,
 )
 
 
@@ -148,7 +148,7 @@ def test_bias_correction_restores_the_mean_output_and_lowers_the_output_error():
 
 def direct_channel_losses(w, axis, scales, fmt, loss):
     """One candidate's loss per channel, directly: the whole weight round-tripped, its rows in float64."""
-    q = quantize_with_scales(w, scales, axis, fmt)
+    q = round_trip(w, fmt, Scale.along(scales, axis))
     x = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
     y = np.moveaxis(np.asarray(q, np.float64), axis, 0).reshape(w.shape[axis], -1)
     if loss == "kld":
@@ -174,8 +174,8 @@ def direct_channel_losses(w, axis, scales, fmt, loss):
 def test_blocked_loss_table_equals_the_direct_losses_bit_for_bit(monkeypatch, case, fmt, loss):
     """Small blocks, so that every path runs: blocks of rows, a row in pieces of numpy's
     pairwise tree (per tensor), strided channels in carried pieces (the last axis)."""
-    monkeypatch.setattr(weights, "BLOCK_VALUES", 256)
-    monkeypatch.setattr(weights, "KLD_BLOCK_VALUES", 256)
+    monkeypatch.setattr(weight_scales, "BLOCK_VALUES", 256)
+    monkeypatch.setattr(weight_scales, "KLD_BLOCK_VALUES", 256)
     rng = np.random.default_rng(11)
     w, axis = {
         "conv_axis0": (conv_like_weight(1, channels=40), 0),
@@ -185,7 +185,7 @@ def test_blocked_loss_table_equals_the_direct_losses_bit_for_bit(monkeypatch, ca
     }[case]
     absmax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1).astype(np.float64)
     cands = candidate_scales(absmax, fmt)
-    table = weights._channel_loss_table(w, axis, cands, get_format(fmt), loss)
+    table = weight_scales._channel_loss_table(w, axis, cands, get_format(fmt), loss)
     for i, s in enumerate(cands):
         want = direct_channel_losses(w, axis, s, fmt, loss)
         if loss == "kld":  # one sum in another order
@@ -208,11 +208,11 @@ def test_grid_rounding_of_the_search_equals_the_round_trip(fmt):
     y = np.concatenate([rng.integers(0, top + 1, 1_000_000, dtype=np.uint32).view(np.float32), v, mid, near,
                         np.arange(0, 5000, dtype=np.uint32).view(np.float32)])
     y = np.concatenate([y, -y])
-    np.testing.assert_array_equal(weights._round_to_grid(y.copy(), f), round_trip(y, f, 0))
+    np.testing.assert_array_equal(weight_scales._round_to_grid(y.copy(), f), round_trip(y, f, 0))
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 129, 1000, 70_001, 300_007])
 def test_pairwise_pieces_add_up_to_np_sum(n):
     a = np.random.default_rng(n).standard_normal(n) * np.exp2(np.random.default_rng(1).integers(-30, 30, n))
-    tree = weights._pairwise_leaves(n, 1000)
-    assert weights._tree_sum(tree, [np.sum(a[p]) for p in weights._leaf_slices(tree)]) == np.sum(a)
+    tree = weight_scales._pairwise_leaves(n, 1000)
+    assert weight_scales._tree_sum(tree, [np.sum(a[p]) for p in weight_scales._leaf_slices(tree)]) == np.sum(a)

@@ -1,9 +1,27 @@
-"""Per-channel FP8 weight scales (``--weight_granularity per_channel``).
+"""Weight scale choice: per tensor or per channel, powers of two or real scales.
 
-With a floating-point format, power-of-two per-channel scales only move each channel's range:
-the relative rounding grid is the same for every power of two (measured: EfficientNet-Lite0 gave
-the per-tensor accuracy). A real-valued scale moves the grid itself, so the per-channel scales
-here are real numbers, chosen per output channel by the loss among
+``--weight_granularity`` and ``--scale_kind`` (:func:`choose_weight_params`):
+
+* ``per_tensor`` with ``scale_kind pow2`` (the default): the power-of-two search of
+  :mod:`fp8core.search`; nothing here changes the plan.
+* ``per_channel``: one real scale per output channel of a Conv/MatMul/Gemm weight
+  (:func:`output_channel_axis`: Conv 0, MatMul last axis, Gemm 0 with transB=1 else 1), written
+  as ``DequantizeLinear(fp8, scales[C], axis)``.
+* ``per_tensor`` with ``scale_kind float``: the same search with the whole weight as one channel,
+  written as ``DequantizeLinear(fp8, scale)`` with a real scalar scale.
+* The format is chosen among ``formats`` by the loss of the whole weight (every channel encoded
+  with its own scale); ties go to the earlier format in ``formats``.
+* A float16 op stores its scales in float16: the chosen scales are made
+  :func:`fp8core.scale.storable` (float16's rules live there) before the weight is encoded with
+  them.
+* Activations keep the per-tensor power-of-two scales: the binned search statistics
+  (:mod:`fp8core.stats`) are binned per power of two, so a real scale's loss cannot be
+  evaluated exactly from them.
+
+Why real scales: with a floating-point format, power-of-two per-channel scales only move each
+channel's range: the relative rounding grid is the same for every power of two (measured:
+EfficientNet-Lite0 gave the per-tensor accuracy). A real-valued scale moves the grid itself, so
+the per-channel scales here are real numbers, chosen per output channel by the loss among
 
     ``scale_c = absmax_c / max_fp8 * 2^(j / STEPS_PER_OCTAVE)``  for j in ``SCALE_STEPS``
 
@@ -11,11 +29,10 @@ here are real numbers, chosen per output channel by the loss among
 smaller factors clip the few largest values for a finer grid, larger ones leave head-room).
 A channel whose values are all zero gets scale 1.
 
-Encoding is ONNX ``QuantizeLinear`` with a 1-D float scale and ``axis``: ``x / scale_c`` in
-float32, rounded to the nearest FP8 value, ties to even, saturated to +-max
-(:func:`fp8core.formats.round_trip` at scale 0); decoding is ``DequantizeLinear`` with the same
-``axis``: ``q * scale_c``. :func:`dequantize_node` writes it; onnxruntime reproduces
-:func:`PerChannelWeight.dequantized` bit for bit (tests/test_weights.py).
+Encoding is :func:`fp8core.formats.encode` with a :class:`fp8core.scale.Scale` along the
+channel axis (ONNX ``QuantizeLinear`` with a 1-D float scale and ``axis``); decoding is
+``DequantizeLinear`` with the same ``axis``: ``q * scale_c``. :func:`dequantize_node` writes it;
+onnxruntime reproduces :func:`PerChannelWeight.dequantized` bit for bit (tests/test_weights.py).
 
 Ranking per channel: smallest loss, ties (within 1e-9 relative) to the smaller ``|j|``, then the
 smaller j. ``mse``, ``mae``, ``snr`` and ``cos_dist`` are their row-wise float64 forms - the
@@ -37,18 +54,24 @@ operations instead of a cast to FP8 and back. The chosen scales are encoded with
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fp8core.formats import FP8Format, encode_to_dtype, get_format, round_trip
+from fp8core.formats import FP8Format, decode, encode_to_dtype, get_format, round_trip
+from fp8core.graph import node_attr
 from fp8core.losses import KldRows, get_loss
+from fp8core.model import Model
+from fp8core.plan import OpPlan, QuantParams, RealScaleParams
+from fp8core.scale import Scale, scale_initializer, storable
 
 STEPS_PER_OCTAVE = 8
 SCALE_STEPS = range(-16, 9)  # factors 2^-2 .. 2^1 around absmax / max
 VECTORISED_LOSSES = ("mse", "mae", "snr", "cos_dist")
 GRANULARITIES = ("per_tensor", "per_channel")
+SCALE_KINDS = ("pow2", "float")
 BLOCK_VALUES = 1 << 16
 """Values per block of the mse/mae/snr/cos_dist search: its float64 buffers (512 KiB, allocated
 once per block, under the CLI's 1 MiB mmap threshold) stay in cache while every candidate is
@@ -74,9 +97,13 @@ class PerChannelWeight:
     losses: np.ndarray  # the chosen loss per channel
     fp8: np.ndarray  # the FP8 values as ml_dtypes, same shape as the weight
 
+    @property
+    def scale(self) -> Scale:
+        return Scale.along(self.scales, self.axis)
+
     def dequantized(self) -> np.ndarray:
         """``DequantizeLinear(fp8, scales, axis)`` in float32."""
-        return self.fp8.astype(np.float32) * _along(self.scales, self.axis, self.fp8.ndim)
+        return decode(self.fp8, self.format, self.scale)
 
 
 def output_channel_axis(op_type: str, weight_rank: int, trans_b: int = 0) -> int:
@@ -92,19 +119,6 @@ def output_channel_axis(op_type: str, weight_rank: int, trans_b: int = 0) -> int
     if op_type == "MatMul":
         return weight_rank - 1
     raise WeightQuantizationError(f"{op_type} has no FP8 weight; per-channel scales apply to Conv, MatMul, Gemm")
-
-
-def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(v).reshape(shape)
-
-
-def quantize_with_scales(w: np.ndarray, scales: np.ndarray, axis: int, fmt: str) -> np.ndarray:
-    """Round trip of ``w`` with one real scale per channel: ``round(w / s_c) * s_c`` in float32."""
-    w32 = np.asarray(w, dtype=np.float32)
-    s = _along(np.asarray(scales, np.float32), axis, w32.ndim)
-    return round_trip(w32 / s, fmt, 0) * s
 
 
 def _round_to_grid(y: np.ndarray, f: FP8Format) -> np.ndarray:
@@ -126,7 +140,7 @@ def _round_to_grid(y: np.ndarray, f: FP8Format) -> np.ndarray:
 
 
 def _scaled_round_trip(x32: np.ndarray, s: np.ndarray, f: FP8Format, out: np.ndarray) -> np.ndarray:
-    """``round_trip(x / s) * s`` in float32 (:func:`quantize_with_scales`), into ``out``."""
+    """``round_trip(x, f, Scale.real(s))`` in float32, into ``out`` (:func:`_round_to_grid`)."""
     lim = np.float32(f.max)
     np.divide(x32, s, out=out)
     np.clip(out, -lim, lim, out=out)
@@ -351,7 +365,7 @@ def _kld_loss_table(rows: np.ndarray, cands: np.ndarray, f: FP8Format) -> np.nda
         mags = kr.magnitudes
 
         def round_trip_of(v):  # v: one magnitude per candidate and channel
-            return round_trip(v / s, f, 0) * s
+            return round_trip(v, f, Scale.real(s))
         top_q = round_trip_of(mags[:, -1])  # max |q|: the round trip of max |x|
         n_sat = n - _count_leading(mags, top_q, lambda v: v <= top_q)
         zero_below = half_smallest * s  # about where q becomes nonzero
@@ -360,7 +374,7 @@ def _kld_loss_table(rows: np.ndarray, cands: np.ndarray, f: FP8Format) -> np.nda
         for c in np.flatnonzero(np.any(s == 0, axis=0)):
             x = x32[c]
             for i in range(len(cands)):
-                table[i, r0 + c] = kld(x, round_trip(x / s[i, c], f, 0) * s[i, c])
+                table[i, r0 + c] = kld(x, round_trip(x, f, Scale.real(s[i, c])))
     return table
 
 
@@ -411,37 +425,95 @@ def quantize_per_channel(w: np.ndarray, axis: int, fmt: str = "F143", loss: str 
         best = np.where(better, i, best)
     channels = np.arange(best.size)
     scales = cands[best, channels]
-    fp8 = encode_to_dtype(np.asarray(w, np.float32) / _along(scales, axis, w.ndim), fmt, 0)
+    fp8 = encode_to_dtype(w, fmt, Scale.along(scales, axis))
     return PerChannelWeight(fmt, axis, scales, np.asarray(steps)[best], table[best, channels], fp8)
 
 
 def dequantize_node(weight: PerChannelWeight, base: str, elem_type: int = onnx.TensorProto.FLOAT
                     ) -> tuple[list[onnx.TensorProto], onnx.NodeProto, str]:
     """Initializers (FP8 weight, 1-D scale) and the ``DequantizeLinear(axis)`` node; its output name."""
-    dtype = np.float16 if elem_type == onnx.TensorProto.FLOAT16 else np.float32
     q = numpy_helper.from_array(weight.fp8.view(np.uint8), f"{base}_fp8")
     q.data_type = get_format(weight.format).onnx_type  # the bytes are FP8
-    s = numpy_helper.from_array(weight.scales.astype(dtype), f"{base}_scale")
+    s = scale_initializer(f"{base}_scale", weight.scale, elem_type)
     out = f"{base}_dq"
     node = helper.make_node("DequantizeLinear", [q.name, s.name], [out], name=f"{base}_DequantizeLinear",
                             axis=weight.axis)
     return [q, s], node, out
 
 
-def corrected_bias(w: np.ndarray, w_quantized: np.ndarray, bias: np.ndarray | None,
-                   input_mean: np.ndarray) -> np.ndarray:
-    """Bias correction for a ``y = x @ W + b`` layer (MatMul, or Gemm with B as ``[K, N]``).
+# --- the plan's weights: which scales, in which format -----------------------------------------
 
-    Quantizing W shifts the layer's mean output by ``E[x] @ (Wq - W)``; the corrected bias
-    ``b - E[x] @ (Wq - W)`` makes the mean output on the calibration data what it was in float.
-    ``input_mean`` is ``E[x]`` per input feature (length K), e.g. streamed over calibration
-    batches. Conv applies it per group to the mean im2col patch (:mod:`fp8core.weight_adjust`).
+def uses_real_scales(granularity: str, scale_kind: str) -> bool:
+    """Whether weights get :class:`RealScaleParams` (anything but PopRT's per-tensor power of two)."""
+    if granularity not in GRANULARITIES:
+        raise WeightQuantizationError(f"weight granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
+    if scale_kind not in SCALE_KINDS:
+        raise WeightQuantizationError(f"scale kind {scale_kind!r}: use one of {', '.join(SCALE_KINDS)}")
+    return granularity == "per_channel" or scale_kind == "float"
+
+
+def dequantized_weight(w: np.ndarray, p: QuantParams) -> np.ndarray:
+    """The weight as the FP8 model computes with it (power-of-two or real scales), float32."""
+    return round_trip(w, p.format, p.to_scale())
+
+
+def real_scale_params(w: np.ndarray, axis: int | None, formats: list[str] | tuple[str, ...], loss: str,
+                      elem_type: int = onnx.TensorProto.FLOAT) -> RealScaleParams:
+    """Search the real scale(s) of one weight (module docstring): per channel along ``axis``, or
+    one scale for the whole weight when ``axis`` is None."""
+    w32 = np.asarray(w, np.float32)
+    loss_fn = get_loss(loss)
+    best: RealScaleParams | None = None
+    for fmt in formats:
+        fmt = get_format(fmt).name
+        if axis is None:
+            chosen = quantize_per_channel(w32.reshape(1, -1), 0, fmt, loss)
+        else:
+            chosen = quantize_per_channel(w32, axis, fmt, loss)
+        scales = storable(chosen.scales, elem_type)
+        geomean = float(np.exp2(np.mean(np.log2(scales.astype(np.float64)))))
+        p = RealScaleParams(fmt, round(math.log2(geomean)), "per_tensor" if axis is None else "per_channel",
+                            axis, tuple(float(s) for s in scales))
+        if np.array_equal(scales, chosen.scales):  # the search encoded w with these scales already
+            dequantized = chosen.dequantized()
+        else:
+            dequantized = dequantized_weight(w32, p)
+        value = float(loss_fn(w32.reshape(-1), dequantized.reshape(-1)))
+        p = dataclasses.replace(p, loss=value)
+        if best is None or value < best.loss:
+            best = p
+    return best
+
+
+def weight_axis(node: onnx.NodeProto, weight_rank: int) -> int:
+    """The output-channel axis of ``node``'s weight (Gemm reads its transB)."""
+    trans_b = node_attr(node, "transB", 0)
+    return output_channel_axis(node.op_type, weight_rank, trans_b)
+
+
+def choose_weight_params(model: Model | onnx.ModelProto, plans: list[OpPlan], granularity: str, scale_kind: str,
+                         formats: list[str] | tuple[str, ...], loss: str) -> list[OpPlan]:
+    """Copies of ``plans`` whose FP8 weights carry real scales (unchanged for per_tensor pow2).
+
+    A weight read by several FP8 ops is searched once per distinct (tensor, axis).
     """
-    w64 = np.asarray(w, np.float64)
-    if w64.ndim != 2 or np.shape(input_mean) != (w64.shape[0],):
-        raise WeightQuantizationError(
-            f"bias correction needs a [K, N] weight and a length-K input mean; got {list(w64.shape)} "
-            f"and {list(np.shape(input_mean))}")
-    shift = np.asarray(input_mean, np.float64) @ (np.asarray(w_quantized, np.float64) - w64)
-    b = np.zeros(w64.shape[1]) if bias is None else np.asarray(bias, np.float64)
-    return (b - shift).astype(np.float32)
+    if not uses_real_scales(granularity, scale_kind):
+        return plans
+    index = Model.of(model).index()
+    nodes = {n.name: n for n in model.graph.node}
+    found: dict[tuple[str, int | None, int], RealScaleParams] = {}
+    out = []
+    for plan in plans:
+        plan = dataclasses.replace(plan, inputs=[dataclasses.replace(q) for q in plan.inputs])
+        if plan.fp8:
+            for q in plan.input("weight"):
+                if q.params is None:
+                    continue
+                value = index.constant_value(q.tensor)
+                axis = weight_axis(nodes[plan.name], value.ndim) if granularity == "per_channel" else None
+                key = (q.tensor, axis, plan.elem_type)
+                if key not in found:
+                    found[key] = real_scale_params(value, axis, formats, loss, plan.elem_type)
+                q.params = found[key]
+        out.append(plan)
+    return out
