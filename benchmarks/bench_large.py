@@ -5,10 +5,10 @@ residual Adds, Relu), generated straight into an external data file in /tmp (nev
 in memory). Each conversion runs in a fresh subprocess; peak RSS is that child's
 ``ru_maxrss``. Two ways are measured:
 
-* ``engine``: fp8core as the large-model path uses it - ``load_model(load_weights=False)``,
-  ``encode_weights`` one weight at a time from the data file, ``rewrite_to_fp8``,
-  ``save_model_atomic(external_data="auto", check=validate_fp8_model)`` (checker on the path +
-  one onnxruntime run);
+* ``engine``: the library pipeline (``fp8core.pipeline``) as the CLI runs it, without Prefect or
+  MLflow - ``load`` (weights left in the data file; one run on generated inputs), ``plan``,
+  ``to_fp8``: encode one weight at a time from the data file, rewrite, save with
+  ``external_data="auto"``, validated (checker on the path + one onnxruntime run);
 * ``cli``: ``fp8-convert`` (the Prefect flow, MLflow), as a user runs it today.
 
 Targets (issue 5): >= 150 MB of FP32 weights per second, peak RSS <= 1.5 x the FP32 model size.
@@ -91,25 +91,22 @@ def generate(path: Path, gigabytes: float, seed: int = 0) -> int:
 ENGINE = """
 import json, sys, time
 t0 = time.perf_counter()
-from fp8core.model import Model
-from fp8core.modelio import validate_fp8_model
-from fp8core.plan import QuantParams, plan_fp8_ops
-from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, target_opset
+from fp8core import pipeline
+from fp8core.plan import QuantParams
 src, out = sys.argv[1], sys.argv[2]
 import resource
 seconds, peak_gb = {}, {}
-def stage(name, t):
-    seconds[name] = round(time.perf_counter() - t, 3)
+def stage(name, t, parts=None):
+    seconds.update(parts or {name: round(time.perf_counter() - t, 3)})
     peak_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)  # peak so far
     return time.perf_counter()
 t = time.perf_counter()
-model = Model.load(src, load_weights=False); t = stage("load", t)
-prepared = model.derive(prepare_model(model.proto, target_opset(model.proto, None))); t = stage("prepare", t)
-plans = plan_fp8_ops(prepared.proto, "fp8", [], QuantParams("F143", -3), QuantParams("F143", -3)); t = stage("plan", t)
-encoded = encode_weights(prepared, plans); t = stage("encode", t)
-fp8 = prepared.derive(rewrite_to_fp8(prepared, plans, encoded)); t = stage("rewrite", t)
-size = fp8.save(out, external_data="auto", check=validate_fp8_model, release=True); t = stage("save_validate", t)
-print(json.dumps({"seconds": seconds, "peak_gb_after": peak_gb, "bytes_after": size}))
+loaded = pipeline.load(src, pipeline.LoadConfig(stream_weights=True)); t = stage("load", t)
+plans = pipeline.plan(loaded.model, pipeline.PlanConfig("fp8", (), QuantParams("F143", -3), QuantParams("F143", -3))).plans
+t = stage("plan", t)
+converted = pipeline.to_fp8(loaded, plans, pipeline.ToFP8Config(out, "auto", keep_model=False))
+t = stage("save", t, {k: round(v, 3) for k, v in converted.seconds.items()})  # encode, rewrite, save (validated)
+print(json.dumps({"seconds": seconds, "peak_gb_after": peak_gb, "bytes_after": converted.bytes_after}))
 """
 
 

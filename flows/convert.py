@@ -1,48 +1,38 @@
-"""The ``fp8-convert`` flow: load model -> [ingest -> capture -> search] -> [fallback] -> convert -> [compare] -> record.
+"""The ``fp8-convert`` flow: load -> plan -> [ingest -> calibrate -> weight scales] -> [fallback]
+-> [adjust weights] -> to FP8 -> [compare] -> [evaluate] -> record.
 
-Read top to bottom, it is the pipeline. Numerics live in fp8core, steps in tasks/, MLflow in
-tasks/tracking.py; this file only chains them.
+Read top to bottom, it is the pipeline: each stage (fp8core/pipeline.py) runs as a task (tasks/)
+and returns a typed result that ``record.stage`` writes to MLflow (tasks/tracking.py); this file
+only chains them. ``fp8core.pipeline.convert`` is the same chain without Prefect or MLflow.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import time
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.calibrate import calibrate, ignored_fp8_params_note
 from flows.errors import failed_state, is_user_error, one_line, quiet_user_error_tracebacks
-from tasks.params import ConvertParams
-from flows.quality import apply_fallback, compare_precision
-from fp8core.plan import already_quantized_note
-from fp8core.report import fp8_config
+from fp8core.pipeline import (AdjustConfig, CompareConfig, Conversion, EvaluateConfig, FallbackConfig, IngestConfig,
+                              LoadConfig, PlanConfig, StageResult, ToFP8Config, WeightScaleConfig)
 from fp8core.staging import StagedOutputs
-from fp8core.weight_scales import choose_weight_params
 from tasks import tracking
-from tasks.convert_graph import encode_weights, rewrite_graph, validate_and_save
+from tasks.compare import precision_compare
+from tasks.convert_graph import convert_to_fp8
 from tasks.evaluate import evaluate_accuracy
-from tasks.load_model import load_model, read_written_model
+from tasks.fallback import keep_in_original_precision
+from tasks.ingest import ingest_calibration_data
+from tasks.load_model import load_model
+from tasks.params import ConvertParams
 from tasks.plan_ops import plan_ops
+from tasks.search import choose_weight_scales, write_search_report
+from tasks.weight_adjust import adjusted_weights
 
 
 quiet_user_error_tracebacks()
-
-
-class Stopwatch:
-    """Seconds per pipeline stage, in the order the stages ran."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 @flow(name="fp8-convert", log_prints=False)
@@ -59,98 +49,53 @@ def fp8_convert(params: ConvertParams, verbose: int = 0) -> dict:
 
 def convert(params: ConvertParams, verbose: int) -> dict:
     """The pipeline, inside the flow run."""
-    eval_data = params.eval_data
-    log = get_run_logger()
-    clock = Stopwatch()
-    run_name = run_title(params)
+    conversion = Conversion()
     # logs are staged and appear only if the run succeeds; the MLflow run records either outcome
-    with StagedOutputs(params.logs_dir) as staging, tracking.conversion_run(params, run_name, verbose) as record:
+    with StagedOutputs(params.logs_dir) as staging, tracking.conversion_run(params, run_title(params), verbose) as record:
         record.tags({"prefect_flow_run_id": str(flow_run.get_id() or ""), "mode": "quantize" if params.quantize else "fast"})
 
-        with clock.stage("load"):
-            loaded = load_model(params.input_model, params.input_shape, params.convert_version,
-                                stream_weights=weights_can_stay_on_disk(params), batch_axes=params.input_batch_axis)
-        record.tags({"input_model_sha256": loaded.sha256, "input_opset": loaded.source_opset})
+        def done(result: StageResult):
+            """A stage's result: recorded in the MLflow run, told to the user, added to the summary."""
+            record.stage(result)
+            tell_user(result.notes)
+            return conversion.add(result)
+
+        loaded = done(load_model(params.input_model, LoadConfig.of(params)))
         params = params.with_batch_size(loaded.model.proto)
-        tell_user(loaded.notes)
-
-        with clock.stage("plan"):
-            plans = plan_ops(loaded.model.proto, params)
-        tell_user([note for note in [already_quantized_note(loaded.model.proto, plans)] if note])
-
+        model = loaded.model
+        plans = done(plan_ops(model, PlanConfig.of(params))).plans
+        best_loss, source, moments = {}, None, None
         if params.quantize:
-            from flows.calibrate import calibrate
-
-            plans, quantize_logs = calibrate(loaded.model, plans, params, record, clock, staging.path)
-        else:
-            quantize_logs = {}
-            # fast mode: the weights are known, so real scales (per_channel / float) are searched
-            # on them by mse in the --fp8_params weight format
-            plans = choose_weight_params(loaded.model, plans, params.weight_granularity, params.scale_kind,
-                                         [params.fp8_params.weight_format], "mse")
-
-        fallback = {}
-        if params.num_of_layers_keep_fp16 or params.accuracy_target or params.keeps_dominant_ops:
-            with clock.stage("fallback"):
-                plans, fallback = apply_fallback(loaded.model, plans, params, quantize_logs.get("best_loss", {}), record,
-                                                 staging.path)
-
-        to_encode, weight_adjust = loaded.model, []
-        if params.weight_rounding != "nearest" or params.bias_correction:
-            from flows.weight_adjust import adjusted_model
-
-            with clock.stage("adjust_weights"):
-                to_encode, weight_adjust = adjusted_model(loaded.model, plans, params, record)
-        with clock.stage("encode"):
-            encoded = encode_weights(to_encode, plans)
-        with clock.stage("rewrite"):
-            fp8_model = rewrite_graph(to_encode, plans, encoded)
-        del to_encode, encoded
-        with clock.stage("save"):
-            streamed = loaded.model.weights_dir is not None  # then nothing below needs the FP8 model's weights
-            bytes_after, agreement = validate_and_save(fp8_model, params.output_model, params.external_data,
-                                                       release=streamed,
-                                                       feeds=validation_reference(loaded, params))
-
-        config = fp8_config(plans, loaded.opset)
-        result = {
-            "output_model": os.path.abspath(params.output_model),
-            "fp8_ops": config["fp8_ops"],
-            "skipped_ops": config["skipped_ops"],
-            "opset": loaded.opset,
-            "bytes_before": loaded.bytes,
-            "bytes_after": bytes_after,
-            "mlflow_run_id": record.run_id,
-            "mlflow_uri": tracking.tracking_uri(params.mlflow_tracking_uri),
-            "agreement": agreement,
-            "notes": loaded.notes,
-            **quantize_logs,
-            **fallback,
-            **({"weight_adjust": weight_adjust} if weight_adjust else {}),
-        }
-        if streamed and (params.precision_compare or eval_data):  # its weights were released once written
-            fp8_model = read_written_model(params.output_model)  # FP8: a quarter of the float weights
+            tell_user(ignored_fp8_params_note(params))
+            source = done(ingest_calibration_data(model, IngestConfig.of(params))).source
+            calibrated = done(calibrate(model, plans, source, params))  # capture and search mapped (flows/calibrate.py)
+            plans = done(choose_weight_scales(model, calibrated.plans, WeightScaleConfig.of(params))).plans
+            best_loss = done(write_search_report(calibrated, plans, staging.path)).best_loss
+            moments = calibrated.gptq_moments
+            del calibrated
+        else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
+            plans = choose_weight_scales(model, plans, WeightScaleConfig.of(params)).plans
+        if FallbackConfig.of(params).needed:
+            plans = done(keep_in_original_precision(model, plans, FallbackConfig.of(params), best_loss,
+                                                    staging.path)).plans
+        weights = None
+        if AdjustConfig.of(params).needed:
+            weights = done(adjusted_weights(model, plans, source, AdjustConfig.of(params), moments)).model
+        converted = done(convert_to_fp8(loaded, plans, ToFP8Config.of(params), weights))
+        del weights
         if params.precision_compare:
-            with clock.stage("compare"):
-                result.update(compare_precision(loaded.model, fp8_model, plans, params, record, staging.path))
-        if eval_data:
-            with clock.stage("evaluate"):
-                result["evaluation"] = evaluate_accuracy(loaded.model, fp8_model, eval_data)
-        result["seconds"] = dict(clock.seconds)
+            done(precision_compare(model, converted.model, plans, CompareConfig.of(params), staging.path,
+                                   show_progress=True))
+        if params.eval_data:
+            done(evaluate_accuracy(model, converted.model, EvaluateConfig.of(params)))
 
-        record.metrics({
-            "fp8_op_count": result["fp8_ops"],
-            "skipped_op_count": result["skipped_ops"],
-            "model_bytes_before": result["bytes_before"],
-            "model_bytes_after": result["bytes_after"],
-            **{f"seconds_{k}": v for k, v in clock.seconds.items()},
-            **{f"eval_{k}": v for k, v in result.get("evaluation", {}).items()},
-            **agreement,
-        })
-        record.json_artifact(config, "fp8_config.json")
+        result = {**conversion.result(), "mlflow_run_id": record.run_id,
+                  "mlflow_uri": tracking.tracking_uri(params.mlflow_tracking_uri)}
+        record.metrics({f"seconds_{k}": v for k, v in result["seconds"].items()})
         result["registered_model_version"] = register_if_accurate(record, params, result)
         publish_prefect_artifacts(record, params, result, plans)
-        log.info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"], result["skipped_ops"])
+        get_run_logger().info("FP8 model: %s (%d FP8 ops, %d kept)", result["output_model"], result["fp8_ops"],
+                              result["skipped_ops"])
         return staging.final_path(result)
 
 
@@ -174,32 +119,11 @@ def run_title(params: ConvertParams) -> str:
     return " ".join(parts)
 
 
-def tell_user(notes: list[str]) -> None:
-    """What was repaired or assumed about the input model: one line each, shown even when quiet."""
-    import logging
-
+def tell_user(notes) -> None:
+    """What was repaired, assumed or left out: one line each, shown even when quiet."""
     for note in notes:
         get_run_logger().warning(note)
         logging.getLogger("fp8").warning(note)
-
-
-def validation_reference(loaded, params: ConvertParams):
-    """Inputs the written FP8 model is validated on: the first calibration samples when there are
-    some (real shapes, real values), else the generated inputs the input model ran on."""
-    if params.data_preprocess:
-        from fp8core.calibration import open_dataset
-        from fp8core.validation import calibration_reference
-
-        return calibration_reference(loaded.model, open_dataset(params.data_preprocess), params.batch_size)
-    return loaded.reference
-
-
-def weights_can_stay_on_disk(params: ConvertParams) -> bool:
-    """Every step asked for reads external weights from their data files (search and encoding one
-    weight at a time; capture, evaluation, comparison and fallback trials through onnxruntime):
-    then large external weights are never loaded. GPTQ / bias correction write new float weights,
-    so they need them in memory."""
-    return not (params.weight_rounding != "nearest" or params.bias_correction)
 
 
 def register_if_accurate(record, params: ConvertParams, result: dict) -> str | None:

@@ -106,6 +106,21 @@ class Recorder:
                 json.dump(obj, f, indent=2, sort_keys=True)
             self.client.log_artifact(self.run_id, p, folder)
 
+    def stage(self, result) -> None:
+        """What a pipeline stage says a run keeps (fp8core.pipeline.StageResult): its tags, its
+        metrics (and those logged at a step), its files and JSON documents."""
+        if result.tags:
+            self.tags(dict(result.tags))
+        if result.metrics:
+            self.metrics(dict(result.metrics))
+        for step, metrics in result.steps:
+            self.metrics(dict(metrics), step=step)
+        for artifact in result.artifacts:
+            if artifact.path is not None:
+                self.artifact(artifact.path)
+            else:
+                self.json_artifact(artifact.data, artifact.name)
+
     def figure(self, fig, name: str) -> None:
         self.client.log_figure(self.run_id, fig, name)
 

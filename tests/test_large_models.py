@@ -19,11 +19,11 @@ import onnx
 import pytest
 
 import fp8core.modelio as modelio
+from fp8core import pipeline
 from fp8core.graph import ModelError, external_tensors, load_model
-from fp8core.model import Model
 from fp8core.modelio import OutputError, save_model_atomic, validate_fp8_model, wants_external_data
 from fp8core.plan import QuantParams, plan_fp8_ops
-from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8, target_opset
+from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8
 from fp8core.runtime import make_session
 from models import cnn, matmul_chain
 
@@ -35,15 +35,17 @@ def _save_external(model: onnx.ModelProto, path) -> None:
 
 
 def _convert(path, load_weights=True, external_data="never", out=None):
-    model = Model.load(path, load_weights=load_weights)
-    prepared = model.derive(prepare_model(model.proto, target_opset(model.proto, None)))
-    plans = plan_fp8_ops(prepared.proto, "fp8", [], P, P)
-    encoded = encode_weights(prepared, plans)
-    fp8 = prepared.derive(rewrite_to_fp8(prepared, plans, encoded))
-    assert not encoded, "rewrite consumes the encoded weights (held once)"
+    """Fast mode through the library pipeline (fp8core.pipeline, as the CLI runs it): load (weights
+    left on disk unless ``load_weights``), plan, then to_fp8 into ``out`` (encode, rewrite,
+    validate, save). Without ``out``: the FP8 model in memory."""
+    loaded = pipeline.load(str(path), pipeline.LoadConfig(stream_weights=not load_weights))
+    plans = pipeline.plan(loaded.model, pipeline.PlanConfig("fp8", (), P, P)).plans
     if out is not None:
-        fp8.save(str(out), external_data=external_data, check=validate_fp8_model)
-    return fp8.proto
+        return pipeline.to_fp8(loaded, plans, pipeline.ToFP8Config(str(out), external_data, keep_model=False))
+    encoded = encode_weights(loaded.model, plans)
+    fp8 = rewrite_to_fp8(loaded.model, plans, encoded)
+    assert not encoded, "rewrite consumes the encoded weights (held once)"
+    return fp8
 
 
 @pytest.fixture
@@ -321,8 +323,9 @@ def _save_inline_and_external(tmp_path, seed: int = 0):
 
 
 def _spy_on_model_loads(monkeypatch, with_name: bool = False) -> list:
-    """Record every load the load-model task makes: whether it read the weights (and which file)."""
-    import tasks.load_model as load_task
+    """Record every load the pipeline makes (fp8core.pipeline: the input model, the written FP8
+    model read back): whether it read the weights (and which file)."""
+    import fp8core.pipeline as load_task
 
     loads = []
     real_load = load_task._load

@@ -1,0 +1,13 @@
+"""Task: GPTQ / gptaq weights and bias correction on the calibration data (fp8core.pipeline.adjust_weights)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from fp8core.pipeline import AdjustConfig, Adjusted, adjust_weights
+
+
+@task(name="adjust-weights", cache_policy=NONE)
+def adjusted_weights(model, plans: list, source, config: AdjustConfig, moments: dict | None = None) -> Adjusted:
+    return adjust_weights(model, plans, source, config, moments, get_run_logger())
