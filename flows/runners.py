@@ -59,13 +59,14 @@ def _shards(params: ConvertParams) -> int:
     return workers(params) if uses_dask(params) else 1
 
 
-def capture_shards(model, tensors: list[str], source, params: ConvertParams, runner) -> dict[str, TensorStats]:
-    """Capture on n disjoint shards of the batches (mapped), then merge the statistics."""
+def capture_shards(model, tensors: list[str], source, params: ConvertParams, runner, also=()) -> dict[str, TensorStats]:
+    """Capture on n disjoint shards of the batches (mapped), then merge the statistics. ``also``:
+    accumulators fed by the same pass when it is one (not sharded); sharded, they are left unfed."""
     n = _shards(params)
     if not tensors:
         return {}
     if n == 1:
-        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True)
+        return capture_activations(model, tensors, source, params.batch_size, None, show_progress=True, also=also)
     futures = runner.map(capture_activations, {
         "model": unmapped(model), "tensors": unmapped(tensors), "source": unmapped(source),
         "batch_size": unmapped(params.batch_size), "shard": [(i, n) for i in range(n)]})

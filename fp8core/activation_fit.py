@@ -45,15 +45,12 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
-from fp8core.compare import sample_batches
-from fp8core.errors import first_line
-from fp8core.capture import CaptureError
-from fp8core.feature_moments import Rows
+from fp8core.feature_moments import Rows, moment_options
 from fp8core.gptq import gptq_round_groups
 from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
-from fp8core.runtime import make_session, session_options
+from fp8core.stream import Tap, stream
 from fp8core.weight_adjust import LinearOp, _grid, _with_changes, linear_ops
 from fp8core.weight_scales import dequantized_weight
 
@@ -130,20 +127,12 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     runs = [(fp8_model, list(dict.fromkeys(fp8_tensors + (float_tensors if float_model is None else []))))]
     if float_model is not None:
         runs.append((float_model, float_tensors))
-    sessions = []
-    for model, tensors in runs:
-        options = session_options()
-        options.enable_cpu_mem_arena = False  # activations of each batch go back to the OS
-        sessions.append((make_session(model, options, extra_outputs=tensors), tensors))
+    taps = [Tap(model, tensors, moment_options(), label=label)
+            for (model, tensors), label in zip(runs, ("the FP8 model", "the original model"))]
     moments = {op.name: PairedMoments() for op in ops}
-    for start, feeds in sample_batches(source, fp8_model, batch_size):
-        try:
-            ys = dict(zip(sessions[0][1], sessions[0][0].run(sessions[0][1], feeds)))
-            xs = ys if float_model is None else dict(zip(float_tensors, sessions[1][0].run(float_tensors, feeds)))
-        except Exception as exc:
-            n = len(next(iter(feeds.values())))
-            raise CaptureError(f"onnxruntime failed on calibration samples {start}..{start + n - 1}: "
-                               f"{first_line(exc)}") from None
+    for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None):
+        ys = batch.values
+        xs = ys if float_model is None else batch.paired
         for op in ops:
             fp8_rows = dataclasses.replace(op.rows, tensor=reads[op.name])
             for x, y in zip(op.rows.groups_of(xs[op.input], ROWS_PER_PIECE, np.float32),

@@ -1,7 +1,7 @@
 """Precision comparison (SPEC section 6): where does the FP8 model depart from the original?
 
-The original and the FP8 model are run on the same samples, batch by batch, both through
-:func:`fp8core.runtime.make_session`, with the output tensor of every FP8 op exposed as an extra
+The original and the FP8 model are run on the same samples, batch by batch, in one stream
+(:func:`fp8core.stream.stream` with ``paired=``), with the output tensor of every FP8 op exposed as an extra
 graph output (the rewrite keeps an FP8 op's output name, so the same name is read from both
 models). Each batch is folded into per-tensor accumulators and dropped: memory does not grow with
 the number of samples.
@@ -51,23 +51,22 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import onnx
 
-from fp8core.errors import FP8Error, first_line
+from fp8core.errors import FP8Error
 from fp8core.calibration import CalibrationSource
 from fp8core.charts import per_op_bar_chart
-from fp8core.capture import input_feeds
 from fp8core.graph import GraphIndex, graph_inputs
 from fp8core.model import Model
 from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
 from fp8core.plan import OpPlan
-from fp8core.runtime import make_session
 from fp8core.stats import Moments
+from fp8core.stream import Tap, accumulate, stream
 
 HISTOGRAM_BINS = 32
 FIRST_BATCH_MARGIN = 0.5  # "first_batch" range: widened by this fraction of its width per side
@@ -361,44 +360,35 @@ def comparison_targets(float_model: onnx.ModelProto, plans: list[OpPlan]) -> lis
     return rows
 
 
-def sample_batches(
-    source: CalibrationSource, model: onnx.ModelProto, batch_size: int, max_samples: int | None = None,
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(first sample index, model feeds) per batch, stopping after ``max_samples`` samples."""
-    names = [vi.name for vi in graph_inputs(model.graph)]
-    start = 0
-    for batch in source.iter_batches(batch_size, names):
-        n = len(next(iter(batch.values())))
-        if max_samples is not None and start + n > max_samples:
-            n = max_samples - start
-            batch = {k: v[:n] for k, v in batch.items()}
-        if n <= 0:
-            return
-        yield start, input_feeds(model, batch)
-        start += n
+class Comparison:
+    """Accumulator (:mod:`fp8core.stream`): every row's statistics from the paired runs of the
+    original (``batch.values``) and the FP8 model (``batch.paired``); the first pass."""
+
+    def __init__(self, rows: list[TensorComparison], op_inputs: dict[str, TensorComparison], first_batch: bool):
+        self.rows, self.op_inputs, self.first_batch = rows, op_inputs, first_batch
+        self.tensors = [r.tensor for r in rows] + list(op_inputs)
+
+    def add_batch(self, batch) -> None:
+        xs, ys = batch.values, batch.paired
+        for name, acc in self.op_inputs.items():
+            acc.update(xs[name], ys[name])
+        for row in self.rows:
+            row.update(xs[row.tensor], ys[row.tensor])
+            if self.first_batch and row.original.histogram is None:
+                row.start_histograms(FIRST_BATCH_MARGIN)  # the first batch is then binned too
+                row.update_histograms(xs[row.tensor], ys[row.tensor])
 
 
-def _run(session, names: list[str], feeds: dict, which: str, start: int, n: int) -> list[np.ndarray]:
-    try:
-        return session.run(names, feeds)
-    except Exception as exc:
-        msg = first_line(exc)
-        raise CompareError(f"onnxruntime failed running the {which} model on samples {start}..{start + n - 1}: {msg}") from None
+class Histograms:
+    """Accumulator: the histograms over ranges known from a first pass (``"two_pass"``)."""
 
+    def __init__(self, rows: list[TensorComparison]):
+        self.rows = rows
+        self.tensors = [r.tensor for r in rows]
 
-class PairedSessions:
-    """The original and the FP8 model, each with the compared tensors as outputs."""
-
-    def __init__(self, float_model: Model | onnx.ModelProto, fp8_model: Model | onnx.ModelProto, tensors: list[str]):
-        self.tensors = list(dict.fromkeys(tensors))
-        self.original = make_session(float_model, extra_outputs=self.tensors)
-        self.fp8 = make_session(fp8_model, extra_outputs=self.tensors)
-
-    def run(self, start: int, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        n = len(next(iter(feeds.values())))
-        xs = _run(self.original, self.tensors, feeds, "original", start, n)
-        ys = _run(self.fp8, self.tensors, feeds, "FP8", start, n)
-        return dict(zip(self.tensors, xs)), dict(zip(self.tensors, ys))
+    def add_batch(self, batch) -> None:
+        for row in self.rows:
+            row.update_histograms(batch.values[row.tensor], batch.paired[row.tensor])
 
 
 def compare_models(
@@ -422,38 +412,27 @@ def compare_models(
         raise CompareError(f"batch_size {batch_size} must be >= 1")
     rows = comparison_targets(Model.of(float_model).proto, plans)
     op_inputs = {t: TensorComparison(t, t, "op_output", None, -1) for r in rows for t in r.input_tensors}
-    sessions = PairedSessions(float_model, fp8_model, [r.tensor for r in rows] + list(op_inputs))
     samples = source.num_samples if max_samples is None else min(max_samples, source.num_samples)
     if samples == 0:
         raise CompareError(f"comparison data {source.path} has no samples; give data with at least one sample")
+    first = Comparison(rows, op_inputs, histogram_range == "first_batch")
+    original = Tap(float_model, first.tensors, label="the original model", what="comparison")
+    fp8 = Tap(fp8_model, first.tensors, label="the FP8 model", what="comparison")
     passes = 2 if histogram_range == "two_pass" else 1
-    total = passes * -(-samples // batch_size)
-    done = 0
-    for start, feeds in sample_batches(source, float_model, batch_size, max_samples):
-        xs, ys = sessions.run(start, feeds)
-        for name, acc in op_inputs.items():
-            acc.update(xs[name], ys[name])
-        for row in rows:
-            row.update(xs[row.tensor], ys[row.tensor])
-            if histogram_range == "first_batch" and row.original.histogram is None:
-                row.start_histograms(FIRST_BATCH_MARGIN)  # the first batch is then binned too
-                row.update_histograms(xs[row.tensor], ys[row.tensor])
-        done += 1
-        if progress:
-            progress(done, total)
+    per_pass = -(-samples // batch_size)
+
+    def runs(done_before: int):
+        told = (lambda done, _: progress(done_before + done, passes * per_pass)) if progress else None
+        return stream(original, source, batch_size=batch_size, paired=fp8, max_samples=max_samples, progress=told)
+
+    accumulate(runs(0), [first])
     for row in rows:
         if row.kind == "op_output":
             row.input_snr = max((op_inputs[t].snr for t in row.input_tensors), default=0.0)
     if passes == 2:
         for row in rows:
             row.start_histograms()
-        for start, feeds in sample_batches(source, float_model, batch_size, max_samples):
-            xs, ys = sessions.run(start, feeds)
-            for row in rows:
-                row.update_histograms(xs[row.tensor], ys[row.tensor])
-            done += 1
-            if progress:
-                progress(done, total)
+        accumulate(runs(per_pass), [Histograms(rows)])
     return ComparisonReport(rows, samples, str(source.path), histogram_range)
 
 

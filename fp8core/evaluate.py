@@ -1,4 +1,5 @@
-"""Top-1 accuracy of a float and an FP8 model on labelled data (the demo's `label` column)."""
+"""Top-1 accuracy of a float and an FP8 model on labelled data (the demo's `label` column), both
+models run on the same batches of one stream (:func:`fp8core.stream.stream`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import open_dataset
-from fp8core.graph import graph_inputs
 from fp8core.model import Model
-from fp8core.runtime import make_session
+from fp8core.stream import Tap, stream
 
 
 def evaluate_top1(
@@ -22,14 +22,14 @@ def evaluate_top1(
     source = open_dataset(data_path)
     if label_column not in source.columns:
         raise ValueError(f"evaluation data {data_path!r} has no {label_column!r} column")
-    names = [i.name for i in graph_inputs(Model.of(float_model).graph)]
-    sessions = [make_session(float_model), make_session(fp8_model)]
+    original = Tap(float_model, [Model.of(float_model).graph.output[0].name], label="the original model",
+                   what="evaluation")
+    fp8 = Tap(fp8_model, [Model.of(fp8_model).graph.output[0].name], label="the FP8 model", what="evaluation")
     correct = np.zeros(2, dtype=np.int64)
     agree = total = 0
-    for batch in source.iter_batches(batch_size, names + [label_column]):
-        labels = batch.pop(label_column).reshape(-1)
-        feeds = {n: batch[n] for n in names}
-        preds = [s.run(None, feeds)[0].argmax(axis=-1).reshape(-1) for s in sessions]
+    for batch in stream(original, source, batch_size=batch_size, paired=fp8, columns=[label_column], what="evaluation"):
+        labels = batch.columns[label_column].reshape(-1)
+        preds = [next(iter(out.values())).argmax(axis=-1).reshape(-1) for out in (batch.values, batch.paired)]
         correct += [(p == labels).sum() for p in preds]
         agree += int((preds[0] == preds[1]).sum())
         total += labels.size

@@ -34,11 +34,12 @@ import onnx
 
 from fp8core.errors import FP8Error, first_line
 from fp8core.calibration import CalibrationSource
-from fp8core.compare import ComparisonReport, CompareError, TensorComparison, sample_batches
+from fp8core.compare import ComparisonReport, CompareError, TensorComparison
 from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import encode_weights, rewrite_to_fp8
 from fp8core.runtime import make_session
+from fp8core.stream import Tap, stream
 
 LOWER_IS_BETTER = ("mse", "mae", "snr", "cos_dist")
 HIGHER_IS_BETTER = ("snr_db", "top1_agreement")
@@ -178,11 +179,12 @@ class OutputProbe:
 
     def __init__(self, float_model: Model | onnx.ModelProto, source: CalibrationSource, batch_size: int = 16,
                  max_samples: int | None = 32):
-        self.output_names = [o.name for o in float_model.graph.output]
-        session = make_session(float_model)
+        self.output_names = [o.name for o in Model.of(float_model).graph.output]
         self.batches: list[tuple[dict, list[np.ndarray]]] = []
-        for _, feeds in sample_batches(source, float_model, batch_size, max_samples):
-            self.batches.append((feeds, session.run(self.output_names, feeds)))
+        if source.num_samples and max_samples != 0:
+            tap = Tap(float_model, self.output_names, label="the original model")
+            for batch in stream(tap, source, batch_size=batch_size, max_samples=max_samples):
+                self.batches.append((batch.feeds, [batch.values[n] for n in self.output_names]))
         if not self.batches:
             raise FallbackError(f"data {source.path} has no samples; the accuracy target needs at least one")
         self.samples = sum(len(next(iter(f.values()))) for f, _ in self.batches)

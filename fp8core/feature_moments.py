@@ -17,8 +17,9 @@ The accumulators are, in float64, per group:
 * ``gram[g, j, k] = sum_rows x[g, j] x[g, k]``  (``H = X^T X``; GPTQ).
 
 Memory is G K (+ G K^2) float64 per request, whatever the number of samples; patches are built
-one sample at a time. One onnxruntime run per batch exposes every wanted tensor (the same capture
-session as :mod:`fp8core.capture`).
+one sample at a time. :class:`MomentAccumulator` takes them from a stream (:mod:`fp8core.stream`):
+the capture's own pass (``--weight_rounding gptq`` with ``--quantize``) or a pass of its own
+(:func:`capture_feature_moments`, one onnxruntime run per data batch).
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from fp8core.errors import first_line
 from fp8core.calibration import CalibrationSource
-from fp8core.capture import CaptureError, input_feeds
-from fp8core.graph import graph_inputs
 from fp8core.model import Model
-from fp8core.runtime import make_session, session_options
+from fp8core.runtime import session_options
+from fp8core.stream import accumulate, stream
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 
@@ -142,28 +141,90 @@ class FeatureMoments:
         return self.total / max(self.count, 1)
 
 
+class MomentAccumulator:
+    """:class:`FeatureMoments` of several requests from one stream (:mod:`fp8core.stream`).
+
+    ``requests`` maps a key (:attr:`Rows.key`) to (rows, whether to accumulate Gram matrices).
+    The moments are the same, bit for bit, as those of whole data batches in one run each: a
+    Conv request adds one sample at a time anyway, and the runs of a MatMul/Gemm request's data
+    batch are put back together (along axis 0, the sample axis) before they are added, so
+    every sum runs in the same order. When a run's tensor does not have its samples on axis 0
+    (its axis 0 is not the run's sample count; e.g. a sequence-first layout), that order cannot
+    be rebuilt: the accumulator stops and ``exact`` turns False (the caller then makes a pass of
+    its own, :func:`capture_feature_moments`).
+    """
+
+    def __init__(self, requests: dict[str, tuple[Rows, bool]]):
+        self.moments = {key: FeatureMoments(rows, gram) for key, (rows, gram) in requests.items()}
+        self.tensors = list(dict.fromkeys(rows.tensor for rows, _ in requests.values()))
+        self.exact = True
+        self.runs = 0
+        self._pending: dict[str, list[np.ndarray]] = {}  # MatMul/Gemm tensors: this data batch's runs so far
+
+    @property
+    def complete(self) -> bool:
+        """The moments are those of a whole pass: runs were fed, all in the exact order."""
+        return self.exact and self.runs > 0 and not self._pending
+
+    def add_batch(self, batch) -> None:
+        if not self.exact:
+            return
+        self.runs += 1
+        whole = batch.last and not self._pending  # the data batch in one run
+        values = {name: batch[name] for name in self.tensors}
+        for m in self.moments.values():
+            if m.rows.kernel is not None:
+                m.update(values[m.rows.tensor])
+        rows_tensors = {m.rows.tensor for m in self.moments.values() if m.rows.kernel is None}
+        for name in rows_tensors:
+            x = values[name]
+            if not whole and (x.ndim == 0 or x.shape[0] != batch.count):
+                self.exact = False
+                self._pending.clear()
+                return
+            self._pending.setdefault(name, []).append(x)
+        if batch.last:
+            joined = {name: (parts[0] if len(parts) == 1 else np.concatenate(parts))
+                      for name, parts in self._pending.items()}
+            self._pending.clear()
+            for m in self.moments.values():
+                if m.rows.kernel is None:
+                    m.update(joined[m.rows.tensor])
+        for name in self.tensors:
+            batch.take(name)
+
+
+def moment_options():
+    """Options of a moments pass of its own: the activations of each batch go back to the OS."""
+    options = session_options()
+    options.enable_cpu_mem_arena = False
+    return options
+
+
 def capture_feature_moments(model: Model | onnx.ModelProto, requests: dict[str, tuple[Rows, bool]],
                             source: CalibrationSource, batch_size: int) -> dict[str, FeatureMoments]:
-    """``requests`` maps a key (:attr:`Rows.key`) to (rows, whether to accumulate Gram matrices)."""
-    moments = {key: FeatureMoments(rows, gram) for key, (rows, gram) in requests.items()}
-    tensors = list(dict.fromkeys(rows.tensor for rows, _ in requests.values()))
-    if not tensors:
-        return moments
-    options = session_options()
-    options.enable_cpu_mem_arena = False  # activations of each batch go back to the OS
-    session = make_session(model, options, extra_outputs=tensors)
-    model = Model.of(model).proto
-    input_names = [vi.name for vi in graph_inputs(model.graph)]
-    start = 0
-    for batch in source.iter_batches(batch_size, input_names):
-        n = len(next(iter(batch.values())))
-        try:
-            outputs = dict(zip(tensors, session.run(tensors, input_feeds(model, batch))))
-        except Exception as exc:
-            raise CaptureError(f"onnxruntime failed on calibration samples {start}..{start + n - 1}: "
-                               f"{first_line(exc)}") from None
-        for m in moments.values():
-            m.update(outputs[m.rows.tensor])
-        del outputs
-        start += n
-    return moments
+    """``requests`` maps a key (:attr:`Rows.key`) to (rows, whether to accumulate Gram matrices);
+    one pass over ``source``, each data batch in one run."""
+    acc = MomentAccumulator(requests)
+    if not acc.tensors:
+        return acc.moments
+    accumulate(stream(model, source, acc.tensors, batch_size, options=moment_options()), [acc])
+    return acc.moments
+
+
+def gptq_requests(model: Model | onnx.ModelProto, plans) -> dict[str, tuple[Rows, bool]]:
+    """The moment requests of ``--weight_rounding gptq`` for every FP8 linear op of ``plans``,
+    whether or not its weight's format and scale are chosen yet (capture runs before the search;
+    the ops GPTQ rounds later are among these)."""
+    from fp8core.plan import QuantParams
+    from fp8core.weight_adjust import linear_ops, moment_requests
+
+    placeholder = QuantParams("F143", 0)
+    chosen = []
+    for plan in plans:
+        if plan.fp8 and any(q.role == "weight" and q.params is None for q in plan.inputs):
+            plan = dataclasses.replace(plan, inputs=[dataclasses.replace(q, params=placeholder)
+                                                     if q.role == "weight" and q.params is None else q
+                                                     for q in plan.inputs])
+        chosen.append(plan)
+    return moment_requests(linear_ops(Model.of(model).proto, chosen), True, False)

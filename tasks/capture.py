@@ -12,7 +12,9 @@ from fp8core.report import ProgressLine
 
 
 @task(name="capture-activations", cache_policy=NONE, **IO_RETRIES)
-def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False):
+def capture_activations(model, tensors: list[str], source, batch_size: int, shard=None, show_progress: bool = False,
+                        also=()):
+    """``also``: accumulators fed by the same pass (fp8core.capture.capture_stats)."""
     log = get_run_logger()
     line = ProgressLine("capture", enabled=show_progress)
 
@@ -20,6 +22,6 @@ def capture_activations(model, tensors: list[str], source, batch_size: int, shar
         line.update(done, total)
         log.debug("capture: batch %d/%d", done, total)
 
-    stats = capture_stats(model, tensors, source, batch_size, progress, shard)
+    stats = capture_stats(model, tensors, source, batch_size, progress, shard, also)
     line.close()
     return stats

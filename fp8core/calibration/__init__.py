@@ -38,7 +38,8 @@ from fp8core.calibration.source import (
 from fp8core.calibration.parquet import ParquetSource, write_parquet
 from fp8core.calibration.opening import open_dataset
 from fp8core.calibration.checks import (
-    Dim, InputSummary, ModelInputSpec, ValidationSummary, model_input_specs, validate_against_model,
+    Dim, InputSummary, ModelInputSpec, ValidationSummary, check_fits, model_input_specs,
+    validate_against_model,
 )
 
-__all__ = ['ArraySource', 'CalibrationDataError', 'CalibrationSource', 'ColumnInfo', 'Dim', 'InputSummary', 'ModelInputSpec', 'NPZ_SUFFIXES', 'PARQUET_SUFFIXES', 'PICKLE_SUFFIXES', 'ParquetSource', 'SHAPE_METADATA_PREFIX', 'ValidationSummary', 'available_memory_bytes', 'model_input_specs', 'open_dataset', 'validate_against_model', 'write_parquet']
+__all__ = ['ArraySource', 'CalibrationDataError', 'CalibrationSource', 'ColumnInfo', 'Dim', 'InputSummary', 'ModelInputSpec', 'NPZ_SUFFIXES', 'PARQUET_SUFFIXES', 'PICKLE_SUFFIXES', 'ParquetSource', 'SHAPE_METADATA_PREFIX', 'ValidationSummary', 'available_memory_bytes', 'check_fits', 'model_input_specs', 'open_dataset', 'validate_against_model', 'write_parquet']

@@ -72,6 +72,20 @@ def validate_against_model(
         raise CalibrationDataError(
             f"calibration data {source.path} holds no samples; add samples (PopRT used 20-50)"
         )
+    summaries = check_fits(source, model_inputs, batch_size)
+    _scan_values(source, summaries, batch_size)
+    return ValidationSummary(source.num_samples, summaries)
+
+
+def check_fits(
+    source: CalibrationSource,
+    model_inputs: Mapping[str, tuple],
+    batch_size: int,
+) -> dict[str, InputSummary]:
+    """The rules of :func:`validate_against_model` that read no values (columns, per-sample
+    shapes, batch size, dtypes): what every pass over data checks before its first run
+    (:func:`fp8core.stream.stream`), so data that does not fit a model fails with one message."""
+    _check_batch_size(batch_size)
     missing = [name for name in model_inputs if name not in source.columns]
     if missing:
         raise CalibrationDataError(
@@ -90,8 +104,7 @@ def validate_against_model(
                 f"and {data_dtype} does not convert to it safely; store it as {model_dtype}"
             )
         summaries[name] = InputSummary(sample_shape, data_dtype, model_dtype)
-    _scan_values(source, summaries, batch_size)
-    return ValidationSummary(source.num_samples, summaries)
+    return summaries
 
 
 def _check_shape(
