@@ -188,27 +188,20 @@ def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0)
     """As :func:`encode`, returning the ml_dtypes FP8 array instead of raw bytes."""
     f = get_format(fmt)
     x = np.asarray(x)
-    if isinstance(scale, Scale):
-        s, m = (scale.exponent, None) if scale.is_pow2 else (None, scale.multiplier(x.ndim))
-    else:
-        s, m = checked_exponent(scale), None
+    m = _multiplier(scale, x.shape)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     lim = np.float32(f.max)
-    if m is not None:  # a real scale: the quotient may broadcast to a larger shape than x
-        y = np.empty(np.broadcast_shapes(x.shape, np.shape(m)), np.float32)
+    # One float32 temporary, written by the division (or the clip at scale 2**0) and reused in
+    # place; a real scale may broadcast the quotient to a larger shape than x.
+    y = np.empty(x.shape if m is None else np.broadcast_shapes(x.shape, np.shape(m)), np.float32)
+    if m is None:
+        np.clip(x, -lim, lim, out=y)  # NaN passes np.clip unchanged
     else:
-        # One float32 temporary, written by the division (or the clip when s == 0) and reused in place.
-        y = np.empty(x.shape, np.float32)
-        if s:
-            m = np.float32(scale_value(s))
-    if m is not None:
         # Overflow to +-inf is fine (the clip saturates it); NaN in, NaN out, no warning needed.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             np.divide(x, m, out=y)
         np.clip(y, -lim, lim, out=y)
-    else:
-        np.clip(x, -lim, lim, out=y)  # NaN passes np.clip unchanged
     # ml_dtypes rounds float32 to the nearest FP8 value, ties to even, in one step (no double
     # rounding); after the clip no input is out of range, so its overflow rules never apply.
     with np.errstate(invalid="ignore"):  # numpy flags NaN -> FP8 NaN as "invalid"
@@ -226,11 +219,7 @@ def decode(q: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0, dtype=np
     """
     f = get_format(fmt)
     q = np.asarray(q)
-    if isinstance(scale, Scale):
-        m = None if scale.exponent == 0 else scale.multiplier(q.ndim)
-    else:
-        s = checked_exponent(scale)
-        m = np.float32(scale_value(s)) if s else None
+    m = _multiplier(scale, q.shape)
     if q.dtype in (np.uint8, np.int8):
         q = q.view(f.dtype)
     elif q.dtype != f.dtype:
@@ -240,11 +229,19 @@ def decode(q: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0, dtype=np
     y = q.astype(np.float32)
     with np.errstate(over="ignore"):  # large scales overflow to +-inf, as onnxruntime does
         if m is not None:
-            if np.shape(m) == () or np.broadcast_shapes(y.shape, np.shape(m)) == y.shape:
+            if np.broadcast_shapes(y.shape, np.shape(m)) == y.shape:
                 y *= m
             else:
                 y = y * m
         return y.astype(dtype, copy=False)
+
+
+def _multiplier(scale: Scale | int, shape: tuple[int, ...]):
+    """The float32 multiplier of ``scale`` against data of ``shape``; None for ``2**0``."""
+    if isinstance(scale, Scale):
+        return None if scale.exponent == 0 else scale.multiplier(shape)
+    s = checked_exponent(scale)
+    return np.float32(scale_value(s)) if s else None
 
 
 def round_trip(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:

@@ -91,27 +91,24 @@ class Scale:
             raise InvalidScaleError(f"a per-axis scale is 1-D; got shape {list(v.shape)}")
         return cls(values=v, axis=int(axis))
 
-    @classmethod
-    def of(cls, scale: Scale | int) -> Scale:
-        """``scale`` itself, or the power of two of an integer exponent."""
-        return scale if isinstance(scale, Scale) else cls.pow2(scale)
-
     @property
     def is_pow2(self) -> bool:
         return self.exponent is not None
 
-    def multiplier(self, ndim: int):
-        """The float32 multiplier, shaped to broadcast against data of ``ndim`` axes."""
+    def multiplier(self, shape: tuple[int, ...]):
+        """The float32 multiplier, shaped to broadcast against data of ``shape``."""
         if self.exponent is not None:
             return np.float32(scale_value(self.exponent))
         if self.axis is None:
             return self.values
-        axis = self.axis % ndim if -ndim <= self.axis < ndim else None
-        if axis is None:
-            raise InvalidScaleError(f"scale axis {self.axis} is outside data of {ndim} axes")
-        shape = [1] * ndim
-        shape[axis] = -1
-        return self.values.reshape(shape)
+        ndim = len(shape)
+        if not -ndim <= self.axis < ndim or shape[self.axis] != len(self.values):
+            raise InvalidScaleError(
+                f"a scale of {len(self.values)} values along axis {self.axis} does not fit data of shape "
+                f"{list(shape)}; give one value per index of that axis")
+        along = [1] * ndim
+        along[self.axis] = -1
+        return self.values.reshape(along)
 
     def __repr__(self) -> str:
         if self.exponent is not None:

@@ -385,8 +385,10 @@ def test_scale_kinds_agree_where_they_mean_the_same():
         Scale.pow2(0.5)
     with pytest.raises(InvalidScaleError, match="1-D"):
         Scale.along(np.ones((2, 2)), 0)
-    with pytest.raises(InvalidScaleError, match="axis 3"):
+    with pytest.raises(InvalidScaleError, match="along axis 3 does not fit data of shape"):
         encode(x, "F143", Scale.along(np.ones(7), 3))
+    with pytest.raises(InvalidScaleError, match="7 values along axis 0"):
+        decode(encode(x, "F143"), "F143", Scale.along(np.ones(7), 0))
 
 
 def test_saturation_rules_by_example():
