@@ -75,12 +75,11 @@ def convert(params: ConvertParams, verbose: int) -> dict:
             del calibrated
         else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
             plans = choose_weight_scales(model, plans, WeightScaleConfig.of(params)).plans
-        if FallbackConfig.of(params).needed:
-            plans = done(keep_in_original_precision(model, plans, FallbackConfig.of(params), best_loss,
-                                                    staging.path)).plans
-        weights = None
-        if AdjustConfig.of(params).needed:
-            weights = done(adjusted_weights(model, plans, source, AdjustConfig.of(params), moments)).model
+        fallback, adjust, weights = FallbackConfig.of(params), AdjustConfig.of(params), None
+        if fallback.needed:
+            plans = done(keep_in_original_precision(model, plans, fallback, best_loss, staging.path)).plans
+        if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
+            weights = done(adjusted_weights(model, plans, source, adjust, moments)).model
         converted = done(convert_to_fp8(loaded, plans, ToFP8Config.of(params), weights))
         del weights
         if params.precision_compare:

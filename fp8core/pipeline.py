@@ -529,9 +529,8 @@ def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_los
 
     Charts are written into ``folder``.
     """
-    from fp8core.fallback import (SENSITIVITY_SAMPLES, DOMINANCE_MIN_OPS, AccuracyTarget, fallback_for_target,
-                                  find_dominant_ops, keep_dominant_ops, keep_most_sensitive, keep_worst_ops,
-                                  measure_sensitivity)
+    from fp8core.fallback import (DOMINANCE_MIN_OPS, SENSITIVITY_SAMPLES, find_dominant_ops, keep_dominant_ops,
+                                  keep_most_sensitive, keep_worst_ops, measure_sensitivity)
 
     clock, tags, metrics, artifacts, steps = _Clock(), {}, {}, [], []
     kept_fp16 = dominance = target = None
@@ -795,8 +794,8 @@ def compare(float_model: Model, fp8_model, plans: list[OpPlan], config: CompareC
     ``folder``), and which ops matter for the outputs: each kept alone, on a few samples (one
     switchable session); on models with more FP8 ops than MAX_MEASURED_OPS, the ones adding the most noise."""
     from fp8core.compare import compare_models, mlflow_metrics, write_compare_logs
-    from fp8core.fallback import SENSITIVITY_METRIC, SENSITIVITY_SAMPLES, OutputProbe, Trials, measurable_ops, \
-        measure_sensitivity
+    from fp8core.fallback import (SENSITIVITY_METRIC, SENSITIVITY_SAMPLES, OutputProbe, Trials, measurable_ops,
+                                  measure_sensitivity)
 
     clock = _Clock()
     with clock("compare"):
@@ -899,17 +898,17 @@ def convert(params, log=logger) -> Conversion:
         if params.quantize:
             source = done(ingest(model, IngestConfig.of(params), log)).source
             calibrated = done(calibrate(model, plans, source, CalibrateConfig.of(params), log=log))
-            plans, moments = done(weight_scales(model, calibrated.plans, WeightScaleConfig.of(params))).plans, \
-                calibrated.gptq_moments
+            plans = done(weight_scales(model, calibrated.plans, WeightScaleConfig.of(params))).plans
             best_loss = done(search_report(calibrated, plans, staging.path)).best_loss
+            moments = calibrated.gptq_moments
             del calibrated
-        else:  # fast mode: real scales (per_channel / float) searched on the weights (untimed, as in the CLI)
+        else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
             plans = weight_scales(model, plans, WeightScaleConfig.of(params)).plans
-        fallback_config, adjust_config, weights = FallbackConfig.of(params), AdjustConfig.of(params), None
-        if fallback_config.needed:
-            plans = done(fallback(model, plans, fallback_config, best_loss, staging.path, log)).plans
-        if adjust_config.needed:
-            weights = done(adjust_weights(model, plans, source, adjust_config, moments, log)).model
+        keep, adjust, weights = FallbackConfig.of(params), AdjustConfig.of(params), None
+        if keep.needed:
+            plans = done(fallback(model, plans, keep, best_loss, staging.path, log)).plans
+        if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
+            weights = done(adjust_weights(model, plans, source, adjust, moments, log)).model
         converted = done(to_fp8(loaded, plans, ToFP8Config.of(params), weights))
         del weights
         if params.precision_compare:

@@ -109,6 +109,31 @@ def test_mlflow_run_has_logs_metrics_chart_and_data_fingerprint(runs):
         assert run.data.metrics["seconds_capture"] >= 0 and run.data.metrics["seconds_search"] >= 0
 
 
+@pytest.mark.parametrize("loss", ["mse", "kld"])
+def test_library_pipeline_writes_the_clis_model_logs_and_metrics(runs, tmp_path, loss):
+    """fp8core.pipeline.convert, without Prefect or MLflow: the CLI's bytes, quantize.json, and
+    what its MLflow run records (metrics, artifacts). It reads the statistics the CLI cached."""
+    from fp8core import pipeline
+    from tasks.params import ConvertParams
+
+    out = tmp_path / "model_fp8.onnx"
+    conversion = pipeline.convert(ConvertParams(
+        input_model=str(DATA / "demo_model.onnx"), output_model=str(out), quantize=True, quantize_loss_type=loss,
+        data_preprocess=str(DATA / "calib.parquet"), batch_size=16))
+    cli = runs["calibrated"][loss]
+    assert out.read_bytes() == cli.read_bytes()
+    assert (tmp_path / "quantize.json").read_text() == (cli.parent / "quantize.json").read_text()
+    assert conversion.result()["quantize_log"] == str(tmp_path / "quantize.log")
+    client = MlflowClient(tracking_uri=runs["uri"])
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("quantize-tests").experiment_id])
+             if r.data.params["output_model"] == str(cli)]
+    recorded = {k: v for k, v in run.data.metrics.items() if not k.startswith("seconds_")}
+    assert conversion.tags["calibration_cache"] == "hit" and conversion.metrics["calibration_cache_hit"] == 1
+    assert {**conversion.metrics, "calibration_cache_hit": recorded["calibration_cache_hit"]} == pytest.approx(recorded)
+    assert {f"seconds_{k}" for k in conversion.seconds} == set(run.data.metrics) - set(recorded)
+    assert sorted(a.name for a in conversion.artifacts) == sorted(a.path for a in client.list_artifacts(run.info.run_id))
+
+
 def test_poprt_later_spellings_and_fp8_params_warning(tmp_path, capfd):
     out, _ = _run(tmp_path, "alias", "--calibration_with_data", "--calibration_loss_type", "mse",
                   "--data_preprocess", str(DATA / "calib.npz"), "--fp8_params", "F152,F152,-3,-3")
