@@ -65,7 +65,7 @@ class StageResult:
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     artifacts: tuple[Artifact, ...] = ()
-    steps: tuple[tuple[int, Mapping[str, float]], ...] = ()  # metrics logged at a step (search trials)
+    steps: tuple[tuple[int, Mapping[str, float]], ...] = ()  # metrics logged at a step (accuracy-target trials)
     notes: tuple[str, ...] = ()  # one line each, shown to the user even when quiet
     seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)  # per part, in the order they ran
 
@@ -100,16 +100,11 @@ class LoadConfig:
 
     @classmethod
     def of(cls, params) -> LoadConfig:
-        return cls(dict(params.input_shape), params.convert_version, weights_can_stay_on_disk(params),
+        """Weights stay on disk unless GPTQ / bias correction write new float weights: every other
+        step reads external weights from their data files (search and encoding one weight at a
+        time; capture, evaluation, comparison and fallback trials through onnxruntime)."""
+        return cls(dict(params.input_shape), params.convert_version, not AdjustConfig.of(params).needed,
                    dict(params.input_batch_axis))
-
-
-def weights_can_stay_on_disk(params) -> bool:
-    """Every step asked for reads external weights from their data files (search and encoding one
-    weight at a time; capture, evaluation, comparison and fallback trials through onnxruntime):
-    then large external weights are never loaded. GPTQ / bias correction write new float weights,
-    so they need them in memory."""
-    return not (params.weight_rounding != "nearest" or params.bias_correction)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -260,8 +255,7 @@ def capture_serially(model, tensors: list[str], source, batch_size: int, also=()
     """The default :data:`CaptureFn`: one process, every core (fp8core.capture.capture_stats)."""
     from fp8core.capture import capture_stats
 
-    return capture_stats(model, tensors, source, batch_size, also=also) if also else \
-        capture_stats(model, tensors, source, batch_size)
+    return capture_stats(model, tensors, source, batch_size, also=also)
 
 
 def search_serially(stats: dict, loss: str, formats: tuple) -> dict:
@@ -330,7 +324,6 @@ def calibrate(model: Model, plans: list[OpPlan], source, config: CalibrateConfig
     return Calibrated(plans=apply_choices(plans, results), stats=stats, results=results, loss=config.loss,
                       source=source, gptq_moments=moments, tags=tags, metrics=metrics, notes=tuple(notes),
                       seconds=clock.seconds)
-
 
 
 def _cached_capture(model: Model, tensors, source, config: CalibrateConfig, capture: CaptureFn, log,

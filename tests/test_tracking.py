@@ -21,3 +21,20 @@ def test_recorder_logs_metrics_named_after_torch_style_ops(tmp_path):
                                                "compare//embeddings/Gather/snr": 1.0})
     got = client.get_run(run.info.run_id).data.metrics
     assert got == {"best_loss/bert/encoder/layer.0/attention/MatMul": 0.5, "compare/embeddings/Gather/snr": 1.0}
+
+
+def test_recorder_stage_writes_what_a_stage_result_says(tmp_path):
+    """record.stage(result): tags, metrics, metrics at their steps, files and JSON documents."""
+    from fp8core.pipeline import Artifact, StageResult
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    run = client.create_run(client.create_experiment("stage", artifact_location=(tmp_path / "art").as_uri()))
+    log = tmp_path / "quantize.log"
+    log.write_text("log\n")
+    Recorder(client, run.info.run_id).stage(StageResult(
+        tags={"kept": "Conv_0"}, metrics={"fp8_op_count": 3}, steps=((1, {"trial": 0.5}), (2, {"trial": 0.25})),
+        artifacts=(Artifact.file(str(log)), Artifact.json({"a": 1}, "x.json"))))
+    got = client.get_run(run.info.run_id).data
+    assert got.tags["kept"] == "Conv_0" and got.metrics["fp8_op_count"] == 3
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "trial")] == [(1, 0.5), (2, 0.25)]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["quantize.log", "x.json"]
