@@ -14,8 +14,9 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
 
 * ``W* = (H~ + lam I)^-1 (C W + lam W)``, ``lam = FIT_DAMP * mean(diag H~)``: where the rows
   do not determine a direction, ``W*`` stays at ``W``.
-* A group with fewer than ``MIN_ROWS_PER_FEATURE * K`` rows keeps ``W`` (GPTQ with ``H~``): a
-  classifier head fed 32 samples would be fitted to noise.
+* An op with fewer than ``MIN_ROWS_PER_FEATURE * K`` rows (:func:`fp8core.gptq.rows_determine`)
+  is left as round to nearest, bias included: a classifier head or a squeeze-excitation conv fed
+  32 samples would be fitted to noise.
 * The bias then removes the mean output shift that is left:
   ``b += alpha / beta * (mean(X) W - mean(X~) Q)`` (ops with a bias, as :mod:`fp8core.weight_adjust`).
 * A Conv sample contributes at most ``ROWS_PER_PIECE`` of its im2col rows, at evenly spaced
@@ -46,7 +47,7 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.feature_moments import Rows, moment_options
-from fp8core.gptq import gptq_round_groups
+from fp8core.gptq import gptq_round_groups, rows_determine
 from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
@@ -55,7 +56,6 @@ from fp8core.weight_adjust import LinearOp, _grid, _with_changes, linear_ops
 from fp8core.weight_scales import dequantized_weight
 
 FIT_DAMP = 0.01
-MIN_ROWS_PER_FEATURE = 4
 PASSES = 4
 ROWS_PER_PIECE = 1024  # rows kept per sample of a Conv (im2col gives one per output position)
 
@@ -92,7 +92,7 @@ def fitted_weight(w: np.ndarray, m: PairedMoments, damp: float = FIT_DAMP) -> np
     """``W*`` per group (module docstring); ``w`` is ``[G, K, N]`` float64."""
     out = np.array(w, np.float64)
     k = w.shape[1]
-    if m.count < MIN_ROWS_PER_FEATURE * k:
+    if not rows_determine(m.count, k):
         return out
     for g in range(w.shape[0]):
         h = m.h_fp8[g]
@@ -173,14 +173,18 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
             stored = index.constant_value(op.weight)
             w = op.to_groups(stored.astype(np.float32)).astype(np.float64)
             nearest = op.to_groups(dequantized_weight(stored, op.params)).astype(np.float64)
+            fitted = rows_determine(m.count, w.shape[1])
+            row = {"op": op.name, "rows": m.count, "refit": fitted}
+            if not fitted:
+                report.append({**row, "output_error_reduction": 0.0})
+                continue
             target = fitted_weight(w, m)
             grid = _grid(op, w.shape[0])
             if gptq:
                 q = gptq_round_groups(target, m.h_fp8, grid).astype(np.float64)
             else:
                 q = grid(target.astype(np.float32)).astype(np.float64)
-            row = {"op": op.name, "rows": m.count, "refit": bool(m.count >= MIN_ROWS_PER_FEATURE * w.shape[1]),
-                   "output_error_reduction": asymmetric_error(w, nearest, m) - asymmetric_error(w, q, m)}
+            row["output_error_reduction"] = asymmetric_error(w, nearest, m) - asymmetric_error(w, q, m)
             replaced[op.weight] = op.from_groups(q, stored.shape).astype(stored.dtype)
             if op.bias:
                 b = index.constant_value(op.bias)

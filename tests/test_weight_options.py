@@ -131,10 +131,14 @@ def test_quantize_with_every_new_flag(tmp_path, capsys):
     run = client.search_runs([client.get_experiment_by_name("weights").experiment_id])[0]
     assert run.data.params["weight_rounding"] == "gptq" and run.data.params["weight_granularity"] == "per_channel"
     adjusted = [k.split("/", 1)[1] for k in run.data.metrics if k.startswith("output_sq_error_gptq/")]
-    assert len(adjusted) == 4 and {"MatMul_7", "Gemm_10"} <= set(adjusted)  # both Convs too
+    # the two Convs (im2col rows); MatMul_7 and Gemm_10 see 64 rows for 256 and 64 inputs, too few
+    # for GPTQ to be more than a fit to those rows' noise, so they stay round to nearest and say why
+    assert len(adjusted) == 2 and not {"MatMul_7", "Gemm_10"} & set(adjusted)
     for op in adjusted:
         assert run.data.metrics[f"output_sq_error_gptq/{op}"] < run.data.metrics[f"output_sq_error_nearest/{op}"]
     assert "weight_adjust.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    rows = {r["op"]: r for r in json.loads(open(client.download_artifacts(run.info.run_id, "weight_adjust.json")).read())["ops"]}
+    assert rows["MatMul_7"]["rounding"] == "nearest (64 rows for 256 inputs: too few for GPTQ)"
 
 
 def test_gptq_lowers_the_output_error_of_a_generated_layer():
