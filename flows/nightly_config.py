@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.params import DEFAULT_LOSS, FormatName, LossName
-from fp8core.errors import FP8Error
+from fp8core.errors import FP8Error, first_line
 
 CALIBRATION_SUFFIXES = (".parquet", ".npz", ".pkl", ".pickle")
 STATE_FILE = "requantize_state.json"
@@ -130,7 +130,7 @@ def load_config(path: str | os.PathLike) -> ResolvedConfig:
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
     except Exception as exc:  # yaml.YAMLError
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
     try:
         raw = WatchConfig.model_validate(data if isinstance(data, dict) else {})
     except ValidationError as exc:

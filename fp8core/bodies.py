@@ -20,11 +20,14 @@ import copy
 import onnx
 from onnx import helper
 
+from fp8core.errors import FP8Error
 from fp8core.graph import tensor_elem_types, walk_graphs
 
 
-class BodyValueError(ValueError):
-    """A body value cannot be made visible (the message says which and why)."""
+class BodyValueError(FP8Error):
+    """A value inside the body of a node other than If, Loop and Scan (the model's structure):
+    it cannot be made visible. A name missing from the model is the caller's mistake (the names
+    come from the model), a plain ValueError."""
 
 
 def top_level_names(graph: onnx.GraphProto) -> set[str]:
@@ -58,7 +61,7 @@ def expose_values(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelP
 
     for name in inner:
         if name not in where:
-            raise BodyValueError(f"tensor {name!r} is produced nowhere in the model")
+            raise ValueError(f"tensor {name!r} is produced nowhere in the model")
         body, path = where[name]
         elem = types.get(name, onnx.TensorProto.FLOAT)
         current = name
@@ -78,7 +81,7 @@ def where_graph(root: onnx.GraphProto, path) -> onnx.GraphProto:
     for g, _ in walk_graphs(root):
         if any(n.name == holder.name and list(n.output) == list(holder.output) for n in g.node):
             return g
-    raise BodyValueError(f"node {holder.name!r} is not in the model")
+    raise ValueError(f"node {holder.name!r} is not in the model")
 
 
 def _producing_graphs(root: onnx.GraphProto) -> dict[str, tuple[onnx.GraphProto, tuple[onnx.NodeProto, ...]]]:

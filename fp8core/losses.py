@@ -29,12 +29,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fp8core.errors import FP8Error
 from fp8core.stats import (BIN_LOWER_EDGE, BIN_WIDTH, KEY_SHIFT, NUM_BINS, BinnedValues,
                            bin_keys)
 
 
-class UnknownLossError(ValueError):
-    pass
+class UnknownLossError(FP8Error):
+    """A loss name that is not in :data:`LOSSES` (a library config's setting; the CLI's
+    ``--quantize_loss_type`` is checked before)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fp8core.errors import FP8Error
+from fp8core.errors import FP8Error, first_line
 from fp8core.graph import (
     ModelError,
     _copy_fields,
@@ -425,17 +425,17 @@ def validate_fp8_model(model: onnx.ModelProto | str, feeds=None, full_check: boo
     try:
         onnx.checker.check_model(target, full_check=full_check)
     except Exception as exc:
-        raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {first_line(exc)}") from None
     try:
         session = make_session(target)
     except Exception as exc:
-        raise ModelError(f"the FP8 model does not load in onnxruntime: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"the FP8 model does not load in onnxruntime: {first_line(exc)}") from None
     if isinstance(feeds, Reference):
         try:
             outputs = session.run(feeds.names, feeds.feeds)
         except Exception as exc:
             raise ModelError(f"the FP8 model does not run in onnxruntime on {feeds.source}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         return compare_outputs(feeds, outputs)
     generated = feeds is None
     if generated:
@@ -447,5 +447,5 @@ def validate_fp8_model(model: onnx.ModelProto | str, feeds=None, full_check: boo
         session.run(None, feeds)
     except Exception as exc:
         if not generated:
-            raise ModelError(f"the FP8 model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"the FP8 model does not run in onnxruntime: {first_line(exc)}") from None
     return {}

@@ -34,6 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from fp8core.errors import first_line
 from fp8core.graph import _copy_fields, tensor_elem_types, tensor_nbytes, uses_external_data
 from fp8core.model import Model
 
@@ -104,7 +105,7 @@ def make_session(
         # branch (a voice-activity model's 8 kHz LSTM). ORT_DISABLE_ALL computes ONNX semantics.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-        _warn_once(f"onnxruntime's graph optimizer fails on this model ({str(exc).strip().splitlines()[0][:160]}); "
+        _warn_once(f"onnxruntime's graph optimizer fails on this model ({first_line(exc)[:160]}); "
                    "it runs with graph_optimization_level=ORT_DISABLE_ALL, which is how to run the FP8 model too")
     session.fp8_handed_over = handed_over  # onnxruntime uses their buffers: keep them alive
     return session

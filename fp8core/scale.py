@@ -40,7 +40,9 @@ FLOAT16_SMALLEST_NORMAL = 2.0 ** -14
 
 class InvalidScaleError(ValueError):
     """A scale that is not an integer ``s`` with ``2**s`` a normal float32 (-126 <= s <= 127),
-    or a real scale whose shape does not fit the data."""
+    or a real scale whose shape does not fit the data. Internal: ``--fp8_params`` bounds its
+    scales to [-64, 64] and per-channel scales are built for their weight, so only a caller's
+    mistake gets here."""
 
 
 def checked_exponent(scale) -> int:

@@ -42,11 +42,12 @@ TIE_RTOL = 1e-9
 
 
 class NoFiniteValuesError(FP8Error):
-    pass
+    """A tensor of the user's model or data with no finite value to choose a scale for."""
 
 
 class ScaleRangeError(ValueError):
-    pass
+    """An explicit ``scales`` argument outside :data:`SCALE_LIMITS`. Internal: no flag sets it
+    (the CLI's scales come from the search's own candidates or ``--fp8_params``, bounded there)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,7 +98,8 @@ FORMAT_VERSION = 1
 
 
 class StatsFormatError(ValueError):
-    """A serialised TensorStats that this version cannot read."""
+    """A serialised TensorStats that this version cannot read. Internal: only the statistics
+    cache reads them, and it treats such an entry as stale and recomputes it."""
 
 
 def bin_keys(x: np.ndarray) -> np.ndarray:

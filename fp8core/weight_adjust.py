@@ -36,7 +36,7 @@ from fp8core.graph import GraphIndex, node_attr, with_initializers, without_larg
 from fp8core.gptq import fp8_grid, gptq_round_groups, rows_determine
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.scale import Scale
-from fp8core.weight_scales import WeightQuantizationError, dequantized_weight
+from fp8core.weight_scales import dequantized_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +177,7 @@ def corrected_bias(w: np.ndarray, w_quantized: np.ndarray, bias: np.ndarray | No
     """
     w64 = np.asarray(w, np.float64)
     if w64.ndim != 2 or np.shape(input_mean) != (w64.shape[0],):
-        raise WeightQuantizationError(
+        raise ValueError(
             f"bias correction needs a [K, N] weight and a length-K input mean; got {list(w64.shape)} "
             f"and {list(np.shape(input_mean))}")
     shift = np.asarray(input_mean, np.float64) @ (np.asarray(w_quantized, np.float64) - w64)

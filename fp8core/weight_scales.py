@@ -60,6 +60,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fp8core.errors import FP8Error
 from fp8core.formats import FP8Format, decode, encode_to_dtype, get_format, round_trip
 from fp8core.graph import node_attr
 from fp8core.losses import KldRows, get_loss
@@ -82,8 +83,10 @@ KLD_BLOCK_VALUES = 1 << 18
 (not per value), so larger blocks; bounded, since its tables are a few times the block."""
 
 
-class WeightQuantizationError(ValueError):
-    """A per-channel weight request that cannot be met; the message says how to fix it."""
+class WeightQuantizationError(FP8Error):
+    """A weight request that cannot be met: a weight with NaN or inf values, or an unknown
+    granularity or scale kind (a library config; the CLI's flags are checked before). An op or
+    axis the caller derived from the model itself is an internal error (a plain ValueError)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ def output_channel_axis(op_type: str, weight_rank: int, trans_b: int = 0) -> int
         return 0 if trans_b else 1
     if op_type == "MatMul":
         return weight_rank - 1
-    raise WeightQuantizationError(f"{op_type} has no FP8 weight; per-channel scales apply to Conv, MatMul, Gemm")
+    raise ValueError(f"{op_type} has no FP8 weight; per-channel scales apply to Conv, MatMul, Gemm")
 
 
 def _round_to_grid(y: np.ndarray, f: FP8Format) -> np.ndarray:
@@ -407,7 +410,7 @@ def quantize_per_channel(w: np.ndarray, axis: int, fmt: str = "F143", loss: str 
     """Choose every channel's real scale by ``loss`` (module docstring) and encode the weight."""
     w = np.asarray(w)
     if w.ndim < 1 or not -w.ndim <= axis < w.ndim:
-        raise WeightQuantizationError(f"axis {axis} is outside a weight of shape {list(w.shape)}")
+        raise ValueError(f"axis {axis} is outside a weight of shape {list(w.shape)}")
     axis %= w.ndim
     if not np.isfinite(w).all():
         raise WeightQuantizationError("the weight has NaN or inf values; fix the model before quantizing it")
@@ -513,7 +516,10 @@ def choose_weight_params(model: Model | onnx.ModelProto, plans: list[OpPlan], gr
                 axis = weight_axis(nodes[plan.name], value.ndim) if granularity == "per_channel" else None
                 key = (q.tensor, axis, plan.elem_type)
                 if key not in found:
-                    found[key] = real_scale_params(value, axis, formats, loss, plan.elem_type)
+                    try:
+                        found[key] = real_scale_params(value, axis, formats, loss, plan.elem_type)
+                    except WeightQuantizationError as exc:
+                        raise WeightQuantizationError(f"{plan.name}: weight {q.tensor!r}: {exc}") from None
                 q.params = found[key]
         out.append(plan)
     return out

@@ -308,6 +308,17 @@ def _unwritable_output(s: Setup) -> tuple[list[str], Path]:
     return s.convert(output_model=blocker / "model_fp8.onnx"), s.input_model
 
 
+def _nan_weight(s: Setup) -> tuple[list[str], Path]:
+    model = onnx.load(s.input_model)
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    value = numpy_helper.to_array(weight).copy()
+    value.flat[0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(value, weight.name))
+    path = s.input_model.with_name("nan_weight.onnx")
+    onnx.save(model, path)
+    return s.convert("--weight_granularity", "per_channel", input_model=path), path
+
+
 # case id -> (builds the argv and names the input file that must stay untouched, words the message must hold)
 BAD_INPUTS = {
     "missing input file": (lambda s: (s.convert(input_model=s.input_model.with_name("missing.onnx")), None),
@@ -330,6 +341,7 @@ BAD_INPUTS = {
     "unknown flag": (lambda s: (s.convert("--no_such_flag"), s.input_model), ["--no_such_flag", "--help"]),
     "output is the input": (lambda s: (s.convert(output_model=s.input_model), s.input_model),
                             ["--output_model", "--input_model"]),
+    "weight with NaN": (_nan_weight, ["NaN or inf", "fix the model"]),
 }
 
 

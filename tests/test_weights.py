@@ -119,9 +119,9 @@ def test_output_channel_axis_and_errors():
     assert output_channel_axis("Conv", 4) == 0
     assert output_channel_axis("Gemm", 2, trans_b=1) == 0 and output_channel_axis("Gemm", 2) == 1
     assert output_channel_axis("MatMul", 3) == 2
-    with pytest.raises(WeightQuantizationError, match="Conv, MatMul, Gemm"):
+    with pytest.raises(ValueError, match="Conv, MatMul, Gemm"):
         output_channel_axis("Add", 2)
-    with pytest.raises(WeightQuantizationError, match="axis 2"):
+    with pytest.raises(ValueError, match="axis 2"):
         quantize_per_channel(np.ones((2, 2), np.float32), 2)
     with pytest.raises(WeightQuantizationError, match="NaN or inf"):
         quantize_per_channel(np.array([[1.0, np.nan]], np.float32), 0)
@@ -140,7 +140,7 @@ def test_bias_correction_restores_the_mean_output_and_lowers_the_output_error():
     np.testing.assert_allclose((calib @ wq + b_corr).mean(axis=0), (calib @ w + b).mean(axis=0), atol=1e-4)
     assert np.abs((corrected - ref).mean(axis=0)).max() < 0.2 * np.abs((plain - ref).mean(axis=0)).max()
     assert np.mean((corrected - ref) ** 2) < 0.8 * np.mean((plain - ref) ** 2)
-    with pytest.raises(WeightQuantizationError, match="length-K input mean"):
+    with pytest.raises(ValueError, match="length-K input mean"):
         corrected_bias(w, wq, b, np.zeros(3))
 
 
