@@ -1,7 +1,9 @@
-"""A small graph vocabulary over ONNX protos: load, name, look up producers/consumers/constants.
+"""A small graph vocabulary over ONNX protos: load, name, look up producers/consumers/constants,
+and edit (fresh names, new constant values).
 
-The rewrite in :mod:`fp8core.rewrite` is written with these verbs so that it reads as SPEC
-section 3 does. Nothing here modifies a model it was not explicitly handed to modify.
+The rewrite in :mod:`fp8core.rewrite` and the weight edits of :mod:`fp8core.weight_adjust` are
+written with these verbs so that they read as SPEC section 3 does. Nothing here modifies a model
+it was not explicitly handed to modify.
 """
 
 from __future__ import annotations
@@ -390,6 +392,47 @@ def with_initializers(light: onnx.ModelProto, large: list[onnx.TensorProto], add
     light.graph.input.extend(inputs)
     light.graph.initializer.extend(large)
     return light
+
+
+# --- editing verbs ---------------------------------------------------------------------------
+
+class FreshNames:
+    """Fresh tensor/node names that cannot collide with the graph's: ``base``, else ``base_1``,
+    ``base_2``, ... The names of bodies count too (they share one namespace with the graph)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used: set[str] = set()
+        for g, _ in walk_graphs(graph):
+            self.used.update(n.name for n in g.node)
+            for n in g.node:
+                self.used.update(n.output)
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(i.name for i in g.input)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def with_value(tensor: onnx.TensorProto, values: dict[str, np.ndarray]) -> onnx.TensorProto:
+    """``tensor`` itself, or a new tensor of its name holding ``values[tensor.name]``."""
+    return numpy_helper.from_array(values[tensor.name], tensor.name) if tensor.name in values else tensor
+
+
+def replace_constants(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> None:
+    """The initializers and Constant nodes of ``graph`` named in ``values`` hold those values
+    instead, in place: same names, same positions, so every reader sees the new value."""
+    for t in graph.initializer:
+        if t.name in values:
+            t.CopyFrom(with_value(t, values))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in values:
+            for a in node.attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(numpy_helper.from_array(values[node.output[0]], node.output[0]))
 
 
 def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:

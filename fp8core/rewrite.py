@@ -26,6 +26,7 @@ from fp8core.errors import first_line
 from fp8core.formats import encode, get_format
 from fp8core.graph import (
     MIN_FP8_OPSET,
+    FreshNames,
     GraphIndex,
     ModelError,
     assign_node_names,
@@ -176,26 +177,6 @@ def _zero_point(name: str, fmt: str) -> onnx.TensorProto:
     return helper.make_tensor(name, get_format(fmt).onnx_type, [], [0.0])
 
 
-class _Names:
-    """Fresh tensor/node names that cannot collide with the graph's."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.used: set[str] = set()
-        for g, _ in walk_graphs(graph):  # bodies too: their names share one namespace with the graph
-            self.used.update(n.name for n in g.node)
-            for n in g.node:
-                self.used.update(n.output)
-            self.used.update(t.name for t in g.initializer)
-            self.used.update(i.name for i in g.input)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
-
-
 def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     """Every tensor name the nodes read, including reads inside their subgraphs (If, Loop, Scan)."""
     names: set[str] = set()
@@ -310,7 +291,7 @@ def rewrite_to_fp8(
         raise ModelError(f"model opset {opset} < {MIN_FP8_OPSET}: call prepare_model first")
     use_output_dtype = opset >= OUTPUT_DTYPE_OPSET
     index = GraphIndex(graph)
-    fresh = _Names(graph)
+    fresh = FreshNames(graph)
     by_name = {p.name: p for p in plans if p.fp8}
 
     new_inits: list[onnx.TensorProto] = []

@@ -32,7 +32,8 @@ import onnx
 from onnx import numpy_helper
 
 from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
-from fp8core.graph import GraphIndex, node_attr, with_initializers, without_large_initializers
+from fp8core.graph import (FreshNames, GraphIndex, node_attr, replace_constants, with_initializers, with_value,
+                           without_large_initializers)
 from fp8core.gptq import fp8_grid, gptq_round_groups, rows_determine
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.scale import Scale
@@ -231,25 +232,16 @@ def adjust_weights(model: onnx.ModelProto, plans: list[OpPlan], moments: dict[st
 
 def _with_changes(model: onnx.ModelProto, replaced: dict[str, np.ndarray],
                   new_bias: dict[str, tuple[str, int, np.ndarray]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose constants named in ``replaced`` hold the new values, and whose
+    nodes named in ``new_bias`` read their bias (input index) from a new initializer of its own."""
     light, large, added = without_large_initializers(model)
-    large = [numpy_helper.from_array(replaced[t.name], t.name) if t.name in replaced else t for t in large]
+    large = [with_value(t, replaced) for t in large]
     graph = light.graph
-    inits = [numpy_helper.from_array(replaced[t.name], t.name) if t.name in replaced else t for t in graph.initializer]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    for node in graph.node:  # weights held by Constant nodes
-        if node.op_type == "Constant" and node.output[0] in replaced:
-            for a in node.attribute:
-                if a.name == "value":
-                    a.t.CopyFrom(numpy_helper.from_array(replaced[node.output[0]], node.output[0]))
-    taken = {t.name for t in graph.initializer} | {t.name for t in large} | {o for n in graph.node for o in n.output}
+    replace_constants(graph, replaced)
+    fresh = FreshNames(graph)
     for node in graph.node:
         if node.name in new_bias:
             name, i, values = new_bias[node.name]
-            fresh, k = f"{name}_bias_corrected", 1
-            while fresh in taken:
-                fresh, k = f"{name}_bias_corrected_{k}", k + 1
-            taken.add(fresh)
-            graph.initializer.append(numpy_helper.from_array(values, fresh))
-            node.input[i] = fresh
+            node.input[i] = fresh(f"{name}_bias_corrected")
+            graph.initializer.append(numpy_helper.from_array(values, node.input[i]))
     return with_initializers(light, large, added)
