@@ -65,7 +65,7 @@ def capture_options():
     """The capture session's options: :func:`onnxruntime_threads` threads, arena on, no spinning.
 
     The arena stays on: every run has the same shapes, so after the first run each one reuses
-    the same buffers (without it every activation was a fresh mmap, page-faulted and unmapped:
+    the same buffers (without it every activation is a fresh mmap, page-faulted and unmapped:
     about a third of ResNet50's capture CPU time in onnxruntime). onnxruntime's threads do not
     spin between ops: the fold thread gets the CPU whenever they wait."""
     options = session_options(onnxruntime_threads())

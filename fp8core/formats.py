@@ -24,9 +24,9 @@ Encoding a real ``x`` is exactly ONNX ``QuantizeLinear`` with ``y_scale = scale`
 
 The infinity rule is onnxruntime's (1.32, QuantizeLinear opsets 19 and 21, checked bit for bit
 by ``tests/test_formats.py``) and the current ONNX saturation table (Cast-24 on: "Inf -> FLT_MAX"
-for every FP8 type). An earlier version of this module kept +-inf in E5M2; neither ONNX nor
-onnxruntime does, so this one does not. The older ONNX table (Cast-19 to Cast-23) sent +-inf to
-NaN in the FNUZ formats; onnxruntime never did, and the SPEC wants no NaN from a non-NaN input.
+for every FP8 type). E5M2 could hold +-inf, but neither ONNX nor onnxruntime keeps it there, so
+here it saturates as in every other format. The older ONNX table (Cast-19 to Cast-23) sent +-inf
+to NaN in the FNUZ formats; onnxruntime never did, and the SPEC wants no NaN from a non-NaN input.
 """
 
 from __future__ import annotations

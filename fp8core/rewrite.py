@@ -352,8 +352,8 @@ def rewrite_to_fp8(
                 node = copy.deepcopy(node)
                 # Weight DQs first: onnxruntime's default order (a reverse DFS from the outputs that
                 # takes the higher-numbered input producer first) then runs each weight DQ right
-                # before its op, not all of them up front - which held every weight in float at once
-                # (1 GB model: validation peak 1.21 -> 0.81 GB).
+                # before its op, not all of them up front, which would hold every weight in float
+                # at once (1 GB model: validation peak 0.81 GB this way, 1.21 GB up front).
                 for q in sorted(plan.inputs, key=lambda q: q.role != "weight"):
                     if q.params is None:
                         continue

@@ -20,8 +20,9 @@ DEFAULT_LOSS = "mse"
 DEFAULT_DOMINANT_SHARE = 0.5
 """--keep_dominant_share: an op that alone carries half the output noise is kept (README "Defaults")."""
 """The search's default loss. PopRT defaults to kld; on the real-model suite and the accuracy suite
-mse is best or tied best everywhere (the new kld, entropy on linear bins, makes the same choices at
-2-3x the search cost; the old log-bin kld ruined three real models). See README, "Defaults"."""
+mse is best or tied best everywhere (kld, entropy on linear bins, makes the same choices at 2-3x
+the search cost; a kld on log-scale bins ruins three real models, see fp8core.losses.kld). See
+README, "Defaults"."""
 DEFAULT_BATCH_SIZE = 16
 TaskRunnerName = Literal["thread", "process", "dask"]
 

@@ -39,8 +39,8 @@ class ParquetSource(CalibrationSource):
         for file in self._file_list:
             try:
                 # pre_buffer (pyarrow's default) keeps every column chunk it read: memory would
-                # grow with the file; a 1 MiB read buffer keeps it flat (ResNet50 data: 50 and 500
-                # samples both ~185 MB peak instead of 215 -> 486 MB).
+                # grow with the file; a 1 MiB read buffer keeps it flat (ResNet50 data: ~185 MB
+                # peak for 50 and for 500 samples; 215 and 486 MB with pre_buffer).
                 with pq.ParquetFile(file, page_checksum_verification=True, pre_buffer=False,
                                     buffer_size=1 << 20) as parquet:
                     for batch in parquet.iter_batches(batch_size=batch_size, columns=names):
