@@ -14,9 +14,10 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
 
 * ``W* = (H~ + lam I)^-1 (C W + lam W)``, ``lam = FIT_DAMP * mean(diag H~)``: where the rows
   do not determine a direction, ``W*`` stays at ``W``.
-* An op with fewer than ``MIN_ROWS_PER_FEATURE * K`` rows (:func:`fp8core.gptq.rows_determine`)
-  is left as round to nearest, bias included: a classifier head or a squeeze-excitation conv fed
-  32 samples would be fitted to noise.
+* The refit needs ``MIN_ROWS_PER_FEATURE * K`` rows, else ``W* = W`` (GPTQ with ``H~`` only). An op
+  with fewer rows than inputs (:func:`fp8core.gptq.rows_determine`) is left at round to nearest,
+  bias included: a classifier head or a squeeze-excitation conv fed 32 samples would be fitted to
+  noise.
 * The bias then removes the mean output shift that is left:
   ``b += alpha / beta * (mean(X) W - mean(X~) Q)`` (ops with a bias, as :mod:`fp8core.weight_adjust`).
 * A Conv sample contributes at most ``ROWS_PER_PIECE`` of its im2col rows, at evenly spaced
@@ -47,7 +48,7 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.feature_moments import Rows, moment_options
-from fp8core.gptq import gptq_round_groups, rows_determine
+from fp8core.gptq import MIN_ROWS_PER_FEATURE, gptq_round_groups, rows_determine
 from fp8core.model import Model
 from fp8core.plan import OpPlan
 from fp8core.rewrite import rewrite_to_fp8
@@ -92,7 +93,7 @@ def fitted_weight(w: np.ndarray, m: PairedMoments, damp: float = FIT_DAMP) -> np
     """``W*`` per group (module docstring); ``w`` is ``[G, K, N]`` float64."""
     out = np.array(w, np.float64)
     k = w.shape[1]
-    if not rows_determine(m.count, k):
+    if m.count < MIN_ROWS_PER_FEATURE * k:
         return out
     for g in range(w.shape[0]):
         h = m.h_fp8[g]
@@ -173,9 +174,8 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
             stored = index.constant_value(op.weight)
             w = op.to_groups(stored.astype(np.float32)).astype(np.float64)
             nearest = op.to_groups(dequantized_weight(stored, op.params)).astype(np.float64)
-            fitted = rows_determine(m.count, w.shape[1])
-            row = {"op": op.name, "rows": m.count, "refit": fitted}
-            if not fitted:
+            row = {"op": op.name, "rows": m.count, "refit": m.count >= MIN_ROWS_PER_FEATURE * w.shape[1]}
+            if not rows_determine(m.count, w.shape[1]):
                 report.append({**row, "output_error_reduction": 0.0})
                 continue
             target = fitted_weight(w, m)

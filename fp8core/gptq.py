@@ -27,16 +27,16 @@ from fp8core.scale import Scale
 
 DAMP = 0.01
 BLOCK = 128
-MIN_ROWS_PER_FEATURE = 4
+MIN_ROWS_PER_FEATURE = 4  # a least-squares refit of the weight itself (fp8core.activation_fit) needs more
 
 
 def rows_determine(rows: int, features: int) -> bool:
-    """Whether ``rows`` calibration rows of ``features`` inputs are enough to fit a weight to them
-    (GPTQ, a least-squares refit, a measured bias shift). With fewer, ``H`` has rank below (or
-    barely above) K and the fit follows the noise of those rows: PP-OCRv4 rec's squeeze-excitation
-    convs read one pooled row per sample (32 rows for K = 120-480), and fitting them emptied 31 of
-    120 recognised lines (CER 0.059 with round to nearest, 0.166 fitted, 0.047 with this rule)."""
-    return rows >= MIN_ROWS_PER_FEATURE * features
+    """Whether ``rows`` calibration rows of ``features`` inputs can carry a fit of the weight to
+    them (GPTQ, a measured bias shift). With fewer rows than inputs ``H`` is singular: the rows do
+    not span the inputs and a fit follows their noise. PP-OCRv4 rec's squeeze-excitation convs read
+    one pooled row per sample (32 rows for K = 60-480); fitting them emptied 31 of 120 recognised
+    lines (CER 0.059 with round to nearest, 0.166 fitted, 0.047 with them left at nearest)."""
+    return rows >= features
 
 
 def fp8_grid(fmt: str, scale: Scale | np.ndarray | float) -> callable:

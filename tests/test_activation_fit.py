@@ -128,19 +128,19 @@ def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
 
 
 def test_ops_whose_rows_do_not_determine_a_fit_stay_round_to_nearest_bias_included():
-    """32 rows for K = 16 inputs (fewer than 4 per input, as a squeeze-excitation conv reading one
+    """12 rows for K = 16 inputs (fewer rows than inputs, as a squeeze-excitation conv reading one
     pooled row per sample): fitting them follows their noise (PP-OCRv4 rec lost whole lines)."""
     from onnx import numpy_helper
 
     model = chain(depth=2)
     plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
     rng = np.random.default_rng(4)
-    few = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((32, K)) + 1.0).astype(np.float32)})
+    few = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((12, K)) + 1.0).astype(np.float32)})
     enough = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
     nearest = rewrite_to_fp8(model, plans)
     for source, fitted_expected in ((few, False), (enough, True)):
         fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True)
-        assert all(r["refit"] is fitted_expected for r in report), report
+        assert all(r["refit"] is fitted_expected for r in report), report  # 256 rows: >= 4 per input
         same = rewrite_to_fp8(fitted, plans).SerializeToString() == nearest.SerializeToString()
         assert same is not fitted_expected
         if not fitted_expected:
