@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -387,9 +387,7 @@ def with_initializers(light: onnx.ModelProto, large: list[onnx.TensorProto], add
     """Put the large initializers back (one copy each) and drop the inputs that stood for them."""
     if not large:
         return light
-    inputs = [i for i in light.graph.input if i.name not in added_inputs]
-    del light.graph.input[:]
-    light.graph.input.extend(inputs)
+    keep_only(light.graph.input, lambda i: i.name not in added_inputs)
     light.graph.initializer.extend(large)
     return light
 
@@ -415,6 +413,20 @@ class FreshNames:
             name, k = f"{base}_{k}", k + 1
         self.used.add(name)
         return name
+
+
+def replace_all(field, items: Iterable) -> None:
+    """The repeated proto field ``field`` (nodes, initializers, inputs, ...) holds ``items`` instead, in order."""
+    items = list(items)
+    del field[:]
+    field.extend(items)
+
+
+def keep_only(field, keep: Callable[[Any], bool]) -> None:
+    """Remove the items of the repeated proto field ``field`` that ``keep`` rejects; order unchanged."""
+    kept = [x for x in field if keep(x)]
+    if len(kept) != len(field):
+        replace_all(field, kept)
 
 
 def with_value(tensor: onnx.TensorProto, values: dict[str, np.ndarray]) -> onnx.TensorProto:

@@ -31,8 +31,9 @@ from fp8core.graph import (
     ModelError,
     assign_node_names,
     assign_subgraph_node_names,
+    keep_only,
+    replace_all,
     subgraphs,
-    walk_graphs,
     with_initializers,
     without_large_initializers,
     default_opset,
@@ -158,9 +159,8 @@ def repair_declared_shapes(model: onnx.ModelProto, final: bool = True) -> str | 
 def _drop_value_info(graph: onnx.GraphProto) -> None:
     del graph.value_info[:]
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                _drop_value_info(sub)
+        for _, body in subgraphs(node):
+            _drop_value_info(body)
 
 
 def _scale_tensor(name: str, p: QuantParams, elem_type: int) -> onnx.TensorProto:
@@ -182,10 +182,8 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     names: set[str] = set()
     for node in nodes:
         names.update(i for i in node.input if i)
-        for attr in node.attribute:
-            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
-            for sub in subgraphs:
-                names |= _names_read(list(sub.node)) | {o.name for o in sub.output}
+        for _, body in subgraphs(node):
+            names |= _names_read(list(body.node)) | {o.name for o in body.output}
     return names
 
 
@@ -194,14 +192,8 @@ def _drop_unread_body_constants(nodes: list[onnx.NodeProto], used: set[str]) -> 
     now stored in FP8) are removed from the bodies."""
     for node in nodes:
         for _, body in subgraphs(node):
-            keep = [n for n in body.node if not (n.op_type == "Constant" and n.output[0] not in used)]
-            if len(keep) != len(body.node):
-                del body.node[:]
-                body.node.extend(keep)
-            inits = [t for t in body.initializer if t.name in used]
-            if len(inits) != len(body.initializer):
-                del body.initializer[:]
-                body.initializer.extend(inits)
+            keep_only(body.node, lambda n: not (n.op_type == "Constant" and n.output[0] not in used))
+            keep_only(body.initializer, lambda t: t.name in used)
             _drop_unread_body_constants(list(body.node), used)
 
 
@@ -370,9 +362,7 @@ def rewrite_to_fp8(
             elif any(True for _ in subgraphs(node)):
                 node = copy.deepcopy(node)
                 for _, sub in subgraphs(node):
-                    sub_nodes = rewritten(sub)
-                    del sub.node[:]
-                    sub.node.extend(sub_nodes)
+                    replace_all(sub.node, rewritten(sub))
             nodes.append(node)
         return nodes
 
@@ -385,20 +375,13 @@ def rewrite_to_fp8(
     _drop_unread_body_constants(kept_nodes, still_used)
     kept_inits = [t for t in list(graph.initializer) + large if t.name in still_used]
     graph_input_names = {t.name for t in graph.initializer} | {t.name for t in large}
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits + new_inits)
+    replace_all(graph.node, kept_nodes)
+    replace_all(graph.initializer, kept_inits + new_inits)
     for op, flag in sorted((switches or {}).items(), key=lambda kv: kv[1]):
         graph.input.append(helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
     # IR<4 models list initializers as inputs too: drop the ones that are gone.
     gone = (graph_input_names - {t.name for t in graph.initializer}) | added_inputs
-    if gone:
-        keep_inputs = [i for i in graph.input if i.name not in gone]
-        del graph.input[:]
-        graph.input.extend(keep_inputs)
+    keep_only(graph.input, lambda i: i.name not in gone)
     # value_info of removed weights would be stale
-    keep_vi = [v for v in graph.value_info if v.name in still_used or v.name in index.producer]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_vi)
+    keep_only(graph.value_info, lambda v: v.name in still_used or v.name in index.producer)
     return model
