@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import CalibrationSource
+from fp8core.capture import RUN_SAMPLES
 from fp8core.feature_moments import Rows, moment_options
 from fp8core.gptq import MIN_ROWS_PER_FEATURE, gptq_round_groups, rows_determine
 from fp8core.model import Model
@@ -131,7 +132,10 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     taps = [Tap(model, tensors, moment_options(), label=label)
             for (model, tensors), label in zip(runs, ("the FP8 model", "the original model"))]
     moments = {op.name: PairedMoments() for op in ops}
-    for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None):
+    # RUN_SAMPLES per run, as capture: every op's input (twice) of a whole batch held at once
+    # peaked at 1.9 GB on a 10 MB OCR model
+    for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None,
+                        run_samples=RUN_SAMPLES):
         ys = batch.values
         xs = ys if float_model is None else batch.paired
         for op in ops:
