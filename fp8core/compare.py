@@ -60,7 +60,7 @@ import onnx
 from fp8core.errors import FP8Error
 from fp8core.calibration import CalibrationSource
 from fp8core.charts import per_op_bar_chart
-from fp8core.graph import GraphIndex, graph_inputs
+from fp8core.graph import GraphIndex, graph_inputs, nodes_by_name
 from fp8core.model import Model
 from fp8core.losses import snr_db
 from fp8core.modelio import write_bytes_atomic
@@ -293,6 +293,7 @@ class ComparisonReport:
     samples: int
     data: str | None = None
     histogram_range: str = "two_pass"
+    body_ops: tuple[str, ...] = ()  # FP8 ops inside If/Loop/Scan bodies: not compared one by one
 
     @property
     def op_rows(self) -> list[TensorComparison]:
@@ -317,7 +318,7 @@ class ComparisonReport:
         worst = [r.label for r in self.worst_ops()]
         return {
             "samples": self.samples, "data": self.data, "histogram_range": self.histogram_range,
-            "histogram_bins": HISTOGRAM_BINS, "worst_ops": worst,
+            "histogram_bins": HISTOGRAM_BINS, "worst_ops": worst, "body_ops": list(self.body_ops),
             "model_outputs": {m: _json_float(self.output_metric(m)) for m in METRICS} if self.output_rows else {},
             "tensors": [r.to_dict() for r in self.rows],
         }
@@ -344,11 +345,14 @@ def _json_floats(d: dict) -> dict:
 def comparison_targets(float_model: onnx.ModelProto, plans: list[OpPlan]) -> list[TensorComparison]:
     """Empty accumulators for every FP8 op's output and every model output, in graph order."""
     nodes = {n.name: n for n in float_model.graph.node}
+    in_bodies = nodes_by_name(float_model.graph).keys() - nodes.keys()
     index = GraphIndex(float_model.graph)
     fed = {vi.name for vi in graph_inputs(float_model.graph)}  # identical in both models: snr 0
     rows = []
     for plan in sorted((p for p in plans if p.fp8), key=lambda p: p.position):
         node = nodes.get(plan.name)
+        if node is None and plan.name in in_bodies:  # its output lives in a body: body_ops
+            continue
         if node is None:
             raise CompareError(f"plan names op {plan.name!r}, which is not in the model; plan the same model")
         inputs = tuple(t for t in node.input if t and t not in fed and not index.is_constant(t))
@@ -433,7 +437,8 @@ def compare_models(
         for row in rows:
             row.start_histograms()
         accumulate(runs(per_pass), [Histograms(rows)])
-    return ComparisonReport(rows, samples, str(source.path), histogram_range)
+    body_ops = tuple(p.name for p in plans if p.fp8 and p.name not in {r.label for r in rows})
+    return ComparisonReport(rows, samples, str(source.path), histogram_range, body_ops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,6 +465,8 @@ def format_compare_log(report: ComparisonReport, keep_gain: dict[str, float] | N
              f"snr_db = -10 log10(snr); added_snr = snr - snr of the op's input (the op's own part); histograms: {HISTOGRAM_BINS} bins, range {report.histogram_range}",
              *([f"keep_gain = how much the model outputs' {gain_metric} drops when this op alone is kept in "
                 f"original precision (measured; the ops that matter most are marked)"] if keep_gain else []),
+             *([f"{len(report.body_ops)} FP8 op(s) inside If/Loop/Scan bodies are not compared one by one "
+                f"(their effect is in the model outputs): {', '.join(report.body_ops)}"] if report.body_ops else []),
              ""]
     header = (f"{'#':>3}  {'tensor':<28} {'kind':<12} {'mse':>10} {'mae':>10} {'snr':>10} {'snr_db':>8} "
               f"{'cos_dist':>10} {'added_snr':>10}  " + (f"{'keep_gain':>10}  " if keep_gain else ""))

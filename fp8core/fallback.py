@@ -180,6 +180,7 @@ class OutputProbe:
     def __init__(self, float_model: Model | onnx.ModelProto, source: CalibrationSource, batch_size: int = 16,
                  max_samples: int | None = 32):
         self.output_names = [o.name for o in Model.of(float_model).graph.output]
+        self._rebuild = (float_model, source, batch_size)
         self.batches: list[tuple[dict, list[np.ndarray]]] = []
         if source.num_samples and max_samples != 0:
             tap = Tap(float_model, self.output_names, label="the original model")
@@ -190,19 +191,14 @@ class OutputProbe:
         self.samples = sum(len(next(iter(f.values()))) for f, _ in self.batches)
 
     def first(self, n: int) -> OutputProbe:
-        """The same probe on its first ``n`` samples (no new runs of the original model)."""
+        """The same probe on its first ``n`` samples.
+
+        The original model runs again on them: slicing the kept batches would need every input's
+        and output's batch axis, and a recurrent state (``state[2, batch, 128]`` in, ``stateN`` out)
+        has it elsewhere than axis 0."""
         if n >= self.samples:
             return self
-        out = object.__new__(OutputProbe)
-        out.output_names, out.batches, left = self.output_names, [], n
-        for feeds, reference in self.batches:
-            k = min(left, len(next(iter(feeds.values()))))
-            out.batches.append(({name: v[:k] for name, v in feeds.items()}, [r[:k] for r in reference]))
-            left -= k
-            if left == 0:
-                break
-        out.samples = n
-        return out
+        return OutputProbe(*self._rebuild, max_samples=n)
 
     def measure(self, model: Model | onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""

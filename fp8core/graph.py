@@ -237,6 +237,11 @@ def walk_graphs(graph: onnx.GraphProto, path: tuple[onnx.NodeProto, ...] = ()):
             yield from walk_graphs(body, path + (node,))
 
 
+def nodes_by_name(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Every named node of ``graph`` and of the If/Loop/Scan bodies inside it (plans name body ops too)."""
+    return {n.name: n for g, _ in walk_graphs(graph) for n in g.node if n.name}
+
+
 def assign_subgraph_node_names(graph: onnx.GraphProto) -> None:
     """Name unnamed nodes inside If/Loop/Scan bodies ``<holder>/<attr>/OpType_index`` (the
     holder's name, the attribute, the position in the body), unique across the whole model."""

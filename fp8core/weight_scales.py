@@ -62,7 +62,7 @@ from onnx import helper, numpy_helper
 
 from fp8core.errors import FP8Error
 from fp8core.formats import FP8Format, decode, encode_to_dtype, get_format, round_trip
-from fp8core.graph import node_attr
+from fp8core.graph import node_attr, nodes_by_name
 from fp8core.losses import KldRows, get_loss
 from fp8core.model import Model
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
@@ -503,7 +503,7 @@ def choose_weight_params(model: Model | onnx.ModelProto, plans: list[OpPlan], gr
     if not uses_real_scales(granularity, scale_kind):
         return plans
     index = Model.of(model).index()
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = nodes_by_name(model.graph)  # ops inside If/Loop/Scan bodies are FP8 too
     found: dict[tuple[str, int | None, int], RealScaleParams] = {}
     out = []
     for plan in plans:

@@ -167,10 +167,30 @@ def test_a_branch_no_calibration_sample_takes_is_kept_and_said(tmp_path, capsys)
     _check_close(src, out, data)
 
 
-@pytest.mark.parametrize("flags", [("--weight_rounding", "gptaq"), ("--bias_correction",)])
-def test_weight_adjustments_leave_ops_inside_if_branches_as_they_are(tmp_path, flags):
-    """A voice-activity model has every FP8 op inside If branches: --weight_rounding gptaq and
-    --bias_correction failed there with KeyError; they now convert it (the branch ops rounded to nearest)."""
+@pytest.mark.parametrize("flags", [("--weight_rounding", "gptaq"), ("--bias_correction",),
+                                   ("--weight_granularity", "per_channel"), ("--precision_compare",)])
+def test_flags_on_a_model_whose_fp8_ops_are_all_inside_if_branches(tmp_path, flags):
+    """A voice-activity model has every FP8 op inside If branches: --weight_rounding gptaq,
+    --bias_correction and --weight_granularity per_channel failed there with KeyError (each looked
+    the op up among top-level nodes) and --precision_compare blamed the plan. Weight adjustments
+    leave the branch ops rounded to nearest; per-channel scales reach them; the comparison names
+    them as not compared one by one."""
     model, data = real_graphs.if_branches()
     src, out = _convert(tmp_path, "if", model, data, "--quantize", "--batch_size", "6", *flags)
+    _check_close(src, out, data)
+    if "per_channel" in flags:
+        scales = {t.name: t for t in onnx.load(out).graph.initializer if "scale" in t.name}
+        assert any(len(t.dims) == 1 and t.dims[0] > 1 for t in scales.values()), sorted(scales)
+    if "--precision_compare" in flags:
+        log = (out.parent / "precision_compare.log").read_text()
+        assert "inside If/Loop/Scan bodies are not compared" in log and "then_branch" in log
+
+
+def test_accuracy_target_on_a_recurrent_state_with_its_batch_on_axis_one(tmp_path):
+    """The measured sensitivity runs on the first 8 probe samples: cutting them along axis 0 fed a
+    ``state[2, batch, 8]`` of the wrong batch (onnxruntime: 'initial_h must have shape {1,8,128}'
+    on a real voice-activity model)."""
+    model, data = real_graphs.state_batch_axis_one()
+    src, out = _convert(tmp_path, "state", model, data, "--quantize", "--batch_size", "16",
+                        "--accuracy_target", "cos_dist=0.0000001")
     _check_close(src, out, data)
