@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8core.activation_fit import PairedMoments, asymmetric_error, fit_to_fp8_inputs, fitted_weight, output_error
+from fp8core.activation_fit import PairedMoments, asymmetric_error, fit_to_fp8_inputs, fitted_weight
 from fp8core.calibration import ArraySource
 from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import QuantParams, plan_fp8_ops
@@ -67,15 +67,6 @@ def test_moments_give_the_error_computed_directly():
     size = np.sum((x_fp8[:, 0] @ w[0]) ** 2)
     want = (_direct_error(x, x_fp8, w, q1) - _direct_error(x, x_fp8, w, q2)) / size
     assert asymmetric_error(w, q1, m) - asymmetric_error(w, q2, m) == pytest.approx(want, rel=1e-9)
-    # with a bias move d: output_error(q, d) = || X W - X~ Q - d ||^2 - || X W ||^2, and two folds
-    # added give the moments of all their rows
-    d = rng.standard_normal(3)
-    direct = np.sum((x[:, 0] @ w[0] - x_fp8[:, 0] @ q1[0] - d) ** 2) - np.sum((x[:, 0] @ w[0]) ** 2)
-    assert output_error(w, q1, d, m) == pytest.approx(direct, rel=1e-9)
-    a, b = PairedMoments(), PairedMoments()
-    a.update(x[:40], x_fp8[:40])
-    b.update(x[40:], x_fp8[40:])
-    assert output_error(w, q1, d, a + b) == pytest.approx(direct, rel=1e-9) and (a + b).count == 64
     # the refit minimises the error over real weights: no small move of it does better
     star = fitted_weight(w, m, damp=0.0)
     for _ in range(20):
@@ -103,8 +94,7 @@ def test_sequential_fit_lowers_held_out_output_error_below_nearest_and_one_pass(
     one_pass, _ = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1)
     assert model.SerializeToString() == before  # the input model is untouched
     assert [r["op"] for r in report] == ["mm_0", "mm_1", "mm_2", "gemm"]
-    fitted = [r for r in report if r["held_out_reduction"] > 0]
-    assert len(fitted) >= 3 and all(r["output_error_reduction"] > 0 for r in fitted), report
+    assert all(r["output_error_reduction"] > 0 for r in report)
 
     nearest = _held_out_error(model, plans, held_out)
     e_sequential, e_one_pass = _held_out_error(sequential, plans, held_out), _held_out_error(one_pass, plans, held_out)
@@ -127,48 +117,33 @@ def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
     plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
     rng = np.random.default_rng(2)
     source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((128, K)) + 1.0).astype(np.float32)})
-    fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=3)
+    fitted, _ = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=3)
     grid = fp8_grid("F143", np.float32(2.0 ** -5))
-    weight = {"mm_0": "w0", "mm_1": "w1", "gemm": "wg"}
-    kept = {weight[r["op"]] for r in report if r["held_out_reduction"] > 0}
-    assert kept, report
     for init in fitted.graph.initializer:
-        if init.name in kept:
+        if init.name.startswith("w"):
             from onnx import numpy_helper
 
             value = numpy_helper.to_array(init)
             assert np.array_equal(grid(value), value), init.name
 
 
-def test_a_fit_is_kept_only_where_it_lowers_the_error_on_rows_it_was_not_fitted_on():
-    """12 rows for K = 16 inputs. Rows spanning every input (as a squeeze-excitation conv reading
-    one pooled row per sample: PP-OCRv4 rec lost whole lines to such fits) leave most fits worse
-    on held-out rows; rows in a 3-dim subspace (as a conv over a smooth signal: silero VAD v6
-    gains from its fits with fewer rows than inputs) carry a fit of the first op that generalises.
-    An op whose fit does not generalise keeps its float weight and bias (round to nearest)."""
+def test_ops_whose_rows_do_not_determine_a_fit_stay_round_to_nearest_bias_included():
+    """12 rows for K = 16 inputs (fewer rows than inputs, as a squeeze-excitation conv reading one
+    pooled row per sample): fitting them follows their noise (PP-OCRv4 rec lost whole lines)."""
     from onnx import numpy_helper
 
     model = chain(depth=2)
-    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
-    params = {"mm_0": ("w0", "b0"), "mm_1": ("w1", "b1"), "gemm": ("wg", "cg")}
-    rejected = generalised = 0
-    for seed in range(4):
-        rng = np.random.default_rng(seed)
-        low_rank = rng.standard_normal((12, 3)) @ rng.standard_normal((3, K)) + 1.0
-        full_rank = rng.standard_normal((12, K)) + 1.0
-        for kind, x in (("low rank", low_rank), ("full rank", full_rank)):
-            source = ArraySource(Path("c.npz"), {"x": x.astype(np.float32)})
-            fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True)
-            after = {i.name: numpy_helper.to_array(i) for i in fitted.graph.initializer}
-            gains = {r["op"]: r["held_out_reduction"] for r in report}
-            if kind == "low rank":
-                generalised += gains["mm_0"] > 0
-            for op, gain in gains.items():
-                weight, bias = params[op]
-                changed = [not np.array_equal(after[weight], original[weight]),
-                           any(n.startswith(f"{bias}_") for n in after)]  # a moved bias gets a new name
-                assert changed == [gain > 0, gain > 0], (seed, kind, op, gain, changed)
-            rejected += sum(g <= 0 for g in gains.values())
-    assert generalised >= 3  # of 4 seeds
-    assert rejected >= 6  # of 24 fits: the rule is not idle
+    rng = np.random.default_rng(4)
+    few = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((12, K)) + 1.0).astype(np.float32)})
+    enough = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
+    nearest = rewrite_to_fp8(model, plans)
+    for source, fitted_expected in ((few, False), (enough, True)):
+        fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True)
+        assert all(r["refit"] is fitted_expected for r in report), report  # 256 rows: >= 4 per input
+        same = rewrite_to_fp8(fitted, plans).SerializeToString() == nearest.SerializeToString()
+        assert same is not fitted_expected
+        if not fitted_expected:
+            assert all(r["output_error_reduction"] == 0.0 for r in report)
+            assert {i.name: numpy_helper.to_array(i).tobytes() for i in fitted.graph.initializer} == \
+                {i.name: numpy_helper.to_array(i).tobytes() for i in model.graph.initializer}
