@@ -388,17 +388,6 @@ DOMINANCE_MIN_OPS = 8
 noise is no outlier), and keeping one gives up an eighth or more of the FP8 ops: no search."""
 
 
-SCREEN_SAMPLES = 2
-"""Samples the group-testing descent runs on; each op it arrives at is then measured alone on
-``SENSITIVITY_SAMPLES``. Trials on an FP8 model in onnxruntime's CPU emulation are most of a
-default ``--quantize`` (a YOLOX detector: 14 trials, 36 of 50 s), and a dominant op dominates on
-any image: the first Conv of YOLOv8n carries 82% of the noise."""
-
-SCREEN_MARGIN = 0.75
-"""The descent follows a group that removes ``SCREEN_MARGIN * share`` of the noise of its few
-samples, so an op whose share those samples understate is still measured on all of them."""
-
-
 @dataclasses.dataclass
 class Dominance:
     """The ops that alone carry at least ``share`` of the model outputs' noise (``metric``, lower
@@ -410,15 +399,14 @@ class Dominance:
     found: dict[str, float]  # op -> share of the noise that keeping it alone removes
     trials: int
     samples: int
-    screen_samples: int | None = None  # samples of the descent's trials (None: ``samples``)
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "share": self.share, "all_fp8": _json(self.all_fp8), "found": self.found,
-                "trials": self.trials, "samples": self.samples, "screen_samples": self.screen_samples}
+                "trials": self.trials, "samples": self.samples}
 
 
 def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, metric: str = SENSITIVITY_METRIC,
-                      samples: int = SENSITIVITY_SAMPLES, screen_samples: int = SCREEN_SAMPLES) -> Dominance:
+                      samples: int = SENSITIVITY_SAMPLES) -> Dominance:
     """The ops whose return alone to original precision removes at least ``share`` of the model
     outputs' noise: an image model's first Conv, reading near-uniform pixels E4M3's 3 mantissa
     bits cannot hold, is the typical one; on most models no op dominates. Models with fewer than
@@ -427,32 +415,22 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
     Group testing instead of one trial per op: keeping a group in original precision removes at
     least what any op of it removes alone, so a group that removes less than ``share`` holds no
     dominant op and is dropped; one that removes more is halved (graph order) until single ops
-    remain. Two disjoint groups rarely both remove more than half, so with ``share`` >= 0.5 this
-    takes about ``2 log2(candidates)`` trials (a search of 64 ops: 13). They run on the first
-    ``screen_samples`` samples (against ``SCREEN_MARGIN * share``); only the single ops the
-    descent reaches are measured on all ``samples``, and those measurements decide.
+    remain, each then measured alone. Two disjoint groups rarely both remove more than half, so
+    with ``share`` >= 0.5 this takes about ``2 log2(candidates)`` trials (a search of 64 ops: 13).
     """
     if not 0 < share <= 1:
         raise FallbackError(f"--keep_dominant_share {share!r}: give a share in (0, 1], or 0 to turn it off")
-    full = trials.on_first(samples)
-    names = sorted(candidates, key=full.position.get)
-    all_fp8 = full.metrics([])[metric]
+    trials = trials.on_first(samples)
+    names = sorted(candidates, key=trials.position.get)
+    all_fp8 = trials.metrics([])[metric]
     found: dict[str, float] = {}
-    screen, screen_all, margin = full, all_fp8, 1.0
-    if screen_samples < full.probe.samples:
-        screen = full.on_first(screen_samples)
-        screen_all, margin = screen.metrics([])[metric], SCREEN_MARGIN
-        if not (screen_all > 0 and math.isfinite(screen_all)):  # no noise on the few: descend on all
-            screen, screen_all, margin = full, all_fp8, 1.0
 
     def search(group: list[str]) -> None:
-        removed = (screen_all - screen.metrics(group)[metric]) / screen_all
-        if not removed >= share * margin:  # NaN too
+        removed = (all_fp8 - trials.metrics(group)[metric]) / all_fp8
+        if not removed >= share:  # NaN too
             return
         if len(group) == 1:
-            alone = (all_fp8 - full.metrics(group)[metric]) / all_fp8
-            if alone >= share:
-                found[group[0]] = float(alone)
+            found[group[0]] = float(removed)
             return
         half = len(group) // 2
         search(group[:half])
@@ -461,9 +439,7 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
     if len(names) >= DOMINANCE_MIN_OPS and all_fp8 > 0 and math.isfinite(all_fp8):
         search(names)
     ranked = dict(sorted(found.items(), key=lambda kv: -kv[1]))
-    count = full.count + (screen.count if screen is not full else 0)
-    return Dominance(metric, share, all_fp8, ranked, count, full.probe.samples,
-                     screen.probe.samples if screen is not full else None)
+    return Dominance(metric, share, all_fp8, ranked, trials.count, trials.probe.samples)
 
 
 def keep_dominant_ops(plans: list[OpPlan], dominance: Dominance) -> list[OpPlan]:

@@ -198,9 +198,7 @@ def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
         trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
         dominance = find_dominant_ops(trials, [p.name for p in plans if p.fp8], 0.5)
         assert list(dominance.found) == expected, dominance
-        # the descent on 2 samples (about 2 log2(16) + 1 trials), then all FP8 and each op it
-        # reaches on all 8; one op at a time: 17 trials on 8 samples
-        assert dominance.trials <= 2 * 4 + 4 and dominance.screen_samples == 2, dominance
+        assert dominance.trials <= 2 * 4 + 2, dominance.trials  # one op at a time: 17
         if bad is not None:  # what the search says is what keeping it alone measures
             alone = measure_sensitivity(trials, ["mm_11"])
             assert dominance.found["mm_11"] == pytest.approx(alone.gain("mm_11") / alone.all_fp8)
