@@ -127,23 +127,31 @@ def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
             assert np.array_equal(grid(value), value), init.name
 
 
-def test_ops_whose_rows_do_not_determine_a_fit_stay_round_to_nearest_bias_included():
+def test_ops_with_fewer_rows_than_inputs_get_gptq_weights_but_keep_their_biases():
     """12 rows for K = 16 inputs (fewer rows than inputs, as a squeeze-excitation conv reading one
-    pooled row per sample): fitting them follows their noise (PP-OCRv4 rec lost whole lines)."""
+    pooled row per sample): the mean output shift of so few rows follows their noise (PP-OCRv4 rec
+    lost whole lines to such bias shifts), so the biases stay; the weights are still rounded by
+    GPTQ with the damped Hessian, which lowers the error on those rows (PP-OCRv4 rec's best CER)."""
     from onnx import numpy_helper
 
     model = chain(depth=2)
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
     rng = np.random.default_rng(4)
     few = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((12, K)) + 1.0).astype(np.float32)})
     enough = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
-    nearest = rewrite_to_fp8(model, plans)
-    for source, fitted_expected in ((few, False), (enough, True)):
+    weights = {"mm_0": "w0", "mm_1": "w1", "gemm": "wg"}
+    for source, many in ((few, False), (enough, True)):
         fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True)
-        assert all(r["refit"] is fitted_expected for r in report), report  # 256 rows: >= 4 per input
-        same = rewrite_to_fp8(fitted, plans).SerializeToString() == nearest.SerializeToString()
-        assert same is not fitted_expected
-        if not fitted_expected:
-            assert all(r["output_error_reduction"] == 0.0 for r in report)
-            assert {i.name: numpy_helper.to_array(i).tobytes() for i in fitted.graph.initializer} == \
-                {i.name: numpy_helper.to_array(i).tobytes() for i in model.graph.initializer}
+        after = {i.name: numpy_helper.to_array(i) for i in fitted.graph.initializer}
+        assert all(r["refit"] is many for r in report), report  # 256 rows: >= 4 per input
+        assert all(r["output_error_reduction"] >= 0 for r in report), report
+        assert sum(r["output_error_reduction"] > 0 for r in report) >= 2, report
+        for r in report:
+            assert not np.array_equal(after[weights[r["op"]]], original[weights[r["op"]]])  # GPTQ'd
+        moved_biases = {n for n in after if n.endswith("_bias_corrected") or n.startswith(("b0_", "b1_", "cg_"))}
+        if many:
+            assert moved_biases and all("bias" not in r for r in report), report
+        else:
+            assert not moved_biases and all(r["bias"] == "kept: fewer rows than inputs" for r in report), report
+            assert all(np.array_equal(after[b], original[b]) for b in ("b0", "b1", "cg"))
