@@ -347,9 +347,10 @@ def first_runs(case: ModelCase) -> list[RunSpec]:
     runs.append(RunSpec("gptaq", f"--quantize --quantize_loss_type {default} + --weight_rounding gptaq",
                         ["--precision", "fp8", *quantize_args(case, default), "--weight_rounding", "gptaq"]))
     # the eligible shape: full FP8 but the 3 ops that matter most, with the weight fit
-    runs.append(RunSpec("gptaq_keep_3", f"--quantize --quantize_loss_type {default} + --weight_granularity "
-                        "per_channel + --weight_rounding gptaq + --num_of_layers_keep_fp16 3",
-                        ["--precision", "fp8", *quantize_args(case, default), "--weight_granularity", "per_channel",
+    # (no per_channel: on the real-model suite's EfficientNet-Lite0 it took this 0.729 -> 0.641)
+    runs.append(RunSpec("gptaq_keep_3", f"--quantize --quantize_loss_type {default} + --weight_rounding gptaq "
+                        "+ --num_of_layers_keep_fp16 3",
+                        ["--precision", "fp8", *quantize_args(case, default),
                          "--weight_rounding", "gptaq", "--num_of_layers_keep_fp16", "3"],
                         needs=("--num_of_layers_keep_fp16",)))
     return runs
@@ -620,7 +621,7 @@ CONTRIBUTIONS = (
     ("scale_float", "quantize_{base}", "real per-tensor weight scales"),
     ("gptq", "quantize_{base}", "GPTQ weight rounding"),
     ("gptaq", "quantize_{default}", "weights and biases fitted to the FP8 model's own inputs (default loss)"),
-    ("gptaq_keep_3", "gptaq", "per-channel scales and the 3 ops that matter most kept, on top of gptaq"),
+    ("gptaq_keep_3", "gptaq", "the 3 ops that matter most kept, on top of gptaq"),
     ("bias_correction", "quantize_{base}", "bias correction"),
     ("combined", "quantize_{base}", "all weight techniques together"),
     ("keep_1", "quantize_{base}", "1 worst op kept in high precision"),
