@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
 from fp8core.graph import (FreshNames, GraphIndex, node_attr, replace_constants, with_initializers, with_value,
                            without_large_initializers)
-from fp8core.gptq import fp8_grid, gptq_round_groups, rows_determine
+from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.scale import Scale
 from fp8core.weight_scales import dequantized_weight
@@ -212,9 +212,7 @@ def adjust_weights(model: onnx.ModelProto, plans: list[OpPlan], moments: dict[st
         wq = nearest = op.to_groups(dequantized_weight(w_stored, op.params))
         row = {"op": op.name, "op_type": "Conv" if op.layout == "conv" else "MatMul/Gemm",
                "weight": op.weight, "rounding": "nearest"}
-        if gptq and m.gram is not None and not rows_determine(m.count, w.shape[1]):
-            row["rounding"] = f"nearest ({m.count} rows for {w.shape[1]} inputs: too few for GPTQ)"
-        elif gptq and m.gram is not None:
+        if gptq and m.gram is not None:
             wq = gptq_round_groups(w, m.gram, _grid(op, w.shape[0]))
             row.update(rounding="gptq", output_sq_error_nearest=output_error_groups(w, nearest, m.gram),
                        output_sq_error_gptq=output_error_groups(w, wq, m.gram))

@@ -131,14 +131,14 @@ def test_quantize_with_every_new_flag(tmp_path, capsys):
     run = client.search_runs([client.get_experiment_by_name("weights").experiment_id])[0]
     assert run.data.params["weight_rounding"] == "gptq" and run.data.params["weight_granularity"] == "per_channel"
     adjusted = [k.split("/", 1)[1] for k in run.data.metrics if k.startswith("output_sq_error_gptq/")]
-    # the two Convs (im2col rows) and Gemm_10 (64 rows, 64 inputs); MatMul_7 sees 64 rows for 256
-    # inputs, too few for GPTQ to be more than a fit to their noise: round to nearest, and it says why
-    assert len(adjusted) == 3 and "Gemm_10" in adjusted and "MatMul_7" not in adjusted
+    # every op, MatMul_7 too (64 rows for 256 inputs: GPTQ with the damped Hessian still lowers the
+    # error on them; on real models such ops gained, PP-OCRv4 rec 0.508 -> 0.650)
+    assert len(adjusted) == 4 and {"Gemm_10", "MatMul_7"} <= set(adjusted)
     for op in adjusted:
         assert run.data.metrics[f"output_sq_error_gptq/{op}"] < run.data.metrics[f"output_sq_error_nearest/{op}"]
     assert "weight_adjust.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     rows = {r["op"]: r for r in json.loads(open(client.download_artifacts(run.info.run_id, "weight_adjust.json")).read())["ops"]}
-    assert rows["MatMul_7"]["rounding"] == "nearest (64 rows for 256 inputs: too few for GPTQ)"
+    assert rows["MatMul_7"]["rounding"] == "gptq"
 
 
 def test_gptq_lowers_the_output_error_of_a_generated_layer():
