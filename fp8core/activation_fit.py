@@ -17,10 +17,10 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
 * The refit needs ``MIN_ROWS_PER_FEATURE * K`` rows, else ``W* = W`` (GPTQ with ``H~`` only).
 * The bias shift below needs as many rows as inputs (:func:`fp8core.gptq.rows_determine`): the
   mean output shift of fewer rows follows their noise. PP-OCRv4 rec's squeeze-excitation convs
-  read one pooled row per sample (32 rows for K = 60-480); fitted with their biases shifted
-  they emptied 23 of 120 recognised lines. Their GPTQ weights alone help: CER 0.059 (nearest) -> 0.046 (such ops left at
-  nearest) -> 0.028 (their weights GPTQ'd, biases kept), and silero VAD v6 (32-160 rows for
-  K = 129-387) 0.982 -> 0.996 (real-model suite).
+  read one pooled row per sample (32 rows for K = 60-480); fitted with their biases shifted they
+  emptied 23 of 120 recognised lines. Their GPTQ weights alone help: CER 0.059 (nearest) -> 0.046
+  (such ops left at nearest) -> 0.028 (their weights GPTQ'd, biases kept), and silero VAD v6
+  (32-160 rows for K = 129-387) 0.982 -> 0.996 (real-model suite).
 * The bias then removes the mean output shift that is left:
   ``b += alpha / beta * (mean(X) W - mean(X~) Q)`` (ops with a bias, as :mod:`fp8core.weight_adjust`).
 * A Conv sample contributes at most ``ROWS_PER_PIECE`` of its im2col rows, at evenly spaced

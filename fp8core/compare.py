@@ -437,7 +437,8 @@ def compare_models(
         for row in rows:
             row.start_histograms()
         accumulate(runs(per_pass), [Histograms(rows)])
-    body_ops = tuple(p.name for p in plans if p.fp8 and p.name not in {r.label for r in rows})
+    compared = {r.label for r in rows}
+    body_ops = tuple(p.name for p in plans if p.fp8 and p.name not in compared)
     return ComparisonReport(rows, samples, str(source.path), histogram_range, body_ops)
 
 
