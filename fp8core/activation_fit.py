@@ -76,21 +76,20 @@ class PairedMoments:
     sum_float: np.ndarray | None = None  # [G, K]
 
     def update(self, x: np.ndarray, x_fp8: np.ndarray) -> None:
-        """Add rows ``[R, G, K]`` of both. A piece's products may be float32 (sums of at most
-        ``ROWS_PER_PIECE`` rows); the running sums are float64."""
-        g, k = x.shape[1], x.shape[2]
+        """Add group-major rows ``[G, R, K]`` of both. A piece's products may be float32 (sums of at
+        most ``ROWS_PER_PIECE`` rows); the running sums are float64."""
+        g, r, k = x.shape
         if self.h_fp8 is None:
             self.h_fp8, self.cross = np.zeros((g, k, k)), np.zeros((g, k, k))
             self.sum_fp8, self.sum_float = np.zeros((g, k)), np.zeros((g, k))
-        both = np.concatenate([x_fp8, x], axis=2).transpose(1, 0, 2).copy()  # [G, R, 2K], contiguous
-        # [G, K, 2K]: X~^T [X~, X] in one product; a contiguous left operand keeps it on BLAS
-        products = np.ascontiguousarray(both[:, :, :k].transpose(0, 2, 1)) @ both
+        both = np.concatenate([x_fp8, x], axis=2)  # [G, R, 2K]
+        products = np.ascontiguousarray(x_fp8.transpose(0, 2, 1)) @ both  # [G, K, 2K]: X~^T [X~, X]
         self.h_fp8 += products[:, :, :k]
         self.cross += products[:, :, k:]
-        sums = both.sum(axis=1, dtype=np.float64)
-        self.sum_fp8 += sums[:, :k]
-        self.sum_float += sums[:, k:]
-        self.count += x.shape[0]
+        # float64 sums: the bias shift is a small difference of two of them
+        self.sum_fp8 += x_fp8.sum(axis=1, dtype=np.float64)
+        self.sum_float += x.sum(axis=1, dtype=np.float64)
+        self.count += r
 
 
 def fitted_weight(w: np.ndarray, m: PairedMoments, damp: float = FIT_DAMP) -> np.ndarray:
@@ -143,8 +142,8 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
         xs = ys if float_model is None else batch.paired
         for op in ops:
             fp8_rows = dataclasses.replace(op.rows, tensor=reads[op.name])
-            for x, y in zip(op.rows.groups_of(xs[op.input], ROWS_PER_PIECE, np.float32),
-                            fp8_rows.groups_of(ys[reads[op.name]], ROWS_PER_PIECE, np.float32)):
+            for x, y in zip(op.rows.group_rows(xs[op.input], ROWS_PER_PIECE, np.float32),
+                            fp8_rows.group_rows(ys[reads[op.name]], ROWS_PER_PIECE, np.float32)):
                 moments[op.name].update(x, y)
     return moments
 

@@ -65,13 +65,15 @@ class Rows:
         return (f"{self.tensor}|patches k={self.kernel} s={self.strides} d={self.dilations} "
                 f"p={self.pads} {self.auto_pad} g={self.group}")
 
-    def groups_of(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> Iterator[np.ndarray]:
-        """The rows of a captured batch ``x`` as ``[R, G, K]`` pieces of ``dtype`` (one per sample for
-        Conv; with ``max_rows``, at most that many of a sample's rows, at evenly spaced positions)."""
+    def group_rows(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> Iterator[np.ndarray]:
+        """The rows of a captured batch ``x`` as group-major ``[G, R, K]`` pieces of ``dtype`` (one
+        per sample for Conv; with ``max_rows``, at most that many of a sample's rows, at evenly
+        spaced positions). Group-major, because every consumer multiplies each group's rows by
+        themselves: a depthwise Conv's ``[R, G, K]`` pieces cost more to transpose than to multiply."""
         x = np.asarray(x)
         if self.kernel is None:
             k = x.shape[self.feature_axis]
-            yield np.moveaxis(x, self.feature_axis, -1).reshape(-1, 1, k).astype(dtype)
+            yield np.moveaxis(x, self.feature_axis, -1).reshape(1, -1, k).astype(dtype)
             return
         for sample in x:
             yield self._patches(sample, max_rows, dtype)
@@ -91,26 +93,27 @@ class Rows:
         return [0] * d, [0] * d
 
     def _patches(self, sample: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> np.ndarray:
-        """im2col of one sample ``[C, *spatial]``: ``[positions, G, C / G * prod(kernel)]``."""
+        """im2col of one sample ``[C, *spatial]``: ``[G, positions, C / G * prod(kernel)]``, by one
+        gather of flat offsets (output position + kernel tap) into the padded sample."""
         c, spatial = sample.shape[0], tuple(sample.shape[1:])
         d = len(spatial)
         begin, end = self._begin_end_pads(spatial)
-        padded = np.pad(sample, [(0, 0)] + list(zip(begin, end)))  # converted to dtype only for the rows kept
+        padded = np.pad(sample, [(0, 0)] + list(zip(begin, end)))
+        size = padded.shape[1:]
         span = [(k - 1) * dil + 1 for k, dil in zip(self.kernel, self.dilations)]
-        windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(1, d + 1)))
-        # windows: [C, *positions (stride 1), *span]; keep every stride-th position, every dilation-th tap
-        windows = windows[(slice(None),) + tuple(slice(None, None, s) for s in self.strides)
-                          + tuple(slice(None, None, dil) for dil in self.dilations)]
-        positions = windows.shape[1:1 + d]
-        order = list(range(1, d + 1)) + [0] + list(range(d + 1, 2 * d + 1))  # positions, C, kernel
-        by_position = windows.transpose(order)
+        positions = tuple((n - sp) // s + 1 for n, sp, s in zip(size, span, self.strides))
+        flat_stride = [math.prod(size[i + 1:]) for i in range(d)]
         count = math.prod(positions)
+        kept = np.arange(count)
         if max_rows is not None and count > max_rows:
-            keep = np.linspace(0, count - 1, max_rows).round().astype(np.int64)
-            rows = by_position[np.unravel_index(keep, positions)].astype(dtype)
-        else:
-            rows = np.ascontiguousarray(by_position, dtype=dtype).reshape(count, c, -1)
-        return rows.reshape(rows.shape[0], self.group, -1)
+            kept = np.linspace(0, count - 1, max_rows).round().astype(np.int64)
+        corner = sum(o * s * fs for o, s, fs in zip(np.unravel_index(kept, positions), self.strides, flat_stride))
+        taps = np.indices(self.kernel).reshape(d, -1)
+        tap = sum(t * dil * fs for t, dil, fs in zip(taps, self.dilations, flat_stride))
+        rows = padded.reshape(c, -1)[:, corner[:, None] + tap[None, :]]  # [C, R, taps]
+        g = self.group
+        rows = rows.reshape(g, c // g, len(kept), -1).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(rows, dtype=dtype).reshape(g, len(kept), -1)
 
 
 @dataclasses.dataclass
@@ -124,16 +127,15 @@ class FeatureMoments:
     gram: np.ndarray | None = None  # [G, K, K]
 
     def update(self, value: np.ndarray) -> None:
-        for piece in self.rows.groups_of(value):
+        for piece in self.rows.group_rows(value):
             if self.total is None:
-                _, g, k = piece.shape
+                g, _, k = piece.shape
                 self.total = np.zeros((g, k))
                 self.gram = np.zeros((g, k, k)) if self.with_gram else None
-            self.count += piece.shape[0]
-            self.total += piece.sum(axis=0)
+            self.count += piece.shape[1]
+            self.total += piece.sum(axis=1)
             if self.gram is not None:
-                by_group = piece.transpose(1, 0, 2)  # [G, R, K]
-                self.gram += by_group.transpose(0, 2, 1) @ by_group
+                self.gram += piece.transpose(0, 2, 1) @ piece
 
     @property
     def mean(self) -> np.ndarray:
