@@ -65,18 +65,21 @@ class Rows:
         return (f"{self.tensor}|patches k={self.kernel} s={self.strides} d={self.dilations} "
                 f"p={self.pads} {self.auto_pad} g={self.group}")
 
-    def group_rows(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> Iterator[np.ndarray]:
+    def group_rows(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64,
+                   paired: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """The rows of a captured batch ``x`` as group-major ``[G, R, K]`` pieces of ``dtype`` (one
         per sample for Conv; with ``max_rows``, at most that many of a sample's rows, at evenly
         spaced positions). Group-major, because every consumer multiplies each group's rows by
-        themselves: a depthwise Conv's ``[R, G, K]`` pieces cost more to transpose than to multiply."""
-        x = np.asarray(x)
+        themselves: a depthwise Conv's ``[R, G, K]`` pieces cost more to transpose than to multiply.
+        With ``paired`` (a tensor of ``x``'s shape), each row holds ``x``'s K features, then
+        ``paired``'s at the same position: ``[G, R, 2K]``, gathered together."""
+        tensors = [np.asarray(x)] + ([] if paired is None else [np.asarray(paired)])
         if self.kernel is None:
-            k = x.shape[self.feature_axis]
-            yield np.moveaxis(x, self.feature_axis, -1).reshape(1, -1, k).astype(dtype)
+            yield np.concatenate([np.moveaxis(t, self.feature_axis, -1).reshape(1, -1, t.shape[self.feature_axis])
+                                  for t in tensors], axis=2).astype(dtype)
             return
-        for sample in x:
-            yield self._patches(sample, max_rows, dtype)
+        for samples in zip(*tensors):
+            yield self._patches(np.stack(samples, axis=1), max_rows, dtype)
 
     def _begin_end_pads(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
         d = len(spatial)
@@ -92,16 +95,17 @@ class Rows:
             return begin, end
         return [0] * d, [0] * d
 
-    def _patches(self, sample: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> np.ndarray:
-        """im2col of one sample ``[C, *spatial]``: ``[G, positions, C / G * prod(kernel)]``, by one
-        gather of flat offsets (output position + kernel tap) into the padded sample."""
-        c, spatial = sample.shape[0], tuple(sample.shape[1:])
+    def _patches(self, samples: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> np.ndarray:
+        """im2col of ``n`` samples of one position ``[C, n, *spatial]``: ``[G, positions, n * C / G *
+        prod(kernel)]`` (sample-major features), by one gather of flat offsets (output position +
+        kernel tap) into the padded samples."""
+        c, n, spatial = samples.shape[0], samples.shape[1], tuple(samples.shape[2:])
         d = len(spatial)
         begin, end = self._begin_end_pads(spatial)
-        padded = np.pad(sample, [(0, 0)] + list(zip(begin, end)))
-        size = padded.shape[1:]
+        padded = np.pad(samples, [(0, 0), (0, 0)] + list(zip(begin, end)))
+        size = padded.shape[2:]
         span = [(k - 1) * dil + 1 for k, dil in zip(self.kernel, self.dilations)]
-        positions = tuple((n - sp) // s + 1 for n, sp, s in zip(size, span, self.strides))
+        positions = tuple((m - sp) // s + 1 for m, sp, s in zip(size, span, self.strides))
         flat_stride = [math.prod(size[i + 1:]) for i in range(d)]
         count = math.prod(positions)
         kept = np.arange(count)
@@ -110,9 +114,9 @@ class Rows:
         corner = sum(o * s * fs for o, s, fs in zip(np.unravel_index(kept, positions), self.strides, flat_stride))
         taps = np.indices(self.kernel).reshape(d, -1)
         tap = sum(t * dil * fs for t, dil, fs in zip(taps, self.dilations, flat_stride))
-        rows = padded.reshape(c, -1)[:, corner[:, None] + tap[None, :]]  # [C, R, taps]
+        rows = padded.reshape(c, n, -1)[:, :, corner[:, None] + tap[None, :]]  # [C, n, R, taps]
         g = self.group
-        rows = rows.reshape(g, c // g, len(kept), -1).transpose(0, 2, 1, 3)
+        rows = rows.reshape(g, c // g, n, len(kept), -1).transpose(0, 3, 2, 1, 4)  # [G, R, n, C / G, taps]
         return np.ascontiguousarray(rows, dtype=dtype).reshape(g, len(kept), -1)
 
 

@@ -64,6 +64,8 @@ def test_conv_rows_times_the_grouped_weight_equal_onnxruntime_conv(name):
         [some] = op.rows.group_rows(x[i:i + 1], max_rows=7)  # evenly spaced positions, the ends included
         keep = np.linspace(0, rows.shape[1] - 1, 7).round().astype(int) if rows.shape[1] > 7 else slice(None)
         np.testing.assert_array_equal(some, rows[:, keep])
+        [pair] = op.rows.group_rows(x[i:i + 1], paired=2 * x[i:i + 1])  # each row: x's features, then the pair's
+        np.testing.assert_array_equal(pair, np.concatenate([rows, 2 * rows], axis=2))
     assert np.array_equal(op.from_groups(op.to_groups(w), w.shape), w)
 
 
