@@ -75,20 +75,19 @@ class PairedMoments:
     sum_fp8: np.ndarray | None = None  # [G, K]
     sum_float: np.ndarray | None = None  # [G, K]
 
-    def update(self, both: np.ndarray) -> None:
-        """Add group-major rows ``[G, R, 2K]``: each row's FP8-model features, then its target
-        features (:meth:`~fp8core.feature_moments.Rows.group_rows` with ``paired``). A piece's
-        products may be float32 (sums of at most ``ROWS_PER_PIECE`` rows); the running sums are float64."""
-        g, r, k = both.shape[0], both.shape[1], both.shape[2] // 2
+    def update(self, fp8_t: np.ndarray, float_t: np.ndarray) -> None:
+        """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`).
+        A piece's products may be float32 (sums of at most ``ROWS_PER_PIECE`` rows); the running
+        sums are float64."""
+        g, k, r = fp8_t.shape
         if self.h_fp8 is None:
             self.h_fp8, self.cross = np.zeros((g, k, k)), np.zeros((g, k, k))
             self.sum_fp8, self.sum_float = np.zeros((g, k)), np.zeros((g, k))
-        products = np.ascontiguousarray(both[:, :, :k].transpose(0, 2, 1)) @ both  # [G, K, 2K]: X~^T [X~, X]
-        self.h_fp8 += products[:, :, :k]
-        self.cross += products[:, :, k:]
-        sums = both.sum(axis=1, dtype=np.float64)  # float64: the bias shift is a small difference of two
-        self.sum_fp8 += sums[:, :k]
-        self.sum_float += sums[:, k:]
+        self.h_fp8 += fp8_t @ fp8_t.transpose(0, 2, 1)
+        self.cross += fp8_t @ float_t.transpose(0, 2, 1)
+        # float64: the bias shift is a small difference of two sums
+        self.sum_fp8 += fp8_t.sum(axis=2, dtype=np.float64)
+        self.sum_float += float_t.sum(axis=2, dtype=np.float64)
         self.count += r
 
 
@@ -142,8 +141,8 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
         xs = ys if float_model is None else batch.paired
         for op in ops:
             fp8_rows = dataclasses.replace(op.rows, tensor=reads[op.name])
-            for both in fp8_rows.group_rows(ys[reads[op.name]], ROWS_PER_PIECE, np.float32, paired=xs[op.input]):
-                moments[op.name].update(both)
+            for fp8_t, float_t in fp8_rows.columns(ys[reads[op.name]], ROWS_PER_PIECE, np.float32, paired=xs[op.input]):
+                moments[op.name].update(fp8_t, float_t)
     return moments
 
 

@@ -65,21 +65,23 @@ class Rows:
         return (f"{self.tensor}|patches k={self.kernel} s={self.strides} d={self.dilations} "
                 f"p={self.pads} {self.auto_pad} g={self.group}")
 
-    def group_rows(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64,
-                   paired: np.ndarray | None = None) -> Iterator[np.ndarray]:
-        """The rows of a captured batch ``x`` as group-major ``[G, R, K]`` pieces of ``dtype`` (one
-        per sample for Conv; with ``max_rows``, at most that many of a sample's rows, at evenly
-        spaced positions). Group-major, because every consumer multiplies each group's rows by
-        themselves: a depthwise Conv's ``[R, G, K]`` pieces cost more to transpose than to multiply.
-        With ``paired`` (a tensor of ``x``'s shape), each row holds ``x``'s K features, then
-        ``paired``'s at the same position: ``[G, R, 2K]``, gathered together."""
+    def columns(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64,
+                paired: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """The rows of a captured batch ``x`` as columns: ``[1, G, K, R]`` pieces of ``dtype``, each
+        group's ``X^T`` (one piece per sample for Conv; with ``max_rows``, at most that many of a
+        sample's rows, at evenly spaced positions). With ``paired`` (a tensor of ``x``'s shape)
+        ``[2, G, K, R]``: ``x``'s then ``paired``'s, at the same positions, gathered together.
+
+        Transposed because that is how im2col gathers without a copy: a Conv's ``[G, R, K]`` rows
+        (K = C / G taps) cost more to transpose than to multiply; every consumer multiplies
+        ``X^T X`` or sums over R, which BLAS and numpy do as fast on this layout."""
         tensors = [np.asarray(x)] + ([] if paired is None else [np.asarray(paired)])
         if self.kernel is None:
-            yield np.concatenate([np.moveaxis(t, self.feature_axis, -1).reshape(1, -1, t.shape[self.feature_axis])
-                                  for t in tensors], axis=2).astype(dtype)
+            rows = [np.moveaxis(t, self.feature_axis, -1).reshape(-1, t.shape[self.feature_axis]) for t in tensors]
+            yield np.stack(rows).astype(dtype, copy=False).transpose(0, 2, 1)[:, None]
             return
         for samples in zip(*tensors):
-            yield self._patches(np.stack(samples, axis=1), max_rows, dtype)
+            yield self._patches(np.stack(samples), max_rows, dtype)
 
     def _begin_end_pads(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
         d = len(spatial)
@@ -96,10 +98,10 @@ class Rows:
         return [0] * d, [0] * d
 
     def _patches(self, samples: np.ndarray, max_rows: int | None = None, dtype=np.float64) -> np.ndarray:
-        """im2col of ``n`` samples of one position ``[C, n, *spatial]``: ``[G, positions, n * C / G *
-        prod(kernel)]`` (sample-major features), by one gather of flat offsets (output position +
-        kernel tap) into the padded samples."""
-        c, n, spatial = samples.shape[0], samples.shape[1], tuple(samples.shape[2:])
+        """im2col of ``n`` tensors of one sample ``[n, C, *spatial]`` as columns ``[n, G, C / G *
+        prod(kernel), positions]``, by one gather of flat offsets (kernel tap + output position)
+        into the padded tensors."""
+        n, c, spatial = samples.shape[0], samples.shape[1], tuple(samples.shape[2:])
         d = len(spatial)
         begin, end = self._begin_end_pads(spatial)
         padded = np.pad(samples, [(0, 0), (0, 0)] + list(zip(begin, end)))
@@ -114,10 +116,8 @@ class Rows:
         corner = sum(o * s * fs for o, s, fs in zip(np.unravel_index(kept, positions), self.strides, flat_stride))
         taps = np.indices(self.kernel).reshape(d, -1)
         tap = sum(t * dil * fs for t, dil, fs in zip(taps, self.dilations, flat_stride))
-        rows = padded.reshape(c, n, -1)[:, :, corner[:, None] + tap[None, :]]  # [C, n, R, taps]
-        g = self.group
-        rows = rows.reshape(g, c // g, n, len(kept), -1).transpose(0, 3, 2, 1, 4)  # [G, R, n, C / G, taps]
-        return np.ascontiguousarray(rows, dtype=dtype).reshape(g, len(kept), -1)
+        columns = np.take(padded.reshape(n, c, -1), tap[:, None] + corner[None, :], axis=2)  # [n, C, taps, R]
+        return columns.reshape(n, self.group, -1, len(kept)).astype(dtype, copy=False)
 
 
 @dataclasses.dataclass
@@ -131,15 +131,15 @@ class FeatureMoments:
     gram: np.ndarray | None = None  # [G, K, K]
 
     def update(self, value: np.ndarray) -> None:
-        for piece in self.rows.group_rows(value):
+        for [xt] in self.rows.columns(value):  # [G, K, R]
             if self.total is None:
-                g, _, k = piece.shape
+                g, k, _ = xt.shape
                 self.total = np.zeros((g, k))
                 self.gram = np.zeros((g, k, k)) if self.with_gram else None
-            self.count += piece.shape[1]
-            self.total += piece.sum(axis=1)
+            self.count += xt.shape[2]
+            self.total += xt.sum(axis=2)
             if self.gram is not None:
-                self.gram += piece.transpose(0, 2, 1) @ piece
+                self.gram += xt @ xt.transpose(0, 2, 1)
 
     @property
     def mean(self) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_a_2x2_weight_fit_is_never_worse_than_nearest_and_close_to_the_best_fp8_
         x_fp8 = grid(x.astype(np.float32)).astype(np.float64)  # the op's input, rounded as the FP8 model does
         w = rng.standard_normal((1, 2, 2))
         m = PairedMoments()
-        m.update(np.concatenate([x_fp8, x], axis=2).transpose(1, 0, 2))  # group-major rows, FP8 features first
+        m.update(x_fp8.transpose(1, 2, 0), x.transpose(1, 2, 0))  # rows as columns, [G, K, R]
         star = fitted_weight(w, m)
         q = gptq_round_groups(star, m.h_fp8, grid)
         best = min(_direct_error(x, x_fp8, w, np.reshape(c, (1, 2, 2)))
@@ -62,9 +62,9 @@ def test_moments_give_the_error_computed_directly():
     x_fp8 = x + 0.05 * rng.standard_normal(x.shape)
     w, q1, q2 = (rng.standard_normal((1, 5, 3)) for _ in range(3))
     m = PairedMoments()
-    both = np.concatenate([x_fp8, x], axis=2).transpose(1, 0, 2)  # group-major rows, FP8 features first
-    m.update(both[:, :40])
-    m.update(both[:, 40:])  # streamed in two batches
+    fp8_t, float_t = x_fp8.transpose(1, 2, 0), x.transpose(1, 2, 0)  # rows as columns, [G, K, R]
+    m.update(fp8_t[..., :40], float_t[..., :40])
+    m.update(fp8_t[..., 40:], float_t[..., 40:])  # streamed in two batches
     size = np.sum((x_fp8[:, 0] @ w[0]) ** 2)
     want = (_direct_error(x, x_fp8, w, q1) - _direct_error(x, x_fp8, w, q2)) / size
     assert asymmetric_error(w, q1, m) - asymmetric_error(w, q2, m) == pytest.approx(want, rel=1e-9)

@@ -58,14 +58,15 @@ def test_conv_rows_times_the_grouped_weight_equal_onnxruntime_conv(name):
     [op] = linear_ops(model, plan_fp8_ops(model, "fp8_weight", weight_params=QuantParams("F143", -7)))
     expected = make_session(model.SerializeToString()).run(None, {"x": x})[0]  # [N, C_out, *out]
     w_gkn = op.to_groups(w).astype(np.float64)
-    for i, rows in enumerate(op.rows.group_rows(x)):
+    for i, [columns] in enumerate(op.rows.columns(x)):
+        rows = columns.transpose(0, 2, 1)  # [G, R, K]
         y = np.einsum("grk,gkn->rgn", rows, w_gkn).reshape(rows.shape[1], -1)  # [positions, C_out]
         np.testing.assert_allclose(y, expected[i].reshape(w.shape[0], -1).T, rtol=1e-4, atol=1e-5)
-        [some] = op.rows.group_rows(x[i:i + 1], max_rows=7)  # evenly spaced positions, the ends included
+        [[some]] = op.rows.columns(x[i:i + 1], max_rows=7)  # evenly spaced positions, the ends included
         keep = np.linspace(0, rows.shape[1] - 1, 7).round().astype(int) if rows.shape[1] > 7 else slice(None)
-        np.testing.assert_array_equal(some, rows[:, keep])
-        [pair] = op.rows.group_rows(x[i:i + 1], paired=2 * x[i:i + 1])  # each row: x's features, then the pair's
-        np.testing.assert_array_equal(pair, np.concatenate([rows, 2 * rows], axis=2))
+        np.testing.assert_array_equal(some, columns[..., keep])
+        [pair] = op.rows.columns(x[i:i + 1], paired=2 * x[i:i + 1])  # x's columns, then the pair's
+        np.testing.assert_array_equal(pair, np.stack([columns, 2 * columns]))
     assert np.array_equal(op.from_groups(op.to_groups(w), w.shape), w)
 
 
