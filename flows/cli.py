@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 weight scales: per tensor, or one real scale per output channel")
     p.add_argument("--scale_kind", choices=["pow2", "float"], default="pow2",
                    help="per-tensor weight scales: power of two (PopRT) or a searched real number")
-    p.add_argument("--weight_rounding", choices=["nearest", "gptq", "gptaq"], default="nearest",
+    p.add_argument("--weight_rounding", choices=["auto", "nearest", "gptq", "gptaq"], default="auto",
                    help="FP8 weight rounding: nearest; GPTQ on the captured inputs; gptaq: weights and biases fitted "
-                        "to the inputs the FP8 model gives them (needs --quantize)")
+                        "to the inputs the FP8 model gives them (needs --quantize); auto (default): gptaq with "
+                        "--quantize, nearest in fast mode or when the weights are streamed from external data")
     p.add_argument("--bias_correction", action="store_true",
                    help="keep the mean output of MatMul+Add / Gemm on the calibration data (needs --quantize)")
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")

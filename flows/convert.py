@@ -75,7 +75,9 @@ def convert(params: ConvertParams, verbose: int) -> dict:
             del calibrated
         else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
             plans = choose_weight_scales(model, plans, WeightScaleConfig.of(params)).plans
-        fallback, adjust, weights = FallbackConfig.of(params), AdjustConfig.of(params), None
+        fallback, weights = FallbackConfig.of(params), None
+        adjust = AdjustConfig.of(params, streamed=model.weights_dir is not None)
+        tell_user(adjust.notes)
         if fallback.needed:
             plans = done(keep_in_original_precision(model, plans, fallback, best_loss, staging.path)).plans
         if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
@@ -109,7 +111,7 @@ def run_title(params: ConvertParams) -> str:
         parts.append(params.precision)
     parts += [flag for flag, on in (("per_channel", params.weight_granularity == "per_channel"),
                                     ("float_scales", params.scale_kind == "float"),
-                                    (params.weight_rounding, params.weight_rounding != "nearest"),
+                                    (params.weight_rounding, params.weight_rounding not in ("auto", "nearest")),
                                     ("bias_correction", params.bias_correction)) if on]
     if params.num_of_layers_keep_fp16:
         parts.append(f"keep{params.num_of_layers_keep_fp16}")

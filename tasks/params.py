@@ -99,9 +99,11 @@ class ConvertParams(BaseModel):
         "per_tensor", description="FP8 weight scales: one per tensor, or one real scale per output channel")
     scale_kind: Literal["pow2", "float"] = Field(
         "pow2", description="per-tensor weight scales: power of two (PopRT) or a searched real number")
-    weight_rounding: Literal["nearest", "gptq", "gptaq"] = Field(
-        "nearest", description="FP8 weight rounding: to nearest; GPTQ on the captured inputs; or gptaq: weights and "
-                               "biases fitted to the inputs the FP8 model gives them, then GPTQ (Conv/MatMul/Gemm; needs --quantize)")
+    weight_rounding: Literal["auto", "nearest", "gptq", "gptaq"] = Field(
+        "auto", description="FP8 weight rounding: to nearest; GPTQ on the captured inputs; or gptaq: weights and "
+                            "biases fitted to the inputs the FP8 model gives them, then GPTQ (Conv/MatMul/Gemm; needs "
+                            "--quantize). auto: gptaq with --quantize, nearest without it or when the weights are "
+                            "streamed from external data")
     bias_correction: bool = Field(
         False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
 
@@ -202,7 +204,7 @@ class ConvertParams(BaseModel):
         if self.num_of_layers_keep_fp16 and not (self.quantize or self.compare_data or self.data_preprocess):
             raise ValueError("--num_of_layers_keep_fp16 ranks ops by measured loss: pass --quantize with "
                              "--data_preprocess, or --compare_data")
-        for flag, on in ((f"weight_rounding {self.weight_rounding}", self.weight_rounding != "nearest"),
+        for flag, on in ((f"weight_rounding {self.weight_rounding}", self.weight_rounding in ("gptq", "gptaq")),
                          ("bias_correction", self.bias_correction)):
             if on and not self.quantize:
                 raise ValueError(f"--{flag} uses the captured inputs of each op: add --quantize --data_preprocess PATH")

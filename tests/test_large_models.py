@@ -365,7 +365,7 @@ def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_pat
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(9).standard_normal((16, 256)).astype(np.float32))
     flags = ["--quantize", "--quantize_loss_type", "mse", "--data_preprocess", str(calib), "--weight_granularity",
-             "per_channel", "--cache_dir", str(tmp_path / "cache"), "--experiment_name", "q"]
+             "per_channel", "--weight_rounding", "nearest", "--cache_dir", str(tmp_path / "cache"), "--experiment_name", "q"]
     (a, b), loaded = _convert_inline_then_external(tmp_path, loads, *flags)
     assert loaded == [False], "the external weights were loaded into memory"
     assert a.read_bytes() == b.read_bytes()
@@ -379,6 +379,25 @@ def test_quantize_streams_external_weights_and_its_cache_key_covers_them(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("q").experiment_id], order_by=["start_time ASC"])
     assert [r.data.tags["calibration_cache"] for r in runs] == ["miss", "miss", "hit", "miss"]
     assert c.read_bytes() == b.read_bytes() != d.read_bytes()
+
+
+def test_default_weight_rounding_fits_inline_weights_and_streams_external_ones(tmp_path, monkeypatch, capsys):
+    """--weight_rounding auto (the default) with --quantize: gptaq where the weights are in memory;
+    a model streamed from external data keeps streaming, rounds to nearest and says so."""
+    from mlflow.tracking import MlflowClient
+
+    loads = _spy_on_model_loads(monkeypatch)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(9).standard_normal((16, 256)).astype(np.float32))
+    (a, b), loaded = _convert_inline_then_external(
+        tmp_path, loads, "--quantize", "--data_preprocess", str(calib), "--experiment_name", "auto")
+    assert loaded == [False], "the external weights were loaded into memory"
+    assert "weights rounded to nearest: the model's weights are streamed" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("auto").experiment_id], order_by=["start_time ASC"])
+    assert [r.data.params["weight_rounding"] for r in runs] == ["auto", "auto"]
+    assert [r.data.tags.get("weight_rounding_used") for r in runs] == ["gptaq", None]
+    assert a.read_bytes() != b.read_bytes()  # GPTQ'd weights, not the nearest ones
 
 
 def test_evaluation_and_comparison_stream_external_weights_and_match_inline(tmp_path, monkeypatch):
