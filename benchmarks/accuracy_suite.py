@@ -47,7 +47,9 @@ MLflow start-up included; a cold statistics cache per run; MLflow store
   combined + ``--num_of_layers_keep_fp16 3``. A flag missing from ``fp8-convert --help`` makes
   its run "not available".
 * ``gptaq``: fp8-convert's default ``--quantize`` + ``--weight_rounding gptaq`` (weights and
-  biases fitted to the inputs the FP8 model gives them).
+  biases fitted to the inputs the FP8 model gives them). Since 7634474 that is what every
+  ``--quantize`` run does by default (``--weight_rounding auto``); rows recorded before it
+  (``quantize_<loss>`` and the runs built on them) rounded weights to nearest.
 * ``ort_fp8``: onnxruntime ``quantize_static(QuantFormat.QDQ, activation_type=weight_type=
   QFLOAT8E4M3FN, calibrate_method=Distribution, op_types_to_quantize=[Conv, MatMul, Gemm])`` on
   the same calibration samples (a subprocess, timed the same way).
