@@ -81,7 +81,7 @@ def convert(params: ConvertParams, verbose: int) -> dict:
         if fallback.needed:
             plans = done(keep_in_original_precision(model, plans, fallback, best_loss, staging.path)).plans
         if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
-            weights = done(adjusted_weights(model, plans, source, adjust, moments)).model
+            weights = done(adjusted_weights(model, plans, source, adjust, moments, show_progress=True)).model
         converted = done(convert_to_fp8(loaded, plans, ToFP8Config.of(params), weights))
         del weights
         if params.precision_compare:

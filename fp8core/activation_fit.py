@@ -121,7 +121,8 @@ def asymmetric_error(w: np.ndarray, q: np.ndarray, m: PairedMoments) -> float:
 
 
 def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], reads: dict[str, str],
-                    source: CalibrationSource, batch_size: int) -> dict[str, PairedMoments]:
+                    source: CalibrationSource, batch_size: int,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, PairedMoments]:
     """One pass: each op's target rows and FP8 rows on the same batches, accumulated together.
     The target rows come from ``float_model``, or with None from the FP8 model itself (the op's
     input before its own rounding)."""
@@ -136,7 +137,7 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     # RUN_SAMPLES per run, as capture: every op's input (twice) of a whole batch held at once
     # peaked at 1.9 GB on a 10 MB OCR model
     for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None,
-                        run_samples=RUN_SAMPLES):
+                        run_samples=RUN_SAMPLES, progress=progress):
         ys = batch.values
         xs = ys if float_model is None else batch.paired
         for op in ops:
@@ -157,7 +158,8 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
                       progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` whose FP8 linear ops carry weights (on the FP8 grid) and biases fitted
     to the inputs the FP8 model gives them (module docstring), and one report row per op.
-    ``gptq=False`` rounds ``W*`` to nearest instead of by GPTQ."""
+    ``gptq=False`` rounds ``W*`` to nearest instead of by GPTQ. ``progress(done, total)``: data
+    batches streamed, over every pass."""
     model = Model.of(model)
     ops = linear_ops(model.proto, plans)
     index = model.index()
@@ -169,7 +171,8 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
         current = model.derive(_with_changes(model.proto, replaced, new_bias))
         fp8 = rewrite_to_fp8(current, plans)
         reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}  # each op's dequantized input
-        moments = _paired_moments(None if local else model, model.derive(fp8), chunk, reads, source, batch_size)
+        told = (lambda done, total, before=i: progress(before * total + done, len(chunks) * total)) if progress else None
+        moments = _paired_moments(None if local else model, model.derive(fp8), chunk, reads, source, batch_size, told)
         del fp8
         for op in chunk:
             m = moments[op.name]
@@ -197,6 +200,4 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
                 new_bias[op.bias_reader] = (op.bias, op.bias_index, corrected.astype(b.dtype).reshape(b.shape))
                 row["bias_max_shift"] = float(np.max(np.abs(corrected - b.reshape(-1))))
             report.append(row)
-        if progress:
-            progress(i + 1, len(chunks))
     return _with_changes(model.proto, replaced, new_bias), report

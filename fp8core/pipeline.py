@@ -650,7 +650,7 @@ ADJUST_METRICS = ("output_sq_error_nearest", "output_sq_error_gptq", "own_mean_s
 
 
 def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConfig, moments: dict | None = None,
-                   log=logger) -> Adjusted:
+                   log=logger, progress: Callable[[int, int], None] | None = None) -> Adjusted:
     """``gptq`` / ``gptaq`` / bias correction on the calibration data ``source``; run after the
     fallback (its trials measure round-to-nearest weights).
 
@@ -658,7 +658,7 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     (fp8core/activation_fit.py); bias correction is measured on the FP8 model: each op's bias
     removes the mean output shift the op adds itself, activations included (fp8core/bias_shift.py).
     ``moments``: GPTQ's input moments captured with the statistics (:attr:`Calibrated.gptq_moments`);
-    a pass of their own when they are missing.
+    a pass of their own when they are missing. ``progress(done, total)``: gptaq's data batches.
     """
     from fp8core.activation_fit import fit_to_fp8_inputs
     from fp8core.bias_shift import correct_mean_shift
@@ -672,7 +672,8 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
         if config.weight_rounding == "gptaq":
             # one pass, each op fitted to its own input rounding in the FP8 model: a fit to the float
             # model's inputs in a few passes over-compensates (EfficientNet-Lite0: top-1 0.01)
-            proto, report = fit_to_fp8_inputs(model, plans, source, config.batch_size, passes=1, local=True)
+            proto, report = fit_to_fp8_inputs(model, plans, source, config.batch_size, passes=1, local=True,
+                                              progress=progress)
         if gptq:
             requests = moment_requests(linear_ops(proto, plans), True, False)
             if moments is None or not all(key in moments for key in requests):

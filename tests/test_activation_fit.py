@@ -91,7 +91,10 @@ def test_sequential_fit_lowers_held_out_output_error_below_nearest_and_one_pass(
     source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
     held_out = (rng.standard_normal((1024, K)) + 1.0).astype(np.float32)
 
-    sequential, report = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=4)
+    ticks = []
+    sequential, report = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=4,
+                                           progress=lambda done, total: ticks.append((done, total)))
+    assert ticks == [(i, 16) for i in range(1, 17)]  # 4 batches of 64 in each of 4 passes
     one_pass, _ = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1)
     assert model.SerializeToString() == before  # the input model is untouched
     assert [r["op"] for r in report] == ["mm_0", "mm_1", "mm_2", "gemm"]
