@@ -36,6 +36,10 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
   *in the FP8 model* before its own rounding, so each op compensates only the error it adds itself
   (the rounding of its input and weight), on the inputs the FP8 model really gives it. One pass
   over the data, one session, for every op at once; nothing is compensated twice.
+* Memory: a pass holds each of its ops' ``X~^T X~`` (``K x K``) and ``X~^T X W`` (``K x N``, all
+  the fit reads of ``X~^T X``), float64, and at most ``MOMENT_BUDGET`` bytes of them: ops past it
+  wait for another pass, whose FP8 model carries the fits made before it (ResNet50, 1.1 GB of
+  ``X~^T X~`` alone: 3 passes; the 14 real models and the demo: 1).
 
 Report per op, on the calibration rows: how much lower ``E`` is for the fitted ``Q`` than for
 round to nearest of ``W``, relative to ``|| X~ W ||^2``.
@@ -62,38 +66,71 @@ from fp8core.weight_scales import dequantized_weight
 
 FIT_DAMP = 0.01
 PASSES = 4
+MOMENT_BUDGET = 512 << 20  # bytes of running sums per pass; ops past it wait for another pass
 ROWS_PER_PIECE = 1024  # rows kept per sample of a Conv (im2col gives one per output position)
 
 
 @dataclasses.dataclass
 class PairedMoments:
-    """Running sums over paired rows of one op: float rows ``X`` and FP8-model rows ``X~``."""
+    """Running sums over paired rows of one op whose float weight is ``w`` (``[G, K, N]``): float
+    rows ``X`` and FP8-model rows ``X~``. ``C = X~^T X`` is only ever read as ``C W``, so ``C W``
+    (``[G, K, N]``) is what is summed: a 3x3 Conv of 512 channels holds 4608 x 512 values for it
+    instead of 4608 x 4608.
 
+    Rows are multiplied ``ROWS_PER_PIECE`` at a time: a 7x7 map gives 49 rows per sample, and a
+    product per sample would write the whole ``K x K`` sum (21M values for K = 4608) for each."""
+
+    w: np.ndarray  # [G, K, N], the dtype the products are computed in (float32 in the fit)
     count: int = 0
-    h_fp8: np.ndarray | None = None  # [G, K, K]  X~^T X~
-    cross: np.ndarray | None = None  # [G, K, K]  X~^T X
-    sum_fp8: np.ndarray | None = None  # [G, K]
-    sum_float: np.ndarray | None = None  # [G, K]
+    _sums: tuple[np.ndarray, ...] | None = None  # X~^T X~, X~^T X W, sum X~, sum X (float64)
+    _pending: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    _pending_rows: int = 0
+
+    @staticmethod
+    def nbytes(g: int, k: int, n: int) -> int:
+        """The running sums' size for a weight of ``[g, k, n]``, and the rows waiting to be added."""
+        return 8 * g * (k * k + k * n + 2 * k) + 2 * 4 * g * k * ROWS_PER_PIECE
 
     def update(self, fp8_t: np.ndarray, float_t: np.ndarray) -> None:
         """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`).
         A piece's products may be float32 (sums of at most ``ROWS_PER_PIECE`` rows); the running
         sums are float64."""
-        g, k, r = fp8_t.shape
-        if self.h_fp8 is None:
-            self.h_fp8, self.cross = np.zeros((g, k, k)), np.zeros((g, k, k))
-            self.sum_fp8, self.sum_float = np.zeros((g, k)), np.zeros((g, k))
-        self.h_fp8 += fp8_t @ fp8_t.transpose(0, 2, 1)
-        self.cross += fp8_t @ float_t.transpose(0, 2, 1)
+        self._pending.append((fp8_t, float_t))
+        self._pending_rows += fp8_t.shape[2]
+        self.count += fp8_t.shape[2]
+        if self._pending_rows >= ROWS_PER_PIECE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        fp8_t, float_t = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+                          for parts in zip(*self._pending))
+        self._pending, self._pending_rows = [], 0
+        g, k, _ = fp8_t.shape
+        if self._sums is None:
+            self._sums = (np.zeros((g, k, k)), np.zeros((g, k, self.w.shape[2])), np.zeros((g, k)), np.zeros((g, k)))
+        h, cross_w, sum_fp8, sum_float = self._sums
+        h += fp8_t @ fp8_t.transpose(0, 2, 1)
+        cross_w += fp8_t @ (float_t.transpose(0, 2, 1) @ self.w)
         # float64: the bias shift is a small difference of two sums
-        self.sum_fp8 += fp8_t.sum(axis=2, dtype=np.float64)
-        self.sum_float += float_t.sum(axis=2, dtype=np.float64)
-        self.count += r
+        sum_fp8 += fp8_t.sum(axis=2, dtype=np.float64)
+        sum_float += float_t.sum(axis=2, dtype=np.float64)
+
+    def _sum(self, i: int) -> np.ndarray:
+        self._flush()
+        return self._sums[i]
+
+    h_fp8 = property(lambda self: self._sum(0), doc="[G, K, K]  X~^T X~")
+    cross_w = property(lambda self: self._sum(1), doc="[G, K, N]  X~^T X W")
+    sum_fp8 = property(lambda self: self._sum(2), doc="[G, K]  sum of the rows of X~")
+    sum_float = property(lambda self: self._sum(3), doc="[G, K]  sum of the rows of X")
 
 
-def fitted_weight(w: np.ndarray, m: PairedMoments, damp: float = FIT_DAMP) -> np.ndarray:
-    """``W*`` per group (module docstring); ``w`` is ``[G, K, N]`` float64."""
-    out = np.array(w, np.float64)
+def fitted_weight(m: PairedMoments, damp: float = FIT_DAMP) -> np.ndarray:
+    """``W*`` per group (module docstring), float64 ``[G, K, N]``."""
+    w = np.asarray(m.w, np.float64)
+    out = w.copy()
     k = w.shape[1]
     if m.count < MIN_ROWS_PER_FEATURE * k:
         return out
@@ -103,29 +140,25 @@ def fitted_weight(w: np.ndarray, m: PairedMoments, damp: float = FIT_DAMP) -> np
         if energy <= 0:  # the group never sees a non-zero input
             continue
         lam = damp * energy
-        out[g] = np.linalg.solve(h + lam * np.eye(k), m.cross[g] @ w[g] + lam * w[g])
+        out[g] = np.linalg.solve(h + lam * np.eye(k), m.cross_w[g] + lam * w[g])
     return out
 
 
-def asymmetric_error(w: np.ndarray, q: np.ndarray, m: PairedMoments) -> float:
-    """``(sum_g || X W - X~ Q ||^2 - || X W ||^2) / || X~ W ||^2`` from the moments: the output
-    error up to the constant ``|| X W ||^2`` (its Gram matrix would cost as much as the others),
-    relative to the output's size. Differences between two ``Q`` are exact; lower is better."""
-    w, q = np.asarray(w, np.float64), np.asarray(q, np.float64)
-
-    def form(a, h, b):  # sum_g tr(a_g^T h_g b_g)
-        return float(np.sum(a * (h @ b)))
-
-    size = form(w, m.h_fp8, w)
-    return (form(q, m.h_fp8, q) - 2 * form(q, m.cross, w)) / size if size > 0 else 0.0
+def asymmetric_error(q: np.ndarray, m: PairedMoments) -> float:
+    """``(sum_g || X W - X~ Q ||^2 - || X W ||^2) / || X~ W ||^2`` from the moments (``W`` = ``m.w``):
+    the output error up to the constant ``|| X W ||^2`` (its Gram matrix would cost as much as the
+    others), relative to the output's size. Differences between two ``Q`` are exact; lower is better."""
+    w, q = np.asarray(m.w, np.float64), np.asarray(q, np.float64)
+    size = float(np.sum(w * (m.h_fp8 @ w)))
+    return (float(np.sum(q * (m.h_fp8 @ q))) - 2 * float(np.sum(q * m.cross_w))) / size if size > 0 else 0.0
 
 
-def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], reads: dict[str, str],
-                    source: CalibrationSource, batch_size: int,
+def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], weights: dict[str, np.ndarray],
+                    reads: dict[str, str], source: CalibrationSource, batch_size: int,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, PairedMoments]:
     """One pass: each op's target rows and FP8 rows on the same batches, accumulated together.
     The target rows come from ``float_model``, or with None from the FP8 model itself (the op's
-    input before its own rounding)."""
+    input before its own rounding). ``weights``: each op's float weight as ``[G, K, N]``."""
     float_tensors = list(dict.fromkeys(op.input for op in ops))
     fp8_tensors = list(dict.fromkeys(reads[op.name] for op in ops))
     runs = [(fp8_model, list(dict.fromkeys(fp8_tensors + (float_tensors if float_model is None else []))))]
@@ -133,7 +166,7 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
         runs.append((float_model, float_tensors))
     taps = [Tap(model, tensors, moment_options(), label=label)
             for (model, tensors), label in zip(runs, ("the FP8 model", "the original model"))]
-    moments = {op.name: PairedMoments() for op in ops}
+    moments = {op.name: PairedMoments(weights[op.name]) for op in ops}
     # RUN_SAMPLES per run, as capture: every op's input (twice) of a whole batch held at once
     # peaked at 1.9 GB on a 10 MB OCR model
     for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None,
@@ -147,49 +180,82 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     return moments
 
 
-def _chunks(ops: list[LinearOp], passes: int) -> list[list[LinearOp]]:
+def _chunks(ops: list[LinearOp], passes: int, sizes: dict[str, int], budget: int) -> list[list[LinearOp]]:
+    """``passes`` runs of consecutive ops (graph order), each cut again where its ops' running
+    sums (``sizes``) would pass ``budget`` bytes: ResNet50's in one pass would hold 1.1 GB."""
     n = max(1, min(passes, len(ops)))
     bounds = [round(i * len(ops) / n) for i in range(n + 1)]
-    return [ops[bounds[i]:bounds[i + 1]] for i in range(n) if bounds[i] < bounds[i + 1]]
+    chunks = []
+    for part in (ops[bounds[i]:bounds[i + 1]] for i in range(n) if bounds[i] < bounds[i + 1]):
+        chunks.append([])
+        held = 0
+        for op in part:
+            if chunks[-1] and held + sizes[op.name] > budget:
+                chunks.append([])
+                held = 0
+            chunks[-1].append(op)
+            held += sizes[op.name]
+    return chunks
+
+
+def _groups_shape(op: LinearOp, dims: list[int]) -> tuple[int, int, int]:
+    """``[G, K, N]`` of a stored weight of shape ``dims`` (:meth:`LinearOp.to_groups`)."""
+    if op.layout == "kn":
+        return 1, dims[0], dims[1]
+    if op.layout == "nk":
+        return 1, dims[1], dims[0]
+    g = op.rows.group
+    return g, int(np.prod(dims[1:])), dims[0] // g
 
 
 def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
                       batch_size: int, passes: int = PASSES, gptq: bool = True, local: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+                      progress: Callable[[int, int], None] | None = None, budget: int = MOMENT_BUDGET,
+                      max_features: int | None = None) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` whose FP8 linear ops carry weights (on the FP8 grid) and biases fitted
     to the inputs the FP8 model gives them (module docstring), and one report row per op.
     ``gptq=False`` rounds ``W*`` to nearest instead of by GPTQ. ``progress(done, total)``: data
-    batches streamed, over every pass."""
+    batches streamed, over every pass. At least ``passes`` passes, more where one would hold
+    more than ``budget`` bytes of running sums (a later pass's FP8 model then carries the
+    weights and biases fitted before it). ``max_features``: ops with more inputs ``K`` are left
+    as they are (round to nearest), their report row says so."""
     model = Model.of(model)
     ops = linear_ops(model.proto, plans)
     index = model.index()
     replaced: dict[str, np.ndarray] = {}
     new_bias: dict[str, tuple[str, int, np.ndarray]] = {}
-    report = []
-    chunks = _chunks(ops, passes)
+    shapes = {op.name: _groups_shape(op, list(index.constant_tensor(op.weight).dims)) for op in ops}
+    report = [{"op": op.name, "fit": f"skipped: {shapes[op.name][1]} inputs > {max_features}"}
+              for op in ops if max_features is not None and shapes[op.name][1] > max_features]
+    skipped = {row["op"] for row in report}
+    ops = [op for op in ops if op.name not in skipped]
+    chunks = _chunks(ops, passes, {name: PairedMoments.nbytes(*shape) for name, shape in shapes.items()}, budget)
     for i, chunk in enumerate(chunks):
         current = model.derive(_with_changes(model.proto, replaced, new_bias))
         fp8 = rewrite_to_fp8(current, plans)
         reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}  # each op's dequantized input
         told = (lambda done, total, before=i: progress(before * total + done, len(chunks) * total)) if progress else None
-        moments = _paired_moments(None if local else model, model.derive(fp8), chunk, reads, source, batch_size, told)
-        del fp8
+        weights = {op.name: np.ascontiguousarray(op.to_groups(index.constant_value(op.weight).astype(np.float32)))
+                   for op in chunk}
+        moments = _paired_moments(None if local else model, model.derive(fp8), chunk, weights, reads, source,
+                                  batch_size, told)
+        del fp8, weights
         for op in chunk:
-            m = moments[op.name]
+            m = moments.pop(op.name)
             if m.count == 0:
                 continue
             stored = index.constant_value(op.weight)
-            w = op.to_groups(stored.astype(np.float32)).astype(np.float64)
+            w = np.asarray(m.w, np.float64)
             nearest = op.to_groups(dequantized_weight(stored, op.params)).astype(np.float64)
             row = {"op": op.name, "rows": m.count, "refit": m.count >= MIN_ROWS_PER_FEATURE * w.shape[1]}
             determined = rows_determine(m.count, w.shape[1])
-            target = fitted_weight(w, m)
+            target = fitted_weight(m)
             grid = _grid(op, w.shape[0])
             if gptq:
                 q = gptq_round_groups(target, m.h_fp8, grid).astype(np.float64)
             else:
                 q = grid(target.astype(np.float32)).astype(np.float64)
-            row["output_error_reduction"] = asymmetric_error(w, nearest, m) - asymmetric_error(w, q, m)
+            row["output_error_reduction"] = asymmetric_error(nearest, m) - asymmetric_error(q, m)
             replaced[op.weight] = op.from_groups(q, stored.shape).astype(stored.dtype)
             if op.bias and not determined:
                 row["bias"] = "kept: fewer rows than inputs"

@@ -8,6 +8,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from fp8core.activation_fit import PairedMoments, asymmetric_error, fit_to_fp8_inputs, fitted_weight
 from fp8core.calibration import ArraySource
@@ -15,6 +16,7 @@ from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import rewrite_to_fp8
 from fp8core.runtime import make_session
+from fp8core.weight_adjust import linear_ops
 from test_bias_shift import K, chain
 
 E4M3_VALUES = np.unique(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64))
@@ -42,9 +44,9 @@ def test_a_2x2_weight_fit_is_never_worse_than_nearest_and_close_to_the_best_fp8_
         x = (rng.standard_normal((200, 2)) * [1.0, 0.3] + 0.5)[:, None, :]
         x_fp8 = grid(x.astype(np.float32)).astype(np.float64)  # the op's input, rounded as the FP8 model does
         w = rng.standard_normal((1, 2, 2))
-        m = PairedMoments()
+        m = PairedMoments(w)
         m.update(x_fp8.transpose(1, 2, 0), x.transpose(1, 2, 0))  # rows as columns, [G, K, R]
-        star = fitted_weight(w, m)
+        star = fitted_weight(m)
         q = gptq_round_groups(star, m.h_fp8, grid)
         best = min(_direct_error(x, x_fp8, w, np.reshape(c, (1, 2, 2)))
                    for c in itertools.product(*[_roundings_near(v, scale) for v in star.ravel()]))
@@ -61,15 +63,15 @@ def test_moments_give_the_error_computed_directly():
     x = rng.standard_normal((64, 1, 5))
     x_fp8 = x + 0.05 * rng.standard_normal(x.shape)
     w, q1, q2 = (rng.standard_normal((1, 5, 3)) for _ in range(3))
-    m = PairedMoments()
+    m = PairedMoments(w)
     fp8_t, float_t = x_fp8.transpose(1, 2, 0), x.transpose(1, 2, 0)  # rows as columns, [G, K, R]
     m.update(fp8_t[..., :40], float_t[..., :40])
     m.update(fp8_t[..., 40:], float_t[..., 40:])  # streamed in two batches
     size = np.sum((x_fp8[:, 0] @ w[0]) ** 2)
     want = (_direct_error(x, x_fp8, w, q1) - _direct_error(x, x_fp8, w, q2)) / size
-    assert asymmetric_error(w, q1, m) - asymmetric_error(w, q2, m) == pytest.approx(want, rel=1e-9)
+    assert asymmetric_error(q1, m) - asymmetric_error(q2, m) == pytest.approx(want, rel=1e-9)
     # the refit minimises the error over real weights: no small move of it does better
-    star = fitted_weight(w, m, damp=0.0)
+    star = fitted_weight(m, damp=0.0)
     for _ in range(20):
         moved = star + 1e-3 * rng.standard_normal(star.shape)
         assert _direct_error(x, x_fp8, w, star) <= _direct_error(x, x_fp8, w, moved)
@@ -116,6 +118,34 @@ def test_local_fit_needs_one_pass_and_still_beats_nearest():
     assert _held_out_error(local, plans, held_out) < 0.75 * _held_out_error(model, plans, held_out)
 
 
+def test_a_pass_holds_at_most_the_budget_of_running_sums():
+    """Past the budget the ops wait for another pass, whose FP8 model carries the fits before it."""
+    model = chain(depth=3)  # mm_0, mm_1, mm_2, gemm
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    rng = np.random.default_rng(1)
+    source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
+    held_out = (rng.standard_normal((1024, K)) + 1.0).astype(np.float32)
+    one_op = max(PairedMoments.nbytes(*op.to_groups(numpy_helper.to_array(init)).shape)
+                 for op in linear_ops(model, plans) for init in model.graph.initializer if init.name == op.weight)
+    ticks = []
+    fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1, local=True, budget=2 * one_op,
+                                       progress=lambda done, total: ticks.append((done, total)))
+    assert ticks[-1] == (8, 8)  # 2 passes of 4 batches: two ops per pass
+    assert [r["op"] for r in report] == ["mm_0", "mm_1", "mm_2", "gemm"]
+    assert _held_out_error(fitted, plans, held_out) < 0.75 * _held_out_error(model, plans, held_out)
+
+
+def test_ops_with_more_inputs_than_the_limit_are_left_at_nearest():
+    model = chain(depth=2)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    source = ArraySource(Path("c.npz"), {"x": (np.random.default_rng(2).standard_normal((64, K)) + 1.0).astype(np.float32)})
+    fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True, max_features=K - 1)
+    assert report and all(row["fit"] == f"skipped: {K} inputs > {K - 1}" for row in report)
+    assert fitted.SerializeToString() == model.SerializeToString()
+    _, fitted_report = fit_to_fp8_inputs(model, plans, source, batch_size=32, passes=1, local=True, max_features=K)
+    assert all("fit" not in row for row in fitted_report)
+
+
 def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
     model = chain(depth=2)
     plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
@@ -125,8 +155,6 @@ def test_the_fitted_weights_are_on_the_fp8_grid_so_encoding_keeps_them():
     grid = fp8_grid("F143", np.float32(2.0 ** -5))
     for init in fitted.graph.initializer:
         if init.name.startswith("w"):
-            from onnx import numpy_helper
-
             value = numpy_helper.to_array(init)
             assert np.array_equal(grid(value), value), init.name
 
