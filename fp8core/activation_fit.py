@@ -77,8 +77,9 @@ class PairedMoments:
     (``[G, K, N]``) is what is summed: a 3x3 Conv of 512 channels holds 4608 x 512 values for it
     instead of 4608 x 4608.
 
-    Rows are multiplied ``ROWS_PER_PIECE`` at a time: a 7x7 map gives 49 rows per sample, and a
-    product per sample would write the whole ``K x K`` sum (21M values for K = 4608) for each."""
+    Rows are multiplied ``min(K, ROWS_PER_PIECE)`` at a time: a 7x7 map gives 49 rows per sample,
+    and a product per sample would write the whole ``K x K`` sum (21M values for K = 4608) for
+    each; a depthwise Conv (K = 9 or 25) multiplies each sample's rows at once, holding none."""
 
     w: np.ndarray  # [G, K, N], the dtype the products are computed in (float32 in the fit)
     count: int = 0
@@ -89,7 +90,7 @@ class PairedMoments:
     @staticmethod
     def nbytes(g: int, k: int, n: int) -> int:
         """The running sums' size for a weight of ``[g, k, n]``, and the rows waiting to be added."""
-        return 8 * g * (k * k + k * n + 2 * k) + 2 * 4 * g * k * ROWS_PER_PIECE
+        return 8 * g * (k * k + k * n + 2 * k) + 2 * 4 * g * k * min(k, ROWS_PER_PIECE)
 
     def update(self, fp8_t: np.ndarray, float_t: np.ndarray) -> None:
         """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`).
@@ -98,7 +99,7 @@ class PairedMoments:
         self._pending.append((fp8_t, float_t))
         self._pending_rows += fp8_t.shape[2]
         self.count += fp8_t.shape[2]
-        if self._pending_rows >= ROWS_PER_PIECE:
+        if self._pending_rows >= min(fp8_t.shape[1], ROWS_PER_PIECE):
             self._flush()
 
     def _flush(self) -> None:
