@@ -38,8 +38,9 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
   over the data, one session, for every op at once; nothing is compensated twice.
 * Memory: a pass holds each of its ops' ``X~^T X~`` (``K x K``) and ``X~^T X W`` (``K x N``, all
   the fit reads of ``X~^T X``), float64, and at most ``MOMENT_BUDGET`` bytes of them: ops past it
-  wait for another pass, whose FP8 model carries the fits made before it (ResNet50, 1.1 GB of
-  ``X~^T X~`` alone: 3 passes; the 14 real models and the demo: 1).
+  wait for another pass, whose FP8 model carries the fits made before it (ResNet50 under
+  ``--weight_rounding auto``, its K = 4608 Convs left out: 0.9 GB, 2 passes; the 14 real models
+  and the demo: 1).
 
 Report per op, on the calibration rows: how much lower ``E`` is for the fitted ``Q`` than for
 round to nearest of ``W``, relative to ``|| X~ W ||^2``.
@@ -94,8 +95,8 @@ class PairedMoments:
 
     def update(self, fp8_t: np.ndarray, float_t: np.ndarray) -> None:
         """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`).
-        A piece's products may be float32 (sums of at most ``ROWS_PER_PIECE`` rows); the running
-        sums are float64."""
+        The products of the rows waiting together are float32 (sums of about ``ROWS_PER_PIECE``
+        rows, or one sample's); the running sums are float64."""
         self._pending.append((fp8_t, float_t))
         self._pending_rows += fp8_t.shape[2]
         self.count += fp8_t.shape[2]
