@@ -175,9 +175,8 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
                         run_samples=RUN_SAMPLES, progress=progress):
         ys = batch.values
         xs = ys if float_model is None else batch.paired
-        for op in ops:
-            fp8_rows = dataclasses.replace(op.rows, tensor=reads[op.name])
-            for fp8_t, float_t in fp8_rows.columns(ys[reads[op.name]], ROWS_PER_PIECE, np.float32, paired=xs[op.input]):
+        for op in ops:  # the FP8 input is read the way the op reads its own
+            for fp8_t, float_t in op.rows.columns(ys[reads[op.name]], ROWS_PER_PIECE, np.float32, paired=xs[op.input]):
                 moments[op.name].update(fp8_t, float_t)
     return moments
 
@@ -200,16 +199,6 @@ def _chunks(ops: list[LinearOp], passes: int, sizes: dict[str, int], budget: int
     return chunks
 
 
-def _groups_shape(op: LinearOp, dims: list[int]) -> tuple[int, int, int]:
-    """``[G, K, N]`` of a stored weight of shape ``dims`` (:meth:`LinearOp.to_groups`)."""
-    if op.layout == "kn":
-        return 1, dims[0], dims[1]
-    if op.layout == "nk":
-        return 1, dims[1], dims[0]
-    g = op.rows.group
-    return g, int(np.prod(dims[1:])), dims[0] // g
-
-
 def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
                       batch_size: int, passes: int = PASSES, gptq: bool = True, local: bool = False,
                       progress: Callable[[int, int], None] | None = None, budget: int = MOMENT_BUDGET,
@@ -226,7 +215,7 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
     index = model.index()
     replaced: dict[str, np.ndarray] = {}
     new_bias: dict[str, tuple[str, int, np.ndarray]] = {}
-    shapes = {op.name: _groups_shape(op, list(index.constant_tensor(op.weight).dims)) for op in ops}
+    shapes = {op.name: op.groups_shape(tuple(index.constant_tensor(op.weight).dims)) for op in ops}
     report = [{"op": op.name, "fit": f"skipped: {shapes[op.name][1]} inputs > {max_features}"}
               for op in ops if max_features is not None and shapes[op.name][1] > max_features]
     skipped = {row["op"] for row in report}

@@ -68,6 +68,15 @@ class LinearOp:
         g = self.rows.group
         return stored.reshape(g, stored.shape[0] // g, -1).transpose(0, 2, 1)
 
+    def groups_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """``[G, K, N]`` of a stored weight of ``shape``, without reading it."""
+        if self.layout == "kn":
+            return 1, shape[0], shape[1]
+        if self.layout == "nk":
+            return 1, shape[1], shape[0]
+        g = self.rows.group
+        return g, int(np.prod(shape[1:])), shape[0] // g
+
     def from_groups(self, w_gkn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Back from ``[G, K, N]`` to the stored layout ``shape``."""
         if self.layout == "kn":

@@ -68,6 +68,7 @@ def test_conv_rows_times_the_grouped_weight_equal_onnxruntime_conv(name):
         [pair] = op.rows.columns(x[i:i + 1], paired=2 * x[i:i + 1])  # x's columns, then the pair's
         np.testing.assert_array_equal(pair, np.stack([columns, 2 * columns]))
     assert np.array_equal(op.from_groups(op.to_groups(w), w.shape), w)
+    assert op.groups_shape(w.shape) == op.to_groups(w).shape
 
 
 def test_grouped_gptq_equals_gptq_of_each_group():
