@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fp8core.errors import first_line
+from fp8core.fold import fold_computed_weights
 from fp8core.formats import encode, get_format
 from fp8core.graph import (
     MIN_FP8_OPSET,
@@ -109,7 +110,12 @@ def prepare_model(
         repaired = repair_declared_shapes(light)  # the upgraded ops' stricter inference may see more
         if repaired and repaired not in notes:
             notes.append(repaired)
-    return with_initializers(light, large, added_inputs)
+    prepared = with_initializers(light, large, added_inputs)
+    folded = fold_computed_weights(prepared)
+    if folded:
+        notes.append(f"{len(folded)} Conv/MatMul/Gemm weights computed from constants (e.g. {folded[0]!r}) "
+                     "were folded into initializers, so they are stored in FP8")
+    return prepared
 
 
 def repair_declared_shapes(model: onnx.ModelProto, final: bool = True) -> str | None:
