@@ -84,10 +84,10 @@ class Tap:
         :class:`StreamError` naming the first sample that fails alone."""
         try:
             return dict(zip(self.tensors, self.session.run(self.names, feeds)))
-        except Exception:
-            raise StreamError(self._failing_sample(feeds, start)) from None
+        except Exception as exc:
+            raise StreamError(self._failing_sample(feeds, start, first_line(exc))) from None
 
-    def _failing_sample(self, feeds: dict[str, np.ndarray], start: int) -> str:
+    def _failing_sample(self, feeds: dict[str, np.ndarray], start: int, why: str) -> str:
         specs = {s.name: s for s in input_specs(self.model.proto)}
         n = _count(feeds, specs)
         for i in range(n):
@@ -97,7 +97,10 @@ class Tap:
                 self.session.run(self.names, one)
             except Exception as exc:
                 return f"{self.what} sample {start + i} makes onnxruntime fail running {self.label}: {first_line(exc)}"
-        return f"onnxruntime failed running {self.label} on {self.what} samples {start}..{start + n - 1}"
+        # every sample runs alone: the model takes no batch of n (a shape fixed at export time)
+        return (f"onnxruntime failed running {self.label} on {self.what} samples {start}..{start + n - 1} "
+                f"together, though each runs alone ({why}): the model does not take batches of {n}; "
+                "give --batch_size 1")
 
 
 def _count(feeds: dict[str, np.ndarray], specs: dict) -> int:

@@ -113,3 +113,23 @@ def test_a_run_onnxruntime_rejects_names_the_sample_and_the_model():
     source = ArraySource(Path("c.npz"), {"x": np.ones((10, 4), np.float32), "idx": idx})
     with pytest.raises(StreamError, match=r"^comparison sample 6 makes onnxruntime fail running the FP8 model: "):
         list(stream(Tap(model, ["y"], what="comparison", label="the FP8 model"), source, batch_size=4))
+
+
+def test_a_model_that_runs_each_sample_but_not_a_batch_says_so():
+    """y = MatMul(x, W) + W with W [4, 4]: a batch of 1 (or 4) broadcasts, a batch of 2 does not."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Add", ["a", "W"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    source = ArraySource(Path("c.npz"), {"x": np.ones((6, 4), np.float32)})
+    with pytest.raises(StreamError, match=r"^onnxruntime failed running the model on calibration samples 0\.\.1 together, "
+                                          r"though each runs alone \(.*broadcast.*\): the model does not take batches "
+                                          r"of 2; give --batch_size 1$"):
+        list(stream(Tap(model, ["y"], what="calibration", label="the model"), source, batch_size=2))
+    assert len(list(stream(Tap(model, ["y"], what="calibration", label="the model"), source, batch_size=1))) == 6
