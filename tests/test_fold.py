@@ -76,3 +76,17 @@ def test_weights_from_the_input_or_random_ops_are_not_folded():
     before = model.SerializeToString()
     assert fold_computed_weights(model) == []
     assert model.SerializeToString() == before
+
+
+def test_a_chain_onnxruntime_cannot_compute_is_left_as_it_was():
+    """A Reshape to a shape that does not fit the weight: onnxruntime fails on it; nothing folds."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([3, 5], np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["w", "shape"], ["w_r"]), helper.make_node("MatMul", ["x", "w_r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, None)], [w, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    assign_node_names(model.graph)
+    before = model.SerializeToString()
+    assert fold_computed_weights(model) == []
+    assert model.SerializeToString() == before
