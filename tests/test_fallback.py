@@ -14,6 +14,7 @@ from onnx import numpy_helper as nh
 from fp8core.calibration import ArraySource
 from fp8core.compare import compare_models
 from fp8core.fallback import (
+    NEGLIGIBLE_SNR,
     AccuracyTarget,
     FallbackError,
     OutputProbe,
@@ -198,7 +199,10 @@ def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
         trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
         dominance = find_dominant_ops(trials, [p.name for p in plans if p.fp8], 0.5)
         assert list(dominance.found) == expected, dominance
-        assert dominance.trials <= 2 * 4 + 1, dominance.trials  # one op at a time: 17
+        # one op at a time: 17 trials on 8 samples; here groups on 4, and on 8 only the baseline
+        # and each single op
+        assert dominance.trials <= 2 * 4 + 2, dominance.trials
+        assert (dominance.samples, dominance.group_samples) == (8, 4)
         # keeping every op is the original model: never measured
         assert frozenset(p.name for p in plans if p.fp8) not in trials._seen
         if bad is not None:  # what the search says is what keeping it alone measures
@@ -210,6 +214,23 @@ def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
             assert "--keep_dominant_share 0.5" in next(p.reason for p in kept if p.name == "mm_11")
             with pytest.raises(FallbackError, match="keep_dominant_share"):
                 find_dominant_ops(trials, ["mm_11"], 1.5)
+
+
+def test_negligible_output_noise_is_not_searched():
+    """The same chain with op 11 dominating, its output shifted by 1e4: the noise is now 1e-9 of
+    the signal (no FP8 error worth an op in float), so the search stops after the baseline."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    raw = outlier_chain(16, 11, SIZE)
+    last = raw.graph.node[-1]
+    last.output[0] = "y0"
+    raw.graph.initializer.append(onnx.numpy_helper.from_array(np.full(SIZE, 1e4, np.float32), "shift"))
+    raw.graph.node.append(onnx.helper.make_node("Add", ["y0", "shift"], ["y"], name="shift_add"))
+    model = prepare_model(raw, 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    dominance = find_dominant_ops(Trials(model, plans, OutputProbe(model, source, batch_size=8)),
+                                  [p.name for p in plans if p.fp8], 0.5)
+    assert 0 < dominance.all_fp8 < NEGLIGIBLE_SNR and dominance.found == {} and dominance.trials == 1
 
 
 def test_bisection_keeps_exactly_the_two_planted_ops():
