@@ -229,7 +229,9 @@ then sizes real exports need (a reflect Pad, a stride-32 backbone, a 512-sample 
 
 def probe_feeds(specs: list[InputSpec], size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One generated sample per input: batch 1, other dynamic dims ``size``; floats standard
-    normal, integers zero (a scalar integer input such as a sample rate is a 16000 guess)."""
+    normal, integers zero (a scalar integer input such as a sample rate is a 16000 guess), bool
+    tensors half True (a mask of all False would zero what it masks: the FP8 model would be
+    checked on zeros), a scalar bool False (a flag)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -239,6 +241,8 @@ def probe_feeds(specs: list[InputSpec], size: int, seed: int = 0) -> dict[str, n
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu" and not shape:
             feeds[spec.name] = np.array(16000, dtype=spec.dtype)
+        elif spec.dtype.kind == "b" and shape:
+            feeds[spec.name] = rng.random(shape) < 0.5
         else:
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feeds

@@ -552,3 +552,23 @@ def test_cli_as_module_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generated_validation_inputs_mask_half_and_keep_flags_off():
+    """probe_feeds (fast mode's validation inputs): a bool mask is half True, so the FP8 model
+    is not checked on the zeros an all-False mask would leave; a scalar bool flag stays False."""
+    from fp8core.inputs import input_specs, probe_feeds
+
+    graph = helper.make_graph(
+        [helper.make_node("Where", ["mask", "x", "x"], ["y0"]), helper.make_node("Identity", ["flag"], ["f"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64]),
+              helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", 64]),
+              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, ["N", 64]),
+         helper.make_tensor_value_info("f", TensorProto.BOOL, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = probe_feeds(input_specs(model), 16)
+    assert feeds["mask"].dtype == np.bool_ and feeds["mask"].shape == (1, 64)
+    assert 0.25 < feeds["mask"].mean() < 0.75
+    assert feeds["flag"].shape == () and not feeds["flag"]
+    assert np.array_equal(feeds["mask"], probe_feeds(input_specs(model), 16)["mask"])  # seeded
