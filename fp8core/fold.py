@@ -20,7 +20,16 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from fp8core.graph import FP8_OP_TYPES, QUANTIZED_INPUTS, keep_only, nodes_of_type, subgraphs, uses_external_data
+from fp8core.graph import (
+    FP8_OP_TYPES,
+    QUANTIZED_INPUTS,
+    GraphIndex,
+    keep_only,
+    names_read,
+    nodes_of_type,
+    subgraphs,
+    uses_external_data,
+)
 
 NOT_FOLDED = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -28,30 +37,32 @@ NOT_FOLDED = frozenset({
 })
 
 
-def _constant_sources(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Constants of ``graph`` whose values are in memory, as named TensorProtos."""
-    out = {t.name: t for t in graph.initializer if not uses_external_data(t)}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None and attr.type == onnx.AttributeProto.TENSOR and not uses_external_data(attr.t):
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(attr.t)
-                tensor.name = node.output[0]
-                out[node.output[0]] = tensor
-    return out
+def _in_memory_constant(index: GraphIndex, name: str) -> onnx.TensorProto | None:
+    """The constant ``name`` (initializer or Constant node) as a TensorProto named ``name``, or
+    None when it is no constant or its data is still in an external file."""
+    tensor = index.constant_tensor(name)
+    if tensor is None or uses_external_data(tensor):
+        return None
+    if tensor.name != name:  # a Constant node's value attribute
+        named = onnx.TensorProto()
+        named.CopyFrom(tensor)
+        named.name = name
+        tensor = named
+    return tensor
 
 
-def _producers(name: str, producer: dict, constants: dict, stop: set[str]) -> list[onnx.NodeProto] | None:
-    """The nodes computing ``name`` from constants only, in order, or None if it depends on
-    anything else (a graph input, an external weight, an op that is not folded)."""
+def _producers(name: str, index: GraphIndex, stop: set[str]) -> list[onnx.NodeProto] | None:
+    """The nodes computing ``name`` from in-memory constants only, in order, or None if it depends
+    on anything else (a graph input, an external weight, an op that is not folded)."""
     nodes: list[onnx.NodeProto] = []
     seen: set[str] = set()
 
     def visit(tensor: str) -> bool:
-        if not tensor or tensor in constants or tensor in seen:
+        if not tensor or tensor in seen:
             return True
-        node = producer.get(tensor)
+        if index.is_constant(tensor):
+            return _in_memory_constant(index, tensor) is not None
+        node = index.producer.get(tensor)
         if node is None or tensor in stop or node.op_type in NOT_FOLDED or node.domain not in ("", "ai.onnx") \
                 or subgraphs(node):
             return False
@@ -71,15 +82,14 @@ def fold_computed_weights(model: onnx.ModelProto) -> list[str]:
     from fp8core.runtime import reference_session  # onnxruntime: the values the model computes
 
     graph = model.graph
-    constants = _constant_sources(graph)
-    producer = {o: n for n in graph.node for o in n.output if o}
+    index = GraphIndex(graph)
     stop = {i.name for i in graph.input}
     wanted: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes_of_type(graph, FP8_OP_TYPES, bodies=True):
         for i in QUANTIZED_INPUTS[node.op_type]:
             name = node.input[i] if i < len(node.input) else ""
-            if name and name not in constants and name in producer and name not in wanted:
-                chain = _producers(name, producer, constants, stop)
+            if name and not index.is_constant(name) and name in index.producer and name not in wanted:
+                chain = _producers(name, index, stop)
                 if chain:
                     wanted[name] = chain
     if not wanted:
@@ -89,10 +99,10 @@ def fold_computed_weights(model: onnx.ModelProto) -> list[str]:
     nodes = list({n.name: n for chain in wanted.values() for n in chain}.values())
     order = {n.name: k for k, n in enumerate(graph.node)}
     nodes.sort(key=lambda n: order[n.name])
-    needed = {i for n in nodes for i in n.input if i in constants}
+    read = {i for n in nodes for i in n.input if i}
     probe = helper.make_model(
         helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=n) for n in wanted],
-                          [constants[i] for i in sorted(needed)]),
+                          [_in_memory_constant(index, i) for i in sorted(read) if index.is_constant(i)]),
         opset_imports=model.opset_import, ir_version=model.ir_version)
     try:
         values = dict(zip(wanted, reference_session(probe).run(list(wanted), {})))
@@ -100,29 +110,19 @@ def fold_computed_weights(model: onnx.ModelProto) -> list[str]:
         return []
 
     # the initializer now defines each folded name: its producer goes, then what only it read
-    read = {i for n in nodes for i in n.input}
-    candidates = {n.name for n in nodes} | {producer[i].name for i in read if i in producer}  # Constant nodes too
-    replaced = {producer[name].name for name in wanted}
+    producers = {n.name for n in nodes} | {index.producer[i].name for i in read if i in index.producer}
+    replaced = {index.producer[name].name for name in wanted}
     keep_only(graph.node, lambda n: n.name not in replaced)
     graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in wanted)
-    _drop_unused(graph, candidates, read)
+    _drop_unread(graph, producers, read)
     return list(wanted)
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    used = {o.name for o in graph.output}
-    for node in graph.node:
-        used.update(node.input)
-        for _, body in subgraphs(node):
-            used |= _used_names(body)  # outer-scope names a body reads
-    return used
-
-
-def _drop_unused(graph: onnx.GraphProto, candidates: set[str], read: set[str]) -> None:
+def _drop_unread(graph: onnx.GraphProto, candidates: set[str], read: set[str]) -> None:
     """Remove the ``candidates`` nodes (by name) whose outputs nothing reads any more, then the
     initializers among ``read`` nothing reads (and, in IR < 4 models, their graph inputs)."""
     while True:
-        used = _used_names(graph)
+        used = names_read(graph.node) | {o.name for o in graph.output}
         dead = {n.name for n in graph.node if n.name in candidates and not any(o in used for o in n.output)}
         if not dead:
             break

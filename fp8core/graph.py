@@ -228,6 +228,16 @@ def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     return found
 
 
+def names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, including reads inside their subgraphs (If, Loop, Scan)."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(i for i in node.input if i)
+        for _, body in subgraphs(node):
+            names |= names_read(body.node) | {o.name for o in body.output}
+    return names
+
+
 def walk_graphs(graph: onnx.GraphProto, path: tuple[onnx.NodeProto, ...] = ()):
     """Yield ``(graph, path)`` for the graph and every subgraph inside it, depth first; ``path``
     is the chain of control-flow nodes (If/Loop/Scan) that hold the graph, outermost first."""

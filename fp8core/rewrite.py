@@ -33,6 +33,7 @@ from fp8core.graph import (
     assign_node_names,
     assign_subgraph_node_names,
     keep_only,
+    names_read,
     replace_all,
     subgraphs,
     with_initializers,
@@ -181,16 +182,6 @@ def _scale_tensor(name: str, p: QuantParams, elem_type: int) -> onnx.TensorProto
 
 def _zero_point(name: str, fmt: str) -> onnx.TensorProto:
     return helper.make_tensor(name, get_format(fmt).onnx_type, [], [0.0])
-
-
-def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
-    """Every tensor name the nodes read, including reads inside their subgraphs (If, Loop, Scan)."""
-    names: set[str] = set()
-    for node in nodes:
-        names.update(i for i in node.input if i)
-        for _, body in subgraphs(node):
-            names |= _names_read(list(body.node)) | {o.name for o in body.output}
-    return names
 
 
 def _drop_unread_body_constants(nodes: list[onnx.NodeProto], used: set[str]) -> None:
@@ -376,7 +367,7 @@ def rewrite_to_fp8(
 
     # Originals of weights now stored as FP8 go when nothing else reads them, subgraphs included
     # (an If/Loop body may read an outer-scope initializer by name).
-    still_used = _names_read(nodes) | {o.name for o in graph.output}
+    still_used = names_read(nodes) | {o.name for o in graph.output}
     kept_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] not in still_used)]
     _drop_unread_body_constants(kept_nodes, still_used)
     kept_inits = [t for t in list(graph.initializer) + large if t.name in still_used]

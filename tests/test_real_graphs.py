@@ -12,6 +12,7 @@ import pytest
 
 from flows.cli import main
 from fp8core.formats import FORMATS
+from fp8core.graph import FP8_OP_TYPES
 from fp8core.inputs import batch_axes, fixed_batch_size, input_specs, stack_feeds
 from fp8core.validation import run_float
 from tests import real_graphs
@@ -216,13 +217,12 @@ def test_onnx_model_zoo_opset9_graphs_convert_with_default_flags(tmp_path, name)
     assert model.opset_import[0].version == 9
     (image,) = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     data = {image.name: np.random.default_rng(0).random((8, 3, 224, 224), dtype=np.float32)}
-    linear = sum(n.op_type in ("Conv", "MatMul", "Gemm") for n in model.graph.node)
+    linear = sum(n.op_type in FP8_OP_TYPES for n in model.graph.node)
     for flags in [()] + ([("--quantize",)] if name == "light_squeezenet" else []):
         src, out = _convert(tmp_path, name, model, data, *flags)
         _check_close(src, out, data)
         fp8 = onnx.load(out)
-        weights = {n.input[1] for n in fp8.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
-        encoded = {n.output[0] for n in fp8.graph.node if n.op_type == "DequantizeLinear"
-                   and any(t.name == n.input[0] and t.data_type in FP8_TYPES
-                           for t in fp8.graph.initializer)}
+        weights = {n.input[1] for n in fp8.graph.node if n.op_type in FP8_OP_TYPES}
+        stored_fp8 = {t.name for t in fp8.graph.initializer if t.data_type in FP8_TYPES}
+        encoded = {n.output[0] for n in fp8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored_fp8}
         assert len(weights & encoded) == linear, f"{name} {flags}: {len(weights & encoded)} of {linear} FP8"
