@@ -172,9 +172,9 @@ def _configure_environment(verbose: int) -> None:
     # that prints a DependencyWarning on every run although no SOCKS proxy is ever used
     warnings.filterwarnings("ignore", message="SOCKS support in urllib3")
     # MLflow silences this pydantic warning inside warnings.catch_warnings(), which is not thread
-    # safe: while Prefect's server starts in another thread (flows/startup.py) a catch_warnings
-    # exiting there can restore a filter list without MLflow's entry, and the warning reached
-    # stderr in one CI run. Set here, before any thread, it is in every saved list.
+    # safe: a catch_warnings exiting in another thread (Prefect's workers) can restore a filter
+    # list without MLflow's entry, and the warning reached stderr in one CI run. Set here, before
+    # any thread, it is in every saved list.
     warnings.filterwarnings("ignore", message='Field name "schema" in "JsonSchemaSpec" shadows an attribute',
                             category=UserWarning)
     user_log = logging.getLogger("fp8")  # warnings meant for the user, shown even when quiet

@@ -190,8 +190,8 @@ def publish_prefect_artifacts(record, params: ConvertParams, result: dict, plans
 
 def run_conversion(params: ConvertParams, verbose: int = 0) -> dict:
     """Run the flow (its mapped steps use the task runner the parameters ask for: flows/runners.py)."""
-    from flows.startup import wait_for_prefect_server
+    from flows.startup import use_prefect_server
 
     tracking.open_store(params.mlflow_tracking_uri, verbose)  # while Prefect's server starts (flows/startup.py)
-    wait_for_prefect_server()
+    use_prefect_server()
     return fp8_convert(params, verbose=verbose)
