@@ -27,7 +27,7 @@ from fp8core.graph import (
     without_large_initializers,
 )
 from fp8core.model import Model
-from fp8core.runtime import make_session
+from fp8core.runtime import make_session, session_options
 
 
 class OutputError(FP8Error):
@@ -427,7 +427,7 @@ def validate_fp8_model(model: onnx.ModelProto | str, feeds=None, full_check: boo
     except Exception as exc:
         raise ModelError(f"internal error: the FP8 model fails the ONNX checker: {first_line(exc)}") from None
     try:
-        session = make_session(target)
+        session = make_session(target, session_options(runs_once=True))
     except Exception as exc:
         raise ModelError(f"the FP8 model does not load in onnxruntime: {first_line(exc)}") from None
     if isinstance(feeds, Reference):

@@ -441,3 +441,28 @@ def test_round_trip_is_the_nearest_value_ties_to_even(f):
     even = candidates & (codes[None, :] % 2 == 0)
     pick = np.where(candidates.sum(axis=1) > 1, even.argmax(axis=1), candidates.argmax(axis=1))
     np.testing.assert_array_equal(np.abs(round_trip(x, f, s)), np.abs(signed[pick]) * 2.0**s)
+
+
+@pytest.mark.parametrize("f", ALL_FORMATS, ids=str)
+def test_table_lookup_is_the_clip_and_cast_rule_on_every_high_half(f):
+    """encode looks FP8 bytes up by a float32's bits 31..15 and "any of bits 15..0 set"
+    (fp8core.formats.STICKY_BITS). Against the rule it stands for, computed by ml_dtypes alone:
+    every one of the 2**16 high halves, with low halves that are exact ties (0x8000), just above
+    and below them, zero, one, all ones and random. (benchmarks/bench_encode.py --exhaustive runs
+    all 2**32 patterns.)"""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([(high[:, None] | lows[None, :]).reshape(-1),
+                        high | rng.integers(0, 1 << 16, high.size, dtype=np.uint32)]).view(np.float32)
+    lim = np.float32(f.max)
+    with np.errstate(invalid="ignore"):
+        rule = np.clip(x, -lim, lim).astype(f.dtype).view(np.uint8)
+    got = encode(x, f)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], rule[~nan])
+    assert np.isnan(got[nan].view(f.dtype).astype(np.float32)).all()
+    # the same through a real scale (the quotient is looked up) and from float64 input
+    with np.errstate(over="ignore"):
+        quotient = x[~nan] / np.float32(0.75)
+    np.testing.assert_array_equal(encode(x[~nan].astype(np.float64), f, Scale.real(0.75)), encode(quotient, f))
