@@ -184,20 +184,22 @@ def encode(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.nd
     return encode_to_dtype(x, fmt, scale).view(np.uint8)
 
 
-def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:
-    """As :func:`encode`, returning the ml_dtypes FP8 array instead of raw bytes."""
+def encode_to_dtype(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """As :func:`encode`, returning the ml_dtypes FP8 array instead of raw bytes; ``out``: a
+    C-contiguous uint8 array of ``x``'s shape to write into."""
     f = get_format(fmt)
     x = np.asarray(x)
     m = _multiplier(scale, x.shape)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    if m is None:
-        return _round_float32(x, f)
-    # Overflow to +-inf is fine (saturated below); NaN in, NaN out, no warning needed. A real
-    # scale may broadcast the quotient to a larger shape than x.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        y = np.divide(x, m, dtype=np.float32)
-    return _round_float32(y, f)
+    if m is not None and np.size(m) == 1:
+        m = np.float32(np.reshape(m, ()))  # divided block by block
+    elif m is not None:  # one value per index of an axis (it may broadcast x to a larger shape)
+        # overflow to +-inf is fine (the lookup saturates it); NaN in, NaN out
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            x, m = np.divide(x, m, dtype=np.float32), None
+    return _round_float32(x, f, m, out)
 
 
 STICKY_BITS = 15
@@ -236,21 +238,35 @@ def _decoding_table(f: FP8Format) -> np.ndarray:
 ROUNDING_BLOCK = 1 << 16  # values per block of the lookup: its temporaries (0.5 MB) stay in cache
 
 
-def _round_float32(y: np.ndarray, f: FP8Format) -> np.ndarray:
-    """The FP8 values of float32 ``y`` (saturating), as ``f.dtype``."""
-    bits = y.reshape(-1).view(np.uint32)  # 1-D: numpy gives 0-d results back as scalars
+def _round_float32(x: np.ndarray, f: FP8Format, m: np.float32 | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """The FP8 values of float32 ``x / m`` (``m`` a float32 scalar or None), saturating, as
+    ``f.dtype``. Block by block, the quotient included: no temporary the size of ``x`` (fresh
+    memory costs a page fault per 4 KB; two encoder threads faulting at once took 6.3 s for
+    3 GB of weights against 2.0 s without)."""
+    flat = x.reshape(-1)  # 1-D: numpy gives 0-d results back as scalars
+    if out is not None and not (out.flags.c_contiguous and out.size == flat.size and out.dtype == np.uint8):
+        raise ValueError(f"out must be a C-contiguous uint8 array of {flat.size} values")
     table = _rounding_table(f)
-    out = np.empty(bits.size, np.uint8)
-    case = np.empty(min(bits.size, ROUNDING_BLOCK), np.uint32)
-    low = case.copy()
-    for start in range(0, bits.size, ROUNDING_BLOCK):  # blocks whose temporaries stay in cache
-        part = bits[start:start + ROUNDING_BLOCK]
-        n = part.size
-        np.right_shift(part, STICKY_BITS, out=case[:n])
-        np.bitwise_and(part, (1 << STICKY_BITS) - 1, out=low[:n])
-        np.bitwise_or(case[:n], low[:n] != 0, out=case[:n])
-        np.take(table, case[:n], out=out[start:start + n])
-    return out.reshape(y.shape).view(f.dtype)
+    result = np.empty(flat.size, np.uint8) if out is None else out.reshape(-1)
+    block = min(flat.size, ROUNDING_BLOCK)
+    quotient = np.empty(block, np.float32) if m is not None else None
+    case = np.empty(block, np.uint32)
+    low = np.empty(block, np.uint32)
+    # overflow of the quotient to +-inf is fine (the table saturates it); NaN in, NaN out
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for start in range(0, flat.size, ROUNDING_BLOCK):
+            stop = min(start + ROUNDING_BLOCK, flat.size)
+            n = stop - start
+            if m is None:
+                bits = flat[start:stop].view(np.uint32)
+            else:
+                bits = np.divide(flat[start:stop], m, out=quotient[:n]).view(np.uint32)
+            np.right_shift(bits, STICKY_BITS, out=case[:n])
+            np.bitwise_and(bits, (1 << STICKY_BITS) - 1, out=low[:n])
+            np.bitwise_or(case[:n], low[:n] != 0, out=case[:n])
+            np.take(table, case[:n], out=result[start:stop])
+    return result.reshape(x.shape).view(f.dtype)
 
 
 def decode(q: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0, dtype=np.float32) -> np.ndarray:

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from fp8core.errors import first_line
 from fp8core.fold import fold_computed_weights
-from fp8core.formats import encode, get_format
+from fp8core.formats import encode, encode_to_dtype, get_format
 from fp8core.graph import (
     MIN_FP8_OPSET,
     FreshNames,
@@ -244,7 +244,7 @@ def _encode_in_chunks(value: np.ndarray, p: QuantParams, pool: ThreadPoolExecuto
 
     def one(start: int) -> None:
         stop = start + ENCODE_CHUNK_ELEMENTS
-        out[start:stop] = encode(flat[start:stop], p.format, scale)
+        encode_to_dtype(flat[start:stop], p.format, scale, out=out[start:stop])
 
     list(pool.map(one, range(0, flat.size, ENCODE_CHUNK_ELEMENTS)))
     return out.reshape(value.shape)
