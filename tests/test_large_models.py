@@ -430,3 +430,33 @@ def test_fallback_streams_external_weights_and_matches_inline(tmp_path, monkeypa
         "--num_of_layers_keep_fp16", "1", "--accuracy_target", "snr_db=200", "--accuracy_target_samples", "8")
     assert loaded == [False]
     assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_the_model_file_is_written_in_pieces_with_serializes_bytes(tmp_path):
+    """save writes the graph's initializers one at a time (modelio.serialized_pieces): joined, the
+    pieces are SerializeToString(deterministic=True) byte for byte, whatever fields the model
+    and its graph carry around the initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((300, 300)).astype(np.float32), f"w{i}") for i in range(3)]
+    weights.append(numpy_helper.from_array(np.arange(5, dtype=np.int64), "shape_like"))
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0", doc_string="first"),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="mm1"),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 300])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 300])], weights,
+                              doc_string="graph doc", value_info=[helper.make_tensor_value_info("h0", TensorProto.FLOAT, None)])
+    graph.sparse_initializer.add().values.CopyFrom(numpy_helper.from_array(np.ones(2, np.float32), "sp"))
+    graph.metadata_props.add(key="k", value="v")
+    fn = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                              [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              producer_name="test", doc_string="model doc", functions=[fn])
+    model.metadata_props.add(key="author", value="x")
+    model.model_version = 3
+    for m in (model, cnn(), helper.make_model(helper.make_graph([], "empty", [], [])), onnx.ModelProto(ir_version=8)):
+        assert b"".join(modelio.serialized_pieces(m)) == m.SerializeToString(deterministic=True)
+    path = tmp_path / "m.onnx"
+    size = save_model_atomic(model, str(path), external_data="never")
+    assert path.read_bytes() == model.SerializeToString(deterministic=True) and size == path.stat().st_size
