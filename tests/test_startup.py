@@ -43,9 +43,16 @@ def test_the_flow_process_uses_the_server_it_launched_and_stops_it(clean_startup
     startup.start_prefect_server_early()  # a second CLI run in the same process reuses it
     assert startup._server is server
 
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    assert APILogWorker._instances  # the flow's logs went through a worker bound to that server
     startup.stop_prefect_server()
     assert server.poll() is not None
     assert _settings_url() is None and "PREFECT_API_URL" not in os.environ
+    # drained and gone before the server: a worker left bound to the dead URL retried it at
+    # interpreter exit (the full test run hung 18 minutes after its last test)
+    assert not APILogWorker._instances and not EventsWorker._instances
 
 
 def test_a_taken_port_is_retried_on_another(clean_startup, monkeypatch):
