@@ -36,10 +36,10 @@ Li et al. 2025; AdaQuant's refit, Hubara et al. 2021, in closed form). Rules:
   *in the FP8 model* before its own rounding, so each op compensates only the error it adds itself
   (the rounding of its input and weight), on the inputs the FP8 model really gives it. One pass
   over the data, one session, for every op at once; nothing is compensated twice.
-* Memory: a pass holds each of its ops' ``X~^T X~`` (``K x K``) and ``X~^T X W`` (``K x N``, all
-  the fit reads of ``X~^T X``), float64, and at most ``MOMENT_BUDGET`` bytes of them: ops past it
+* Memory: a pass holds each of its ops' ``X~^T X~`` (``K x K``) and ``X~^T X`` or ``X~^T X W``
+  (:class:`PairedMoments`), float32, and at most ``MOMENT_BUDGET`` bytes of them: ops past it
   wait for another pass, whose FP8 model carries the fits made before it (ResNet50 under
-  ``--weight_rounding auto``, its K = 4608 Convs left out: 0.9 GB, 2 passes; the 14 real models
+  ``--weight_rounding auto``, its K = 4608 Convs left out: 0.36 GB, 1 pass; the 14 real models
   and the demo: 1).
 
 Report per op, on the calibration rows: how much lower ``E`` is for the fitted ``Q`` than for
@@ -69,38 +69,50 @@ FIT_DAMP = 0.01
 PASSES = 4
 MOMENT_BUDGET = 512 << 20  # bytes of running sums per pass; ops past it wait for another pass
 ROWS_PER_PIECE = 1024  # rows kept per sample of a Conv (im2col gives one per output position)
+FLUSH_ROWS = 256  # rows that wait to be multiplied into an op's sums together
 
 
 @dataclasses.dataclass
 class PairedMoments:
     """Running sums over paired rows of one op whose float weight is ``w`` (``[G, K, N]``): float
-    rows ``X`` and FP8-model rows ``X~``. ``C = X~^T X`` is only ever read as ``C W``, so ``C W``
-    (``[G, K, N]``) is what is summed: a 3x3 Conv of 512 channels holds 4608 x 512 values for it
-    instead of 4608 x 4608.
+    rows ``X`` and FP8-model rows ``X~``. ``C = X~^T X`` is only ever read as ``C W``, so the
+    cheaper of two sums is kept: ``C`` itself (``K x K``, one product of ``K^2`` per row) when
+    ``K < 2 N`` (a 1x1 Conv that widens: C_in 256 -> 1024), else ``C W`` (``K x N``, ``X W`` then
+    ``X~^T (X W)``, ``2 K N`` per row; a 3x3 Conv of 512 channels holds 4608 x 512 values for it
+    instead of 4608 x 4608).
 
-    Rows are multiplied ``min(K, ROWS_PER_PIECE)`` at a time: a 7x7 map gives 49 rows per sample,
-    and a product per sample would write the whole ``K x K`` sum (21M values for K = 4608) for
-    each; a depthwise Conv (K = 9 or 25) multiplies each sample's rows at once, holding none."""
+    Rows are multiplied at least ``min(K, FLUSH_ROWS)`` at a time: a 7x7 map gives 49 rows per
+    sample, and a product per sample would write the whole ``K x K`` sum (21M values for K = 4608)
+    for each; a depthwise Conv (K = 9 or 25) multiplies each sample's rows at once, holding none.
+    The products and their running sums have ``w``'s dtype: float32 in the fit (each product
+    already sums hundreds of rows in float32; float64 sums doubled the memory and took ResNet50
+    two passes over the data); the row sums of the bias shift, a small difference of two sums,
+    are float64."""
 
-    w: np.ndarray  # [G, K, N], the dtype the products are computed in (float32 in the fit)
+    w: np.ndarray  # [G, K, N], the dtype the products and sums are computed in (float32 in the fit)
     count: int = 0
-    _sums: tuple[np.ndarray, ...] | None = None  # X~^T X~, X~^T X W, sum X~, sum X (float64)
+    _sums: tuple[np.ndarray, ...] | None = None  # X~^T X~, C or C W, sum X~, sum X
     _pending: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
     _pending_rows: int = 0
+    _cross_w: np.ndarray | None = None
+
+    @staticmethod
+    def sums_c(k: int, n: int) -> bool:
+        """Whether ``C`` (not ``C W``) is summed for a weight of ``K`` inputs and ``N`` outputs."""
+        return k < 2 * n
 
     @staticmethod
     def nbytes(g: int, k: int, n: int) -> int:
         """The running sums' size for a weight of ``[g, k, n]``, and the rows waiting to be added."""
-        return 8 * g * (k * k + k * n + 2 * k) + 2 * 4 * g * k * min(k, ROWS_PER_PIECE)
+        cross = k * k if PairedMoments.sums_c(k, n) else k * n
+        return 4 * g * (k * k + cross) + 16 * g * k + 2 * 4 * g * k * min(k, FLUSH_ROWS)
 
     def update(self, fp8_t: np.ndarray, float_t: np.ndarray) -> None:
-        """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`).
-        The products of the rows waiting together are float32 (sums of about ``ROWS_PER_PIECE``
-        rows, or one sample's); the running sums are float64."""
+        """Add rows of both as columns, ``[G, K, R]`` each (:meth:`~fp8core.feature_moments.Rows.columns`)."""
         self._pending.append((fp8_t, float_t))
         self._pending_rows += fp8_t.shape[2]
         self.count += fp8_t.shape[2]
-        if self._pending_rows >= min(fp8_t.shape[1], ROWS_PER_PIECE):
+        if self._pending_rows >= min(fp8_t.shape[1], FLUSH_ROWS):
             self._flush()
 
     def _flush(self) -> None:
@@ -110,21 +122,33 @@ class PairedMoments:
                           for parts in zip(*self._pending))
         self._pending, self._pending_rows = [], 0
         g, k, _ = fp8_t.shape
+        n = self.w.shape[2]
+        sums_c = self.sums_c(k, n)
         if self._sums is None:
-            self._sums = (np.zeros((g, k, k)), np.zeros((g, k, self.w.shape[2])), np.zeros((g, k)), np.zeros((g, k)))
-        h, cross_w, sum_fp8, sum_float = self._sums
+            dtype = self.w.dtype
+            self._sums = (np.zeros((g, k, k), dtype), np.zeros((g, k, k if sums_c else n), dtype),
+                          np.zeros((g, k)), np.zeros((g, k)))
+        h, cross, sum_fp8, sum_float = self._sums
         h += fp8_t @ fp8_t.transpose(0, 2, 1)
-        cross_w += fp8_t @ (float_t.transpose(0, 2, 1) @ self.w)
-        # float64: the bias shift is a small difference of two sums
+        cross += fp8_t @ float_t.transpose(0, 2, 1) if sums_c else fp8_t @ (float_t.transpose(0, 2, 1) @ self.w)
         sum_fp8 += fp8_t.sum(axis=2, dtype=np.float64)
         sum_float += float_t.sum(axis=2, dtype=np.float64)
+        self._cross_w = None
 
     def _sum(self, i: int) -> np.ndarray:
         self._flush()
         return self._sums[i]
 
+    @property
+    def cross_w(self) -> np.ndarray:
+        """``[G, K, N]``  X~^T X W"""
+        if self._cross_w is None:
+            cross = self._sum(1)
+            g, k, n = self.w.shape
+            self._cross_w = cross.astype(np.float64) @ np.asarray(self.w, np.float64) if self.sums_c(k, n) else cross
+        return self._cross_w
+
     h_fp8 = property(lambda self: self._sum(0), doc="[G, K, K]  X~^T X~")
-    cross_w = property(lambda self: self._sum(1), doc="[G, K, N]  X~^T X W")
     sum_fp8 = property(lambda self: self._sum(2), doc="[G, K]  sum of the rows of X~")
     sum_float = property(lambda self: self._sum(3), doc="[G, K]  sum of the rows of X")
 
@@ -163,11 +187,10 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     input before its own rounding). ``weights``: each op's float weight as ``[G, K, N]``."""
     float_tensors = list(dict.fromkeys(op.input for op in ops))
     fp8_tensors = list(dict.fromkeys(reads[op.name] for op in ops))
-    runs = [(fp8_model, list(dict.fromkeys(fp8_tensors + (float_tensors if float_model is None else []))))]
+    taps = [Tap(fp8_model, list(dict.fromkeys(fp8_tensors + (float_tensors if float_model is None else []))),
+                moment_options(), label="the FP8 model")]
     if float_model is not None:
-        runs.append((float_model, float_tensors))
-    taps = [Tap(model, tensors, moment_options(), label=label)
-            for (model, tensors), label in zip(runs, ("the FP8 model", "the original model"))]
+        taps.append(Tap(float_model, float_tensors, moment_options(), label="the original model"))
     moments = {op.name: PairedMoments(weights[op.name]) for op in ops}
     # RUN_SAMPLES per run, as capture: every op's input (twice) of a whole batch held at once
     # peaked at 1.9 GB on a 10 MB OCR model
