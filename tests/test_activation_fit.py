@@ -187,3 +187,49 @@ def test_ops_with_fewer_rows_than_inputs_get_gptq_weights_but_keep_their_biases(
         else:
             assert not moved_biases and all(r["bias"] == "kept: fewer rows than inputs" for r in report), report
             assert all(np.array_equal(after[b], original[b]) for b in ("b0", "b1", "cg"))
+
+
+def _moments_both_ways(model, plans, source):
+    """The fit's local moments, the FP8 rows rounded in numpy, and the same moments with the FP8
+    rows read from the FP8 model's own Q/DQ outputs (the FP8 model as the "float" model of a paired
+    pass: its op inputs before their Q/DQ)."""
+    from fp8core.activation_fit import _paired_moments
+    from fp8core.model import Model
+
+    ops = linear_ops(model, plans)
+    fp8 = Model(rewrite_to_fp8(model, plans))
+    reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}
+    rounding = {p.name: next((q.params for q in p.input("activation") if q.index == 0), None) for p in plans}
+    weights = {op.name: op.to_groups(numpy_helper.to_array(next(t for t in model.graph.initializer
+                                                                if t.name == op.weight))).astype(np.float32)
+               for op in ops}
+    local = _paired_moments(None, fp8, ops, weights, reads, rounding, source, 8)
+    fetched = _paired_moments(fp8, fp8, ops, weights, reads, rounding, source, 8)
+    return ops, local, fetched
+
+
+@pytest.mark.parametrize("case", ["matmul chain", "depthwise conv", "strided conv", "fp16 conv"])
+def test_fp8_rows_rounded_here_are_the_fp8_models_own(case):
+    """The fit rounds each op's input itself instead of fetching its Q/DQ output from onnxruntime:
+    the moments must be the same, bit for bit (saturation included: scales small enough to clip)."""
+    from test_conv_adjust import _case, _conv_model
+
+    rng = np.random.default_rng(4)
+    if case == "matmul chain":
+        model = chain(depth=3)
+        x = (rng.standard_normal((24, K)) * 3 + 1.0).astype(np.float32)
+    else:
+        w, x, spatial, attrs = _case("depthwise" if case == "depthwise conv" else "strided padded")
+        x = np.concatenate([x] * 8) * 4
+        model = _conv_model(w, None, spatial, attrs)
+        if case == "fp16 conv":  # float16 input, weight and Q/DQ scales
+            model = _conv_model(w.astype(np.float16), None, spatial, attrs, np.float16)
+            x = x.astype(np.float16)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -6), weight_params=QuantParams("F143", -5))
+    ops, local, fetched = _moments_both_ways(model, plans, ArraySource(Path("c.npz"), {"x": x}))
+    assert ops
+    for op in ops:
+        a, b = local[op.name], fetched[op.name]
+        assert a.count == b.count > 0
+        for name in ("h_fp8", "cross_w", "sum_fp8", "sum_float"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (op.name, name)

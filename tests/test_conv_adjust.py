@@ -31,13 +31,15 @@ CONV_CASES = {
 }
 
 
-def _conv_model(w: np.ndarray, b: np.ndarray | None, spatial: tuple[int, ...], attrs: dict) -> onnx.ModelProto:
+def _conv_model(w: np.ndarray, b: np.ndarray | None, spatial: tuple[int, ...], attrs: dict,
+                dtype=np.float32) -> onnx.ModelProto:
     inputs = ["x", "w"] + (["b"] if b is not None else [])
     inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     g = helper.make_graph(
         [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)], "conv",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", w.shape[1] * attrs.get("group", 1), *spatial])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+        [helper.make_tensor_value_info("x", elem, ["n", w.shape[1] * attrs.get("group", 1), *spatial])],
+        [helper.make_tensor_value_info("y", elem, None)], inits)
     return prepare_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), 21)
 
 
@@ -111,3 +113,18 @@ def test_gptq_and_bias_correction_on_conv_through_the_rewrite(name):
     assert row["op_type"] == "Conv" and row["output_sq_error_gptq"] < row["output_sq_error_nearest"]
     # the reported output error is the summed squared error of the op's output (its rows * weight)
     assert row["output_sq_error_nearest"] == pytest.approx(np.sum((plain - ref) ** 2), rel=1e-3)
+
+
+@pytest.mark.parametrize("g, k", [(1, 300), (3, 129), (4, 128), (2, 7), (1, 1)])
+def test_inverse_cholesky_upper_is_the_cholesky_factor_of_the_inverse(g, k):
+    """GPTQ's U (H^-1 = U^T U, upper, positive diagonal) without inverting H: the reference is
+    the factor of numpy's inverse; sizes on both sides of the halving's 128."""
+    from fp8core.gptq import inverse_cholesky_upper
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((g, k, 2 * k + 3))
+    h = x @ x.transpose(0, 2, 1) + 0.01 * k * np.eye(k)
+    u = inverse_cholesky_upper(h)
+    reference = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    assert np.array_equal(np.triu(u), u)
+    np.testing.assert_allclose(u, reference, rtol=0, atol=1e-10 * np.abs(reference).max())
