@@ -180,6 +180,16 @@ def asymmetric_error(q: np.ndarray, m: PairedMoments) -> float:
     return (float(np.sum(q * (m.h_fp8 @ q))) - 2 * float(np.sum(q * m.cross_w))) / size if size > 0 else 0.0
 
 
+def error_reduction(before: np.ndarray, after: np.ndarray, m: PairedMoments) -> float:
+    """``asymmetric_error(before) - asymmetric_error(after)`` with two products by ``H~`` instead of
+    four: ``(B - A) . H~ (B + A) - 2 (B - A) . C W``, relative to ``|| X~ W ||^2`` (the per-op
+    report; on ResNet50 the four products took ~3 s)."""
+    w, b, a = (np.asarray(v, np.float64) for v in (m.w, before, after))
+    size = float(np.sum(w * (m.h_fp8 @ w)))
+    d = b - a
+    return (float(np.sum(d * (m.h_fp8 @ (b + a)))) - 2 * float(np.sum(d * m.cross_w))) / size if size > 0 else 0.0
+
+
 def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], weights: dict[str, np.ndarray],
                     reads: dict[str, str], rounding: dict[str, QuantParams | None], source: CalibrationSource,
                     batch_size: int, progress: Callable[[int, int], None] | None = None) -> dict[str, PairedMoments]:
@@ -285,7 +295,7 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
                 q = gptq_round_groups(target, m.h_fp8, grid).astype(np.float64)
             else:
                 q = grid(target.astype(np.float32)).astype(np.float64)
-            row["output_error_reduction"] = asymmetric_error(nearest, m) - asymmetric_error(q, m)
+            row["output_error_reduction"] = error_reduction(nearest, q, m)
             replaced[op.weight] = op.from_groups(q, stored.shape).astype(stored.dtype)
             if op.bias and not determined:
                 row["bias"] = "kept: fewer rows than inputs"

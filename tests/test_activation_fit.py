@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-from fp8core.activation_fit import PairedMoments, asymmetric_error, fit_to_fp8_inputs, fitted_weight
+from fp8core.activation_fit import PairedMoments, asymmetric_error, error_reduction, fit_to_fp8_inputs, fitted_weight
 from fp8core.calibration import ArraySource
 from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import QuantParams, plan_fp8_ops
@@ -70,6 +70,7 @@ def test_moments_give_the_error_computed_directly():
     size = np.sum((x_fp8[:, 0] @ w[0]) ** 2)
     want = (_direct_error(x, x_fp8, w, q1) - _direct_error(x, x_fp8, w, q2)) / size
     assert asymmetric_error(q1, m) - asymmetric_error(q2, m) == pytest.approx(want, rel=1e-9)
+    assert error_reduction(q1, q2, m) == pytest.approx(want, rel=1e-9)
     # the refit minimises the error over real weights: no small move of it does better
     star = fitted_weight(m, damp=0.0)
     for _ in range(20):
