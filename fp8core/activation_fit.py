@@ -166,8 +166,10 @@ def fitted_weight(m: PairedMoments, damp: float = FIT_DAMP) -> np.ndarray:
         energy = float(np.mean(np.diag(h)))
         if energy <= 0:  # the group never sees a non-zero input
             continue
-        lam = damp * energy
-        out[g] = np.linalg.solve(h + lam * np.eye(k), m.cross_w[g] + lam * w[g])
+        damped = h.astype(np.float64)  # H~ + lam I, without a K x K identity beside it
+        damped[np.diag_indices(k)] += damp * energy
+        out[g] = np.linalg.solve(damped, m.cross_w[g] + damp * energy * w[g])
+        del damped
     return out
 
 

@@ -78,6 +78,7 @@ def gptq_round_groups(w_gkn: np.ndarray, h: np.ndarray, grid, damp: float = DAMP
     w[dead, :] = 0.0
     diag += damp * diag.mean(axis=1, keepdims=True)
     u = inverse_cholesky_upper(h)
+    del h, diag  # K x K float64: not needed past U
     q = np.zeros_like(w, dtype=np.float32)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
