@@ -166,9 +166,10 @@ def fitted_weight(m: PairedMoments, damp: float = FIT_DAMP) -> np.ndarray:
         energy = float(np.mean(np.diag(h)))
         if energy <= 0:  # the group never sees a non-zero input
             continue
+        lam = damp * energy
         damped = h.astype(np.float64)  # H~ + lam I, without a K x K identity beside it
-        damped[np.diag_indices(k)] += damp * energy
-        out[g] = np.linalg.solve(damped, m.cross_w[g] + damp * energy * w[g])
+        damped[np.diag_indices(k)] += lam
+        out[g] = np.linalg.solve(damped, m.cross_w[g] + lam * w[g])
         del damped
     return out
 
@@ -190,6 +191,11 @@ def error_reduction(before: np.ndarray, after: np.ndarray, m: PairedMoments) -> 
     size = float(np.sum(w * (m.h_fp8 @ w)))
     d = b - a
     return (float(np.sum(d * (m.h_fp8 @ (b + a)))) - 2 * float(np.sum(d * m.cross_w))) / size if size > 0 else 0.0
+
+
+def input_rounding(plans: list[OpPlan]) -> dict[str, QuantParams | None]:
+    """Each op's format and scale of its activation input (input 0; None: not quantized)."""
+    return {p.name: next((q.params for q in p.input("activation") if q.index == 0), None) for p in plans}
 
 
 def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], weights: dict[str, np.ndarray],
@@ -270,7 +276,7 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
               for op in ops if max_features is not None and shapes[op.name][1] > max_features]
     skipped = {row["op"] for row in report}
     ops = [op for op in ops if op.name not in skipped]
-    rounding = {p.name: next((q.params for q in p.input("activation") if q.index == 0), None) for p in plans}
+    rounding = input_rounding(plans)
     chunks = _chunks(ops, passes, {name: PairedMoments.nbytes(*shape) for name, shape in shapes.items()}, budget)
     for i, chunk in enumerate(chunks):
         current = model.derive(_with_changes(model.proto, replaced, new_bias))

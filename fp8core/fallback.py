@@ -202,7 +202,7 @@ class OutputProbe:
 
     def measure(self, model: Model | onnx.ModelProto) -> dict[str, float]:
         """Every target metric of ``model``'s outputs against the original's on the subset."""
-        return self.measure_session(make_session(model, _trial_options()))
+        return self.measure_session(make_session(model, session_options(arena=False)))
 
     def measure_session(self, session, extra_feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """:meth:`measure` of a model already in a session (``extra_feeds`` go with every batch)."""
@@ -226,15 +226,6 @@ class OutputProbe:
         return out
 
 
-def _trial_options():
-    """Sessions of the probe's trials run a whole data batch at once (8 samples of 320 x 448 on
-    PP-OCRv4 det): without onnxruntime's memory arena its activations go back to the OS after
-    each run instead of staying reserved for the rest of the conversion."""
-    options = session_options()
-    options.enable_cpu_mem_arena = False
-    return options
-
-
 class Trials:
     """Candidate FP8 models that keep some ops in original precision, measured on the probe.
 
@@ -253,7 +244,8 @@ class Trials:
         # keeps them for the exact trials
         switched = self.float_model.derive(rewrite_to_fp8(self.float_model, plans, dict(self.encoded),
                                                           switches=self.flags))
-        self.session = make_session(switched, _trial_options())
+        # a trial runs a whole data batch (8 samples of 320 x 448 on PP-OCRv4 det): no arena
+        self.session = make_session(switched, session_options(arena=False))
         del switched
         self._seen: dict[frozenset, dict[str, float]] = {}
         self._exact: dict[frozenset, dict[str, float]] = {}

@@ -202,9 +202,7 @@ class MomentAccumulator:
 
 def moment_options():
     """Options of a moments pass of its own: the activations of each batch go back to the OS."""
-    options = session_options()
-    options.enable_cpu_mem_arena = False
-    return options
+    return session_options(arena=False)
 
 
 def capture_feature_moments(model: Model | onnx.ModelProto, requests: dict[str, tuple[Rows, bool]],

@@ -46,10 +46,12 @@ DISABLED_OPTIMIZERS: tuple[str, ...] = (
 )
 
 
-def session_options(intra_op_threads: int = 0, runs_once: bool = False) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, runs_once: bool = False, arena: bool = True) -> ort.SessionOptions:
     """``runs_once``: for a session run once or twice (validation, a reference), which skips
     onnxruntime's repacking of every constant MatMul/Conv weight at session creation (3 s for a
-    model of 3 GB; with it off the weights stay memory-mapped) that only many runs pay back."""
+    model of 3 GB; with it off the weights stay memory-mapped) that only many runs pay back.
+    ``arena=False``: without onnxruntime's memory arena, each run's activations go back to the OS
+    after it instead of staying reserved for the rest of the process (passes over data batches)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warns about every unused initializer
@@ -57,6 +59,7 @@ def session_options(intra_op_threads: int = 0, runs_once: bool = False) -> ort.S
         so.intra_op_num_threads = intra_op_threads
     if runs_once:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = arena
     return so
 
 

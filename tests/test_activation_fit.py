@@ -194,13 +194,13 @@ def _moments_both_ways(model, plans, source):
     """The fit's local moments, the FP8 rows rounded in numpy, and the same moments with the FP8
     rows read from the FP8 model's own Q/DQ outputs (the FP8 model as the "float" model of a paired
     pass: its op inputs before their Q/DQ)."""
-    from fp8core.activation_fit import _paired_moments
+    from fp8core.activation_fit import _paired_moments, input_rounding
     from fp8core.model import Model
 
     ops = linear_ops(model, plans)
     fp8 = Model(rewrite_to_fp8(model, plans))
     reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}
-    rounding = {p.name: next((q.params for q in p.input("activation") if q.index == 0), None) for p in plans}
+    rounding = input_rounding(plans)
     weights = {op.name: op.to_groups(numpy_helper.to_array(next(t for t in model.graph.initializer
                                                                 if t.name == op.weight))).astype(np.float32)
                for op in ops}
