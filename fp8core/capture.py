@@ -62,16 +62,13 @@ def onnxruntime_threads() -> int:
 
 
 def capture_options():
-    """The capture session's options: :func:`onnxruntime_threads` threads, arena on, no spinning.
+    """The capture session's options: :func:`onnxruntime_threads` threads, arena on (no spinning,
+    as every session: the fold thread gets the CPU whenever they wait).
 
     The arena stays on: every run has the same shapes, so after the first run each one reuses
     the same buffers (without it every activation is a fresh mmap, page-faulted and unmapped:
-    about a third of ResNet50's capture CPU time in onnxruntime). onnxruntime's threads do not
-    spin between ops: the fold thread gets the CPU whenever they wait."""
-    options = session_options(onnxruntime_threads())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
+    about a third of ResNet50's capture CPU time in onnxruntime)."""
+    return session_options(onnxruntime_threads())
 
 
 class StatsAccumulator:

@@ -104,6 +104,13 @@ class Rows:
         n, c, spatial = samples.shape[0], samples.shape[1], tuple(samples.shape[2:])
         d = len(spatial)
         begin, end = self._begin_end_pads(spatial)
+        if all(k == 1 for k in self.kernel) and all(s == 1 for s in self.strides) and not any(begin + end):
+            # a pointwise Conv's patches are its input's positions: no padded copy, no gather unless
+            # rows are dropped (36 of ResNet50's 53 Convs)
+            flat = samples.reshape(n, c, -1)
+            if max_rows is not None and flat.shape[2] > max_rows:
+                flat = flat[:, :, np.linspace(0, flat.shape[2] - 1, max_rows).round().astype(np.int64)]
+            return flat.reshape(n, self.group, -1, flat.shape[2]).astype(dtype, copy=False)
         padded = np.pad(samples, [(0, 0), (0, 0)] + list(zip(begin, end)))
         size = padded.shape[2:]
         span = [(k - 1) * dil + 1 for k, dil in zip(self.kernel, self.dilations)]

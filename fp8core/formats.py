@@ -247,8 +247,15 @@ def _round_float32(x: np.ndarray, f: FP8Format, m: np.float32 | None = None,
     flat = x.reshape(-1)  # 1-D: numpy gives 0-d results back as scalars
     if out is not None and not (out.flags.c_contiguous and out.size == flat.size and out.dtype == np.uint8):
         raise ValueError(f"out must be a C-contiguous uint8 array of {flat.size} values")
-    table = _rounding_table(f)
     result = np.empty(flat.size, np.uint8) if out is None else out.reshape(-1)
+    _look_up(flat, _rounding_table(f), m, result)
+    return result.reshape(x.shape).view(f.dtype)
+
+
+def _look_up(flat: np.ndarray, table: np.ndarray, m: np.float32 | None, result: np.ndarray,
+             times_m: bool = False) -> None:
+    """``result = table[case(flat / m)]`` (:data:`STICKY_BITS`), block by block; ``times_m``:
+    multiplied by ``m`` again (a round trip's dequantization, in float32 as onnxruntime does)."""
     block = min(flat.size, ROUNDING_BLOCK)
     quotient = np.empty(block, np.float32) if m is not None else None
     case = np.empty(block, np.uint32)
@@ -266,7 +273,8 @@ def _round_float32(x: np.ndarray, f: FP8Format, m: np.float32 | None = None,
             np.bitwise_and(bits, (1 << STICKY_BITS) - 1, out=low[:n])
             np.bitwise_or(case[:n], low[:n] != 0, out=case[:n])
             np.take(table, case[:n], out=result[start:stop])
-    return result.reshape(x.shape).view(f.dtype)
+            if times_m and m is not None:
+                np.multiply(result[start:stop], m, out=result[start:stop])
 
 
 def decode(q: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0, dtype=np.float32) -> np.ndarray:
@@ -306,8 +314,29 @@ def _multiplier(scale: Scale | int, shape: tuple[int, ...]):
 
 
 def round_trip(x: np.ndarray, fmt: str | FP8Format, scale: Scale | int = 0) -> np.ndarray:
-    """``decode(encode(x))`` in float32: what an FP8 Q/DQ pair does to ``x``."""
-    return decode(encode_to_dtype(x, fmt, scale), fmt, scale)
+    """``decode(encode(x))`` in float32: what an FP8 Q/DQ pair does to ``x``. With one scale for
+    the whole array, one lookup per value in a table of the FP8 values themselves
+    (:func:`_round_trip_table`), the scale's division and multiplication in the same blocks:
+    no byte array, no second pass (gptaq rounds every activation it reads this way)."""
+    f = get_format(fmt)
+    x = np.asarray(x)
+    m = _multiplier(scale, x.shape)
+    if m is not None and np.size(m) != 1:
+        return decode(encode_to_dtype(x, f, scale), f, scale)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    flat = x.reshape(-1)
+    result = np.empty(flat.size, np.float32)
+    _look_up(flat, _round_trip_table(f), None if m is None else np.float32(np.reshape(m, ())), result, times_m=True)
+    return result.reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _round_trip_table(f: FP8Format) -> np.ndarray:
+    """The float32 value of the FP8 byte of each rounding case (:func:`_rounding_table`)."""
+    table = _decoding_table(f)[_rounding_table(f)]
+    table.setflags(write=False)
+    return table
 
 
 @functools.lru_cache(maxsize=None)

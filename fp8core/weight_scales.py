@@ -75,7 +75,7 @@ GRANULARITIES = ("per_tensor", "per_channel")
 SCALE_KINDS = ("pow2", "float")
 BLOCK_VALUES = 1 << 16
 """Values per block of the mse/mae/snr/cos_dist search: its float64 buffers (512 KiB, allocated
-once per block, under the CLI's 1 MiB mmap threshold) stay in cache while every candidate is
+once per block, under the CLI's mmap threshold) stay in cache while every candidate is
 evaluated on it, where a pass over the whole weight per candidate and operation went to memory
 (benchmarks/bench_weight_scales.py; 1 << 15 and 1 << 17 measured slower)."""
 KLD_BLOCK_VALUES = 1 << 18

@@ -28,6 +28,11 @@ CONV_CASES = {
     "same lower": dict(c_in=3, c_out=4, kernel=(4, 3), attrs=dict(auto_pad="SAME_LOWER", strides=[2, 3])),
     "valid": dict(c_in=3, c_out=4, kernel=(2, 2), attrs=dict(auto_pad="VALID")),
     "1-D": dict(c_in=4, c_out=3, kernel=(5,), attrs=dict(pads=[2, 1], strides=[2])),
+    # a pointwise Conv's rows are its input's positions, taken without a padded copy
+    "pointwise": dict(c_in=4, c_out=6, kernel=(1, 1), attrs={}),
+    "pointwise grouped": dict(c_in=6, c_out=4, kernel=(1, 1), attrs=dict(group=2)),
+    "pointwise 1-D": dict(c_in=4, c_out=3, kernel=(1,), attrs={}),
+    "pointwise strided": dict(c_in=4, c_out=6, kernel=(1, 1), attrs=dict(strides=[2, 2])),
 }
 
 
