@@ -233,6 +233,39 @@ def test_negligible_output_noise_is_not_searched():
     assert 0 < dominance.all_fp8 < NEGLIGIBLE_SNR and dominance.found == {} and dominance.trials == 1
 
 
+def test_ops_are_measured_on_the_logits_of_a_saturated_softmax():
+    """The dominant-op chain with a confident Softmax on top (opset 11 over [N, 4, 4]: an upgrade
+    wraps it in Flatten ... Reshape), then a Reshape and an Identity: the probabilities barely move under FP8 noise (the
+    outputs' snr is negligible) but their logits do, so the search still finds op 11 by the
+    logits; the target metrics stay the outputs' own."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    raw = outlier_chain(16, 11, SIZE, opset=11)
+    raw.graph.node[-1].output[0] = "r_last"
+    confident = np.zeros(SIZE, np.float32)
+    confident[0] = 40.0  # class 0 wins by e^40 whatever the noise: its probability is 1 in float32
+    raw.graph.initializer.extend([nh.from_array(confident, "confidence"), nh.from_array(np.array(1e3, np.float32), "gain"),
+                                  nh.from_array(np.array([-1, 4, 4]), "square"), nh.from_array(np.array([-1, SIZE]), "flat")])
+    raw.graph.node.extend([h.make_node("Mul", ["r_last", "gain"], ["r_big"], name="gain"),  # the chain's outputs are ~1e-3
+                           h.make_node("Add", ["r_big", "confidence"], ["scores"], name="sharpen"),
+                           h.make_node("Reshape", ["scores", "square"], ["scores3"], name="to_3d"),
+                           h.make_node("Softmax", ["scores3"], ["probs3"], name="softmax", axis=1),
+                           h.make_node("Reshape", ["probs3", "flat"], ["probs"], name="to_2d"),
+                           h.make_node("Identity", ["probs"], ["y"], name="out")])
+    model = prepare_model(raw, 21)
+    assert [n.op_type for n in model.graph.node][-5:] == ["Flatten", "Softmax", "Reshape", "Reshape", "Identity"]
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    probe = OutputProbe(model, source, batch_size=8)
+    assert probe.logit_names == [next(n.input[0] for n in model.graph.node if n.op_type == "Softmax")]
+    metrics = probe.measure(rewrite_to_fp8(model, plans))
+    assert metrics["snr"] < NEGLIGIBLE_SNR < metrics["logit_snr"], metrics
+    dominance = find_dominant_ops(Trials(model, plans, probe), [p.name for p in plans if p.fp8], 0.5)
+    assert dominance.metric == "logit_snr" and list(dominance.found) == ["mm_11"], dominance
+    # the same search on the probabilities sees nothing to remove
+    assert find_dominant_ops(Trials(model, plans, probe), [p.name for p in plans if p.fp8], 0.5,
+                             metric="snr").found == {}
+
+
 def test_bisection_keeps_exactly_the_two_planted_ops():
     """Two outlier ops (mm_1, mm_3) of a 5-op chain: the target lies between keeping both and
     keeping either one, so the only answer with two ops is {mm_1, mm_3}; the search must find

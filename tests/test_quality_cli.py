@@ -39,7 +39,7 @@ def test_compare_keep_worst_and_accuracy_target_end_to_end(tmp_path, capsys):
     log = (tmp_path / "precision_compare.log").read_text()
     assert "keep_gain" in log and "<- matters #1" in log
     fp8_left = _fp8_ops(tmp_path / "m_fp8.onnx")
-    assert set(report["keep_gain"]["ops"]) == fp8_left and report["keep_gain"]["metric"] == "snr"
+    assert set(report["keep_gain"]["ops"]) == fp8_left and report["keep_gain"]["metric"] == "logit_snr"
     assert (tmp_path / "precision_compare_snr.png").stat().st_size > 0
     fp8_now = _fp8_ops(tmp_path / "m_fp8.onnx")
     config_names = {"Conv_0", "Conv_3", "MatMul_7", "Gemm_10"}
