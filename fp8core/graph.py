@@ -386,9 +386,10 @@ def without_large_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
     return light, large, {t.name for t in added}
 
 
-def _copy_fields(dst, src, skip: str) -> None:
+def _copy_fields(dst, src, skip: str | tuple[str, ...]) -> None:
+    skipped = (skip,) if isinstance(skip, str) else skip
     for field, value in src.ListFields():
-        if field.name == skip:
+        if field.name in skipped:
             continue
         if field.is_repeated:
             getattr(dst, field.name).extend(value)
@@ -408,6 +409,32 @@ def with_initializers(light: onnx.ModelProto, large: list[onnx.TensorProto], add
 
 
 # --- editing verbs ---------------------------------------------------------------------------
+
+def pruned_to(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only ``outputs`` (top-level names, its new graph
+    outputs): the nodes and initializers none of them needs are left out, the graph inputs all
+    stay (feeds do not change). onnxruntime runs every node of a graph whatever a run fetches,
+    so a pass that reads the first ops' inputs otherwise pays for the whole model."""
+    wanted = list(dict.fromkeys(outputs))
+    needed, kept = set(wanted), []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed |= names_read([node])
+    out = onnx.ModelProto()
+    _copy_fields(out, model, skip="graph")
+    g = out.graph
+    _copy_fields(g, model.graph, skip=("node", "initializer", "output", "value_info"))
+    g.node.extend(reversed(kept))
+    inputs = {i.name for i in model.graph.input}  # an input's initializer is its default: kept
+    g.initializer.extend(t for t in model.graph.initializer if t.name in needed or t.name in inputs)
+    g.value_info.extend(v for v in model.graph.value_info if v.name in needed)
+    listed = {o.name: o for o in model.graph.output}
+    types = tensor_elem_types(model)
+    g.output.extend(listed[n] if n in listed else
+                    onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in wanted)
+    return out
+
 
 class FreshNames:
     """Fresh tensor/node names that cannot collide with the graph's: ``base``, else ``base_1``,

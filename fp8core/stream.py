@@ -43,7 +43,7 @@ import onnx
 from fp8core.bodies import expose_values
 from fp8core.calibration import CalibrationSource, check_fits, model_input_specs
 from fp8core.errors import FP8Error, first_line
-from fp8core.graph import graph_inputs
+from fp8core.graph import graph_inputs, pruned_to
 from fp8core.inputs import input_specs, stack_feeds
 from fp8core.model import Model
 
@@ -71,12 +71,14 @@ class Tap:
     (:func:`fp8core.runtime.session_options`; each session needs its own)."""
 
     def __init__(self, model: Model | onnx.ModelProto, tensors: Sequence[str] = (), options=None,
-                 label: str = "the model", what: str = "calibration"):
+                 label: str = "the model", what: str = "calibration", prune: bool = False):
         handle = Model.of(model)
         self.model, self.label, self.what = handle, label, what
         self.tensors = list(dict.fromkeys(tensors))
         exposed, readable = expose_values(handle.proto, self.tensors)
         self.names = [readable[t] for t in self.tensors]
+        if prune:  # only what the tensors need is computed (the model's outputs are not read)
+            exposed = pruned_to(exposed, self.names)
         self.session = handle.derive(exposed).session(options, extra_outputs=self.names)
 
     def run(self, feeds: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import pytest
 from fp8core.calibration import ArraySource, CalibrationDataError
 from fp8core.capture import StatsAccumulator, capture_stats
 from fp8core.feature_moments import MomentAccumulator, capture_feature_moments, gptq_requests
+from fp8core.graph import pruned_to
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.stream import StreamError, Tap, accumulate, stream
 import models
@@ -81,6 +82,29 @@ def test_paired_runs_read_both_models_on_the_same_feeds():
     want_b = Tap(b, ["y"]).run({"x": x}, 0)["y"]
     np.testing.assert_allclose(np.concatenate([o[0] for o in outs]), want_a, rtol=1e-6)
     np.testing.assert_allclose(np.concatenate([o[1] for o in outs]), want_b, rtol=1e-6)
+
+
+def test_a_pruned_tap_runs_only_what_its_tensors_need_with_the_same_values():
+    """onnxruntime runs every node whatever a run fetches: a pruned tap's model stops at the
+    tensors it reads (the weight fit's passes read the first ops' inputs), bit for bit the same
+    values; an If body's reads of the outer scope count, and graph inputs all stay."""
+    model = models.cnn(seed=1, names=True)
+    x = _data(5)
+    for tensors in (["r1"], ["r1", "f"], ["y"]):
+        whole, cut = Tap(model, tensors).run({"x": x}, 0), Tap(model, tensors, prune=True).run({"x": x}, 0)
+        for name in tensors:
+            assert whole[name].tobytes() == cut[name].tobytes(), name
+    early = pruned_to(model, ["r1"])
+    assert len(early.graph.node) < len(model.graph.node) and [o.name for o in early.graph.output] == ["r1"]
+    assert "y" not in {o for n in early.graph.node for o in n.output}
+
+    branchy = models.if_reads_weight()
+    assert [n.name for n in pruned_to(branchy, ["y"]).graph.node] == ["mm", "branch"]  # the body reads "a"
+    head = pruned_to(branchy, ["a"])
+    assert [n.name for n in head.graph.node] == ["mm"] and [i.name for i in head.graph.input] == ["x", "cond"]
+    feeds = {"x": np.eye(8, dtype=np.float32), "cond": np.array(True)}
+    got = Tap(branchy, ["a"], prune=True).run(feeds, 0)["a"]
+    np.testing.assert_array_equal(got, Tap(branchy, ["a"]).run(feeds, 0)["a"])
 
 
 @pytest.mark.parametrize("arrays, says", [
