@@ -72,6 +72,8 @@ def test_conv_rows_times_the_grouped_weight_equal_onnxruntime_conv(name):
         [[some]] = op.rows.columns(x[i:i + 1], max_rows=7)  # evenly spaced positions, the ends included
         keep = np.linspace(0, rows.shape[1] - 1, 7).round().astype(int) if rows.shape[1] > 7 else slice(None)
         np.testing.assert_array_equal(some, columns[..., keep])
+        # the layout too: BLAS sums a strided copy in another order (other last bits, other GPTQ roundings)
+        assert some.flags.c_contiguous and columns.flags.c_contiguous
         [pair] = op.rows.columns(x[i:i + 1], paired=2 * x[i:i + 1])  # x's columns, then the pair's
         np.testing.assert_array_equal(pair, np.stack([columns, 2 * columns]))
     assert np.array_equal(op.from_groups(op.to_groups(w), w.shape), w)
