@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from fp8core.errors import FP8Error, first_line
+from fp8core.graph import GraphIndex
 from fp8core.calibration import CalibrationSource
 from fp8core.compare import ComparisonReport, CompareError, TensorComparison
 from fp8core.model import Model
@@ -183,7 +184,7 @@ def logits(graph: onnx.GraphProto, output: str) -> str:
     classifier the FP8 noise on its softmax output was 3e-10 of the signal, yet 3 of 160 images
     flipped; ranking ops by their effect on the logits, keeping 3 gave top-1 agreement 1.000
     where the ranking on the probabilities gave 0.969 (worse than keeping none, 0.981)."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = GraphIndex(graph).producer
     name = output
     while name in producer and producer[name].op_type in RESHAPING_OPS:
         name = producer[name].input[0]
