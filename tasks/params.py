@@ -13,12 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fp8core.formats import FORMATS, get_format
 from fp8core.graph import MIN_FP8_OPSET
+from fp8core.pipeline import DEFAULT_DOMINANT_SHARE
 
 FormatName = Literal["F143", "F152", "E4M3FN", "E5M2"]
 LossName = Literal["mse", "mae", "snr", "kld", "cos_dist"]
 DEFAULT_LOSS = "mse"
-DEFAULT_DOMINANT_SHARE = 0.5
-"""--keep_dominant_share: an op that alone carries half the output noise is kept (README "Defaults")."""
 """The search's default loss. PopRT defaults to kld; on the real-model suite and the accuracy suite
 mse is best or tied best everywhere (kld, entropy on linear bins, makes the same choices at 2-3x
 the search cost; a kld on log-scale bins ruins three real models, see fp8core.losses.kld). See

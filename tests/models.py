@@ -203,16 +203,18 @@ def exact_matmul_reshape(seed=0, opset=17):
 
 
 def outlier_chain(depth=16, bad=None, size=16, seed=7, opset=21):
-    """x -> (MatMul -> Relu) * depth, weights ~ N(0, 1/sqrt(size)). Op ``bad`` (if any) reads its
-    input through a Mul by ``s`` (channel 3 by 1e4, the others by 1e-2) and has its weight rows
-    divided by ``s``: the float model computes the same, but that op's input and weight each span
-    1e6, more than FP8's range (E4M3: ~2^17) holds with any per-tensor scale, so that op alone
-    carries most of the FP8 model's output noise whatever the scale search does."""
+    """x -> (MatMul -> Relu) * depth, weights ~ N(0, 1/sqrt(size)). Op ``bad`` (if any; an index or
+    several) reads its input through a Mul by ``s`` (channel 3 by 1e4, the others by 1e-2) and has
+    its weight rows divided by ``s``: the float model computes the same, but that op's input and
+    weight each span 1e6, more than FP8's range (E4M3: ~2^17) holds with any per-tensor scale, so
+    that op alone carries most of the FP8 model's output noise whatever the scale search does (with
+    several, each a part)."""
     rng = np.random.default_rng(seed)
+    bads = () if bad is None else (bad,) if isinstance(bad, int) else tuple(bad)
     inits, nodes, prev = [], [], "x"
     for i in range(depth):
         w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
-        if i == bad:
+        if i in bads:
             s = np.full(size, 1e-2, np.float32)
             s[3] = 1e4
             w = (w / s[:, None]).astype(np.float32)
@@ -224,5 +226,31 @@ def outlier_chain(depth=16, bad=None, size=16, seed=7, opset=21):
         out = "y" if i == depth - 1 else f"r{i}"
         nodes.append(h.make_node("Relu", [f"m{i}"], [out], name=f"relu_{i}"))
         prev = out
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", size])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["N", size])], inits, opset)
+
+
+def outlier_branches(branches=10, bad=(1, 4, 6, 8), size=16, seed=7, opset=21):
+    """y = sum over branches of Relu(x W_i), weights ~ N(0, 1/sqrt(size)). Each ``bad`` branch reads
+    x through ``outlier_chain``'s spreading Mul, so its FP8 output is mostly noise; bad branch j
+    (in the order given) has its weight multiplied by 1 + j / 2, so each carries its own share of
+    the output noise, the last the largest (keeping one alone removes 14%, 27%, 48% and 54% of it)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, outs = [], [], []
+    for i in range(branches):
+        w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+        prev = "x"
+        if i in bad:
+            s = np.full(size, 1e-2, np.float32)
+            s[3] = 1e4
+            w = (w * (1 + bad.index(i) / 2) / s[:, None]).astype(np.float32)
+            inits.append(nh.from_array(s, f"s{i}"))
+            nodes.append(h.make_node("Mul", ["x", f"s{i}"], [f"spread{i}"], name=f"spread_{i}"))
+            prev = f"spread{i}"
+        inits.append(nh.from_array(w, f"w{i}"))
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm_{i}"))
+        nodes.append(h.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu_{i}"))
+        outs.append(f"r{i}")
+    nodes.append(h.make_node("Sum", outs, ["y"], name="sum"))
     return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", size])],
                   [h.make_tensor_value_info("y", T.FLOAT, ["N", size])], inits, opset)

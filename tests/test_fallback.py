@@ -15,6 +15,7 @@ from fp8core.calibration import ArraySource
 from fp8core.compare import compare_models
 from fp8core.fallback import (
     NEGLIGIBLE_SNR,
+    DOMINANCE_MAX_KEPT,
     AccuracyTarget,
     FallbackError,
     OutputProbe,
@@ -31,7 +32,7 @@ from fp8core.fallback import (
 )
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import prepare_model, rewrite_to_fp8
-from tests.models import outlier_chain
+from tests.models import outlier_branches, outlier_chain
 
 BAD_OP = "mm_2"
 SIZE = 16
@@ -214,6 +215,46 @@ def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
             assert "--keep_dominant_share 0.5" in next(p.reason for p in kept if p.name == "mm_11")
             with pytest.raises(FallbackError, match="keep_dominant_share"):
                 find_dominant_ops(trials, ["mm_11"], 1.5)
+
+
+def test_dominance_keeps_at_most_three_ops_those_with_the_largest_shares():
+    """Four branches of a sum each carry a part of the output noise (14-54%), all above a share of
+    0.1: the three largest are kept, the fourth is recorded as passed over, and each share is what
+    keeping that op alone measures."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    model = prepare_model(outlier_branches(), 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
+    candidates = [p.name for p in plans if p.fp8]
+    alone = measure_sensitivity(trials, candidates)
+    shares = {n: alone.gain(n) / alone.all_fp8 for n in candidates}
+    above = sorted((n for n in candidates if shares[n] >= 0.1), key=lambda n: -shares[n])
+    assert above == ["mm_8", "mm_6", "mm_4", "mm_1"] and DOMINANCE_MAX_KEPT == 3
+    dominance = find_dominant_ops(trials, candidates, 0.1)
+    assert list(dominance.found) == above[:3] and list(dominance.passed_over) == above[3:]
+    assert all(dominance.found[n] == pytest.approx(shares[n]) for n in above[:3])
+    assert dominance.to_dict()["passed_over"] == {"mm_1": pytest.approx(shares["mm_1"])}
+    assert [p.name for p in keep_dominant_ops(plans, dominance) if not p.fp8] == ["mm_4", "mm_6", "mm_8"]
+    # at a share of one half only the largest qualifies, and nothing is passed over
+    half = find_dominant_ops(trials, candidates, 0.5)
+    assert list(half.found) == ["mm_8"] and half.passed_over == {}
+
+
+def test_groups_are_measured_on_samples_that_show_the_noise():
+    """The 16-op chain with op 11 dominating, its first 4 calibration samples zero: those show no
+    FP8 noise at all, so the groups that narrow the search down are measured on the 8 samples the
+    single ops are (before: the search stopped at its 4-sample baseline and kept nothing)."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    x[:4] = 0
+    source = ArraySource(Path("x.npz"), {"x": x})
+    model = prepare_model(outlier_chain(16, 11, SIZE), 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
+    assert trials.on_first(4).metrics([])["logit_snr"] == 0 < trials.on_first(8).metrics([])["logit_snr"]
+    dominance = find_dominant_ops(trials, [p.name for p in plans if p.fp8], 0.5)
+    assert list(dominance.found) == ["mm_11"] and dominance.group_samples == 8, dominance
+    assert dominance.all_fp8 == trials.on_first(8).metrics([])["logit_snr"]
 
 
 def test_negligible_output_noise_is_not_searched():

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
+from fp8core.pipeline import DEFAULT_DOMINANT_SHARE
 from tests.models import outlier_chain
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -100,7 +101,8 @@ def test_an_op_carrying_most_of_the_output_noise_is_kept_by_default_and_0_turns_
             "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment_name", "quality"]
     assert main([*args, *flags]) == 0
     out = capsys.readouterr().out
-    assert "kept in original precision (each carried >= 0.5 of the output noise alone): mm_11" in out
+    assert (f"kept in original precision (each carried >= {DEFAULT_DOMINANT_SHARE:g} of the output noise alone): "
+            "mm_11") in out
     assert _fp8_ops(tmp_path / "m_fp8.onnx") == {f"mm_{i}" for i in range(16)} - {"mm_11"}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
@@ -108,6 +110,7 @@ def test_an_op_carrying_most_of_the_output_noise_is_kept_by_default_and_0_turns_
     assert run.data.metrics["dominant_search_trials"] <= 2 * 4 + 2  # one op at a time would be 17
     found = json.loads(Path(client.download_artifacts(run.info.run_id, "dominant_ops.json", str(tmp_path))).read_text())
     assert list(found["found"]) == ["mm_11"] and found["found"]["mm_11"] >= 0.5 and found["samples"] == 8
+    assert found["share"] == DEFAULT_DOMINANT_SHARE and found["passed_over"] == {}
 
     args[3] = str(tmp_path / "off.onnx")
     assert main([*args, *flags, "--keep_dominant_share", "0"]) == 0
