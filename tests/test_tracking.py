@@ -23,6 +23,24 @@ def test_recorder_logs_metrics_named_after_torch_style_ops(tmp_path):
     assert got == {"best_loss/bert/encoder/layer.0/attention/MatMul": 0.5, "compare/embeddings/Gather/snr": 1.0}
 
 
+def test_recorder_logs_metrics_named_after_tensorflow_ops_past_mlflows_key_limit(tmp_path):
+    """A TensorFlow export (basic-pitch's nmp.onnx) names an op with its whole call path, past
+    MLflow's 250 characters: the run failed with MlflowException. Two such names that differ only
+    in the middle stay two keys, each with its start and its end."""
+    path = "StatefulPartitionedCall/model_1/" + "/".join(f"block_{i}/conv2d_{i}/BiasAdd" for i in range(12))
+    names = {f"best_loss/{path}/a/Conv2D": 0.5, f"best_loss/{path.replace('block_5', 'block_X')}/a/Conv2D": 1.0,
+             "best_loss/short/Conv2D": 2.0}
+    keys = {_metric_key(k) for k in names}
+    assert len(keys) == 3 and all(len(k) <= 250 for k in keys)
+    assert all(k.startswith("best_loss/") and k.endswith("/Conv2D") for k in keys)
+    assert _metric_key("best_loss/short/Conv2D") == "best_loss/short/Conv2D"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("long", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    Recorder(client, run.info.run_id).metrics(names)
+    assert sorted(client.get_run(run.info.run_id).data.metrics.values()) == [0.5, 1.0, 2.0]
+
+
 def test_recorder_stage_writes_what_a_stage_result_says(tmp_path):
     """record.stage(result): tags, metrics, metrics at their steps, files and JSON documents."""
     from fp8core.pipeline import Artifact, StageResult
