@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from flows.cli import main
+from fp8core.inputs import input_specs, stack_feeds
 from fp8core.runtime import make_session
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -71,16 +72,8 @@ def test_wheel_graph_converts_and_runs(name, mode, tmp_path):
     assert main(argv) == 0, f"{name} {mode}"
     assert model.read_bytes() == before
     onnx.checker.check_model(str(output), full_check=True)
-    graph = onnx.load(str(model)).graph
-    feeds = {}
-    for i in graph.input:  # the first calibration row as a batch of 1 (a scalar input as stored)
-        value = np.asarray(data[i.name][0])
-        rank = len(i.type.tensor_type.shape.dim)
-        if rank == value.ndim:
-            feeds[i.name] = value
-        else:
-            axis = next(k for k, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param or d.dim_value == 1)
-            feeds[i.name] = np.expand_dims(value, axis)
+    # the first calibration row as a batch of 1, laid out as the converter lays it out
+    feeds = stack_feeds(input_specs(onnx.load(str(model))), {k: v[:1] for k, v in data.items()})
     want = make_session(model).run(None, feeds)
     got = make_session(output).run(None, feeds)
     assert [np.shape(g) for g in got] == [np.shape(w) for w in want]
