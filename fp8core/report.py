@@ -37,6 +37,8 @@ def summary_lines(result: dict) -> list[str]:
         parts = [f"cosine {ag['output_cosine']:.4f}", f"SNR {ag['output_snr_db']:.1f} dB"] if "output_cosine" in ag else []
         if "output_top1_agreement" in ag:
             parts.append(f"top-1 agreement {ag['output_top1_agreement']:.4f}")
+        if "output_label_agreement" in ag:
+            parts.append(f"integer outputs equal {ag['output_label_agreement']:.4f}")
         lines.append("  outputs vs the float model (validation inputs): " + ", ".join(parts))
     ev = result.get("evaluation")
     if ev:

@@ -83,6 +83,16 @@ def calibration_reference(model: Model | onnx.ModelProto, source, batch_size: in
     return Reference(feeds, names, outputs, f"calibration samples 0..{n - 1}")
 
 
+def as_array(value) -> np.ndarray:
+    """An output as an array; a sequence of maps (scikit-learn's ZipMap: one ``{label: probability}``
+    per sample) as ``[samples, labels]`` in label order, so it is compared like the tensor it wraps."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        if all(sorted(v) == keys for v in value):
+            return np.array([[v[k] for k in keys] for v in value], dtype=np.float64)
+    return np.asarray(value)
+
+
 def check_same_outputs(reference: Reference, model, what: str) -> None:
     """``model`` must compute ``reference``'s outputs within float rounding, else ModelError."""
     try:
@@ -90,9 +100,10 @@ def check_same_outputs(reference: Reference, model, what: str) -> None:
     except Exception as exc:
         raise ModelError(f"{what}: the model no longer runs on {reference.source}: {first_line(exc)}") from None
     for name, want, got in zip(reference.names, reference.outputs, outputs):
-        if np.shape(want) != np.shape(got):
-            raise ModelError(f"{what}: output {name!r} changed shape {np.shape(want)} -> {np.shape(got)}")
-        want64 = np.asarray(want, np.float64) if np.asarray(want).dtype.kind in "fiub" else None
+        want, got = as_array(want), as_array(got)
+        if want.shape != got.shape:
+            raise ModelError(f"{what}: output {name!r} changed shape {want.shape} -> {got.shape}")
+        want64 = want.astype(np.float64) if want.dtype.kind in "fiub" else None
         if want64 is None:
             continue
         got64 = np.asarray(got, np.float64)
@@ -106,13 +117,16 @@ def check_same_outputs(reference: Reference, model, what: str) -> None:
 def compare_outputs(reference: Reference, outputs: list[np.ndarray]) -> dict[str, float]:
     """FP8 outputs against the float reference: shapes and finiteness must hold (else ModelError);
     returns the agreement metrics over all float outputs (cosine, SNR dB, top-1 agreement of
-    classifier-shaped outputs)."""
-    cosines, snrs, agree = [], [], []
+    classifier-shaped outputs), and over integer outputs (a classifier's labels, as scikit-learn
+    exports them) the share of equal values."""
+    cosines, snrs, agree, labels = [], [], [], []
     for name, want, got in zip(reference.names, reference.outputs, outputs):
-        want, got = np.asarray(want), np.asarray(got)
+        want, got = as_array(want), as_array(got)
         if want.shape != got.shape:
             raise ModelError(f"the FP8 model's output {name!r} has shape {got.shape}, the float model's "
                              f"{want.shape} (on {reference.source})")
+        if want.dtype.kind in "iub" and want.size:
+            labels.append(float((want == got).mean()))
         if want.dtype.kind != "f":
             continue
         w, g = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
@@ -136,4 +150,6 @@ def compare_outputs(reference: Reference, outputs: list[np.ndarray]) -> dict[str
         metrics["output_snr_db"] = min(snrs)
     if agree:
         metrics["output_top1_agreement"] = min(agree)
+    if labels:
+        metrics["output_label_agreement"] = min(labels)
     return metrics

@@ -14,7 +14,7 @@ from flows.cli import main
 from fp8core.formats import FORMATS
 from fp8core.graph import FP8_OP_TYPES
 from fp8core.inputs import batch_axes, fixed_batch_size, input_specs, stack_feeds
-from fp8core.validation import run_float
+from fp8core.validation import as_array, run_float
 from tests import real_graphs
 
 MIN_COSINE = 0.98  # FP8 E4M3 keeps ~3 significant bits per value: a few % error per layer
@@ -53,7 +53,11 @@ def _check_close(src, out, data):
     _, want = run_float(float_model, feeds)
     _, got = run_float(onnx.load(out), feeds)
     for w, g in zip(want, got):
+        w, g = as_array(w), as_array(g)
         assert w.shape == g.shape
+        if w.dtype.kind != "f":  # labels
+            assert (w == g).mean() >= 0.9
+            continue
         assert np.isfinite(g).all()
         assert _cosine(w, g) > MIN_COSINE
 
@@ -128,6 +132,22 @@ def test_already_quantized_model_says_so(tmp_path, capsys):
     _convert(tmp_path, "ci", model, data)
     err = capsys.readouterr()
     assert "already quantized" in (err.err + err.out)
+
+
+def test_classifier_with_only_label_and_zipmap_outputs_reports_its_agreement(tmp_path, capsys):
+    """No float tensor output (skl2onnx's default): the summary and MLflow still say how the FP8
+    model agrees with the float one, on its labels and on the probabilities inside the maps."""
+    from mlflow.tracking import MlflowClient
+
+    model, data = real_graphs.sklearn_zipmap()
+    _convert(tmp_path, "skl", model, data, "--quantize")
+    summary = capsys.readouterr().out
+    line = next(l for l in summary.splitlines() if "outputs vs the float model" in l)
+    assert "integer outputs equal" in line and "cosine" in line, line
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("real-graphs").experiment_id])[0]
+    assert 0.9 <= run.data.metrics["output_label_agreement"] <= 1.0
+    assert run.data.metrics["output_cosine"] > MIN_COSINE
 
 
 def test_float16_model_keeps_float16_scales_and_io(tmp_path):
