@@ -64,14 +64,14 @@ def convert(params: ConvertParams, verbose: int) -> dict:
         params = params.with_batch_size(loaded.model.proto)
         model = loaded.model
         plans = done(plan_ops(model, PlanConfig.of(params))).plans
-        best_loss, source, moments = {}, None, None
+        best_loss, source, moments, activation_values = {}, None, None, None
         if params.quantize:
             tell_user(ignored_fp8_params_note(params))
             source = done(ingest_calibration_data(model, IngestConfig.of(params))).source
             calibrated = done(calibrate(model, plans, source, params))  # capture and search mapped (flows/calibrate.py)
             plans = done(choose_weight_scales(model, calibrated.plans, WeightScaleConfig.of(params))).plans
             best_loss = done(write_search_report(calibrated, plans, staging.path)).best_loss
-            moments = calibrated.gptq_moments
+            moments, activation_values = calibrated.gptq_moments, calibrated.activation_values
             del calibrated
         else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
             plans = choose_weight_scales(model, plans, WeightScaleConfig.of(params)).plans
@@ -79,7 +79,8 @@ def convert(params: ConvertParams, verbose: int) -> dict:
         adjust = AdjustConfig.of(params, streamed=model.weights_dir is not None)
         tell_user(adjust.notes)
         if fallback.needed:
-            plans = done(keep_in_original_precision(model, plans, fallback, best_loss, staging.path)).plans
+            plans = done(keep_in_original_precision(model, plans, fallback, best_loss, staging.path,
+                                                    activation_values)).plans
         if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
             weights = done(adjusted_weights(model, plans, source, adjust, moments, show_progress=True)).model
         converted = done(convert_to_fp8(loaded, plans, ToFP8Config.of(params), weights))

@@ -255,6 +255,17 @@ class Calibrated(StageResult):
     source: Any
     gptq_moments: dict | None = None  # captured with the statistics (None: cached or sharded capture)
 
+    @property
+    def activation_values(self) -> float | None:
+        """FP8 activation values per sample (every FP8 op's activation inputs): what a trial of
+        the fallback costs (fp8core.fallback.DOMINANCE_SINGLES_BUDGET)."""
+        samples = getattr(self.source, "num_samples", 0)
+        if not samples:
+            return None
+        counted = [self.stats[q.tensor].count for p in self.plans if p.fp8 for q in p.input("activation")
+                   if q.tensor in self.stats]
+        return sum(counted) / samples
+
 
 def capture_serially(model, tensors: list[str], source, batch_size: int, also=()) -> dict:
     """The default :data:`CaptureFn`: one process, every core (fp8core.capture.capture_stats)."""
@@ -526,18 +537,21 @@ def _candidates(model: Model, plans: list[OpPlan], config: FallbackConfig) -> li
 
 
 def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_loss: Mapping[str, float] | None = None,
-             folder: str = ".", log=logger) -> Fallback:
+             folder: str = ".", log=logger, activation_values: float | None = None) -> Fallback:
     """Plans with ops returned to original precision, measured on the model outputs:
 
     * ``keep`` K: the K ops whose return, each alone, helps most (without data: the K worst by
       the search loss ``best_loss``);
-    * ``keep_dominant``: each op (at most 3) that alone carries ``dominant_share`` of the FP8 noise;
+    * ``keep_dominant``: each op (at most 3) that alone carries ``dominant_share`` of the FP8 noise,
+      every op measured alone where ``activation_values`` (FP8 activation values per sample,
+      :attr:`Calibrated.activation_values`) says trials are cheap, else by group testing;
     * ``accuracy_target``: the fewest most helpful ops that meet it (fp8core/fallback.py).
 
     Charts are written into ``folder``.
     """
-    from fp8core.fallback import (DOMINANCE_MAX_KEPT, DOMINANCE_MIN_OPS, SENSITIVITY_SAMPLES, find_dominant_ops,
-                                  keep_dominant_ops, keep_most_sensitive, keep_worst_ops, measure_sensitivity)
+    from fp8core.fallback import (DOMINANCE_MAX_KEPT, DOMINANCE_MIN_OPS, DOMINANCE_SINGLES_BUDGET, SENSITIVITY_SAMPLES,
+                                  find_dominant_ops, keep_dominant_ops, keep_most_sensitive, keep_worst_ops,
+                                  measure_sensitivity)
 
     clock, tags, metrics, artifacts, steps = _Clock(), {}, {}, [], []
     kept_fp16 = dominance = target = None
@@ -567,20 +581,25 @@ def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_los
             tags["num_of_layers_keep_fp16"] = ",".join(kept_fp16) or "none"
         if config.keep_dominant and sum(p.fp8 for p in plans) >= DOMINANCE_MIN_OPS:
             trials = _trials_on(model, plans, data, config.batch_size, SENSITIVITY_SAMPLES)
-            dominance = find_dominant_ops(trials, [p.name for p in plans if p.fp8], config.dominant_share)
+            names = [p.name for p in plans if p.fp8]
+            one_by_one = activation_values is not None and len(names) * activation_values <= DOMINANCE_SINGLES_BUDGET
+            dominance = find_dominant_ops(trials, names, config.dominant_share, one_by_one=one_by_one)
             if dominance.found:
                 log.info("kept in original precision (each alone carries >= %g of the outputs' FP8 noise): %s "
-                         "(%d trials)", config.dominant_share,
-                         ", ".join(f"{n} ({v:.0%})" for n, v in dominance.found.items()), dominance.trials)
+                         "(%d trials, %s)", config.dominant_share,
+                         ", ".join(f"{n} ({v:.0%})" for n, v in dominance.found.items()), dominance.trials,
+                         "every op alone" if dominance.method == "singles" else "group testing")
             if dominance.passed_over:
                 log.info("also above that share but left FP8 (at most %d ops are kept): %s", DOMINANCE_MAX_KEPT,
                          ", ".join(f"{n} ({v:.0%})" for n, v in dominance.passed_over.items()))
-            else:
+            elif not dominance.found:
                 log.info("no op carries %g of the outputs' FP8 noise alone; every planned op stays FP8 (%d trials)",
                          config.dominant_share, dominance.trials)
             plans = keep_dominant_ops(plans, dominance)
-            artifacts.append(Artifact.json(dominance.to_dict(), "dominant_ops.json"))
+            artifacts.append(Artifact.json({**dominance.to_dict(), "activation_values_per_sample": activation_values,
+                                            "singles_budget": DOMINANCE_SINGLES_BUDGET}, "dominant_ops.json"))
             tags["kept_dominant_ops"] = ",".join(dominance.found) or "none"
+            tags["dominant_search"] = dominance.method
             metrics.update(kept_dominant_ops=len(dominance.found), dominant_search_trials=dominance.trials)
         if config.accuracy_target:
             candidates = [n for n in candidates if any(p.name == n and p.fp8 for p in plans)]

@@ -10,5 +10,6 @@ from fp8core.pipeline import Fallback, FallbackConfig, fallback
 
 
 @task(name="fallback", cache_policy=NONE)
-def keep_in_original_precision(model, plans: list, config: FallbackConfig, best_loss: dict, folder: str) -> Fallback:
-    return fallback(model, plans, config, best_loss, folder, get_run_logger())
+def keep_in_original_precision(model, plans: list, config: FallbackConfig, best_loss: dict, folder: str,
+                               activation_values: float | None = None) -> Fallback:
+    return fallback(model, plans, config, best_loss, folder, get_run_logger(), activation_values)

@@ -254,3 +254,35 @@ def outlier_branches(branches=10, bad=(1, 4, 6, 8), size=16, seed=7, opset=21):
     nodes.append(h.make_node("Sum", outs, ["y"], name="sum"))
     return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", size])],
                   [h.make_tensor_value_info("y", T.FLOAT, ["N", size])], inits, opset)
+
+
+def cancelling_branches(size=16, seed=7, opset=21):
+    """y = Relu(x' W_a) + Relu(x' W_b) - Relu(x' W_c) + the sum of five plain branches Relu(x W_i),
+    with x' ``outlier_chain``'s spread input (its FP8 encoding mostly noise) and W_c = W_b = 3 W_a.
+    In FP8, b's and c's errors are identical and cancel, so all the output noise is a's: keeping
+    mm_a alone removes nearly all of it, while keeping mm_a with mm_b (or mm_b alone) lets c's
+    error through, 9 times a's. MatMuls in graph order: mm_a, mm_b, three plain, mm_c last, so
+    each half of the ops holds one of the cancelling pair and removes nothing: group testing
+    drops both halves and finds no op; measuring each op alone finds mm_a."""
+    rng = np.random.default_rng(seed)
+    s = np.full(size, 1e-2, np.float32)
+    s[3] = 1e4
+    w = (rng.standard_normal((size, size)) / np.sqrt(size) / s[:, None]).astype(np.float32)
+    inits = [nh.from_array(s, "s"), nh.from_array(w, "w_a"), nh.from_array(3 * w, "w_b"),
+             nh.from_array(3 * w, "w_c")]
+    nodes = [h.make_node("Mul", ["x", "s"], ["spread"], name="spread")]
+    for name in ("a", "b"):
+        nodes += [h.make_node("MatMul", ["spread", f"w_{name}"], [f"m_{name}"], name=f"mm_{name}"),
+                  h.make_node("Relu", [f"m_{name}"], [f"r_{name}"], name=f"relu_{name}")]
+    plain = []
+    for i in range(5):
+        inits.append(nh.from_array((rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), f"w{i}"))
+        nodes += [h.make_node("MatMul", ["x", f"w{i}"], [f"m{i}"], name=f"mm_{i}"),
+                  h.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu_{i}")]
+        plain.append(f"r{i}")
+    nodes += [h.make_node("MatMul", ["spread", "w_c"], ["m_c"], name="mm_c"),
+              h.make_node("Relu", ["m_c"], ["r_c"], name="relu_c"),
+              h.make_node("Sum", ["r_a", "r_b", *plain], ["ab"], name="sum"),
+              h.make_node("Sub", ["ab", "r_c"], ["y"], name="sub")]
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", size])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["N", size])], inits, opset)

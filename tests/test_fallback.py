@@ -33,7 +33,7 @@ from fp8core.fallback import (
 )
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import prepare_model, rewrite_to_fp8
-from tests.models import outlier_branches, outlier_chain
+from tests.models import cancelling_branches, outlier_branches, outlier_chain
 
 BAD_OP = "mm_2"
 SIZE = 16
@@ -218,16 +218,22 @@ def test_group_testing_finds_the_one_dominant_op_of_many_in_few_trials():
                 find_dominant_ops(trials, ["mm_11"], 1.5)
 
 
+def _switchable(raw: onnx.ModelProto):
+    """The model prepared, planned at fixed params (F143, activations scale 0, weights -4) and one
+    switchable session probed on 16 standard-normal samples; the FP8 ops' names."""
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    source = ArraySource(Path("x.npz"), {"x": x})
+    model = prepare_model(raw, 21)
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
+    return model, plans, source, Trials(model, plans, OutputProbe(model, source, batch_size=8)), \
+        [p.name for p in plans if p.fp8]
+
+
 def test_dominance_keeps_at_most_three_ops_those_with_the_largest_shares(monkeypatch):
     """Four branches of a sum each carry a part of the output noise (14-54%), all above a share of
     0.1: the three largest are kept, each share is what keeping that op alone measures, and the
     best-first search stops there (the fourth costs no trial of its own)."""
-    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
-    source = ArraySource(Path("x.npz"), {"x": x})
-    model = prepare_model(outlier_branches(), 21)
-    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", 0), weight_params=QuantParams("F143", -4))
-    trials = Trials(model, plans, OutputProbe(model, source, batch_size=8))
-    candidates = [p.name for p in plans if p.fp8]
+    model, plans, source, trials, candidates = _switchable(outlier_branches())
     alone = measure_sensitivity(trials, candidates)
     shares = {n: alone.gain(n) / alone.all_fp8 for n in candidates}
     above = sorted((n for n in candidates if shares[n] >= 0.1), key=lambda n: -shares[n])
@@ -243,6 +249,47 @@ def test_dominance_keeps_at_most_three_ops_those_with_the_largest_shares(monkeyp
     # at a share of one half only the largest qualifies, and nothing is passed over
     half = find_dominant_ops(trials, candidates, 0.5)
     assert list(half.found) == ["mm_8"] and half.passed_over == {}
+
+
+def test_each_op_measured_alone_finds_the_op_that_cancelling_errors_hide_from_groups():
+    """Two ops whose FP8 errors cancel, one in each half of the graph: keeping either half in
+    original precision lets the other's error through, so group testing drops both halves and keeps
+    nothing, while the op that carries 98% of the noise alone is found when each op is measured
+    alone (one trial per op)."""
+    _, _, _, trials, candidates = _switchable(cancelling_branches())
+    assert candidates[:2] == ["mm_a", "mm_b"] and candidates[-1] == "mm_c" and len(candidates) == 8
+    alone = measure_sensitivity(trials, candidates)
+    assert alone.gain("mm_a") > 0.9 * alone.all_fp8 and alone.gain("mm_b") < 0 and alone.gain("mm_c") < 0
+    groups = find_dominant_ops(trials, candidates, 0.15)
+    assert groups.found == {} and groups.method == "groups"
+    singles = find_dominant_ops(trials, candidates, 0.15, one_by_one=True)
+    assert list(singles.found) == ["mm_a"] and singles.method == "singles" and singles.passed_over == {}
+    assert singles.found["mm_a"] == pytest.approx(alone.gain("mm_a") / alone.all_fp8)
+    assert singles.trials == len(candidates) + 1 and singles.to_dict()["method"] == "singles"
+
+
+def test_the_fallback_measures_each_op_alone_when_its_trials_are_cheap(tmp_path):
+    """pipeline.fallback takes the one-by-one search when candidates x FP8 activation values per
+    sample (Calibrated.activation_values: here 8 ops x 16 values) is within
+    DOMINANCE_SINGLES_BUDGET, group testing above it or when the cost is unknown."""
+    from fp8core.model import Model
+    from fp8core.pipeline import CalibrateConfig, FallbackConfig, calibrate, fallback
+
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    model = Model.of(prepare_model(cancelling_branches(), 21))
+    plans = plan_fp8_ops(model.proto, activation_params=QuantParams("F143", 0),
+                         weight_params=QuantParams("F143", -4))
+    calibrated = calibrate(model, plans, ArraySource(tmp_path / "x.npz", {"x": x}), CalibrateConfig(8))
+    assert calibrated.activation_values == 8 * SIZE
+    config = FallbackConfig(data=str(tmp_path / "x.npz"), batch_size=8, keep_dominant=True)
+    cheap = fallback(model, calibrated.plans, config, folder=str(tmp_path), activation_values=8 * SIZE)
+    assert cheap.tags["dominant_search"] == "singles" and list(cheap.dominance.found) == ["mm_a"]
+    assert [p.name for p in cheap.plans if not p.fp8] == ["mm_a"]
+    budget = fallback_module.DOMINANCE_SINGLES_BUDGET
+    for values in (None, budget / 8 + 1):
+        costly = fallback(model, calibrated.plans, config, folder=str(tmp_path), activation_values=values)
+        assert costly.tags["dominant_search"] == "groups" and costly.dominance.found == {}
 
 
 def test_groups_are_measured_on_samples_that_show_the_noise():
