@@ -504,8 +504,7 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
     """
     if not 0 < share <= 1:
         raise FallbackError(f"--keep_dominant_share {share!r}: give a share in (0, 1], or 0 to turn it off")
-    few, singles = trials.on_first(min(group_samples, samples)), trials.on_first(samples)
-    groups = few
+    singles = trials.on_first(samples)
     names = sorted(candidates, key=trials.position.get)
     all_fp8 = singles.metrics([])[metric]
     found: dict[str, float] = {}
@@ -534,6 +533,7 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
         passed_over = {g[0]: float(-neg) for neg, _, g in sorted(waiting)}
         return Dominance(metric, share, all_fp8, found, singles.count, singles.probe.samples, singles.probe.samples,
                          passed_over=passed_over, method="singles")
+    few = groups = trials.on_first(min(group_samples, samples))
     if searched:
         # The group samples must show the noise they split. PP-OCR's classifier is confident on its
         # first 4 samples (noise 0.0015 of the signal against 0.019 on 8): its halves "added" noise
