@@ -38,7 +38,7 @@ def summary_lines(result: dict) -> list[str]:
         if "output_top1_agreement" in ag:
             parts.append(f"top-1 agreement {ag['output_top1_agreement']:.4f}")
         if "output_label_agreement" in ag:
-            parts.append(f"integer outputs equal {ag['output_label_agreement']:.4f}")
+            parts.append(f"labels equal {ag['output_label_agreement']:.4f}")
         lines.append("  outputs vs the float model (validation inputs): " + ", ".join(parts))
     ev = result.get("evaluation")
     if ev:

@@ -117,15 +117,15 @@ def check_same_outputs(reference: Reference, model, what: str) -> None:
 def compare_outputs(reference: Reference, outputs: list[np.ndarray]) -> dict[str, float]:
     """FP8 outputs against the float reference: shapes and finiteness must hold (else ModelError);
     returns the agreement metrics over all float outputs (cosine, SNR dB, top-1 agreement of
-    classifier-shaped outputs), and over integer outputs (a classifier's labels, as scikit-learn
-    exports them) the share of equal values."""
+    classifier-shaped outputs), and over integer and string outputs (a classifier's labels, as
+    scikit-learn exports them) the share of equal values."""
     cosines, snrs, agree, labels = [], [], [], []
     for name, want, got in zip(reference.names, reference.outputs, outputs):
         want, got = as_array(want), as_array(got)
         if want.shape != got.shape:
             raise ModelError(f"the FP8 model's output {name!r} has shape {got.shape}, the float model's "
                              f"{want.shape} (on {reference.source})")
-        if want.dtype.kind in "iub" and want.size:
+        if want.dtype.kind in "iubUSO" and want.size:  # labels: integers or class names
             labels.append(float((want == got).mean()))
         if want.dtype.kind != "f":
             continue

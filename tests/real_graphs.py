@@ -222,10 +222,12 @@ def loop_body_matmul():
     return m, {"x": rng.standard_normal((SAMPLES, 8)).astype(np.float32)}
 
 
-def sklearn_zipmap():
+def sklearn_zipmap(string_labels: bool = False):
     """As skl2onnx exports a scikit-learn MLP classifier: a Scaler (``ai.onnx.ml``), two MatMuls,
     then an int64 label output (ArgMax) and the probabilities as a sequence of maps (ZipMap), the
-    default of its exporter: no output of the model is a float tensor."""
+    default of its exporter: no output of the model is a float tensor. ``string_labels``: classes
+    named by strings, as a classifier fitted on string targets exports them (the label looked up
+    by ArrayFeatureExtractor, the maps keyed by the names)."""
     rng = np.random.default_rng(11)
     inits = [nh.from_array(_w(rng, (16, 32)), "w1"), nh.from_array(_w(rng, (32,), 0.1), "b1"),
              nh.from_array(_w(rng, (32, 5)), "w2")]
@@ -233,13 +235,22 @@ def sklearn_zipmap():
              h.make_node("MatMul", ["xs", "w1"], ["h1"]), h.make_node("Add", ["h1", "b1"], ["h2"]),
              h.make_node("Relu", ["h2"], ["h3"]), h.make_node("MatMul", ["h3", "w2"], ["logits"]),
              h.make_node("Softmax", ["logits"], ["probs"], axis=1),
-             h.make_node("ArgMax", ["probs"], ["label_2d"], axis=1, keepdims=1),
-             h.make_node("Reshape", ["label_2d", "flat"], ["label"]),
-             h.make_node("ZipMap", ["probs"], ["probability"], domain="ai.onnx.ml", classlabels_int64s=list(range(5)))]
+             h.make_node("ArgMax", ["probs"], ["index_2d"], axis=1, keepdims=1)]
     inits.append(nh.from_array(np.array([-1], np.int64), "flat"))
-    seq_map = h.make_sequence_type_proto(h.make_map_type_proto(T.INT64, h.make_tensor_type_proto(T.FLOAT, None)))
+    if string_labels:
+        names = ["cat", "dog", "emu", "fox", "gnu"]
+        inits.append(h.make_tensor("classes", T.STRING, [5], [n.encode() for n in names]))
+        nodes += [h.make_node("ArrayFeatureExtractor", ["classes", "index_2d"], ["label_2d"], domain="ai.onnx.ml"),
+                  h.make_node("Reshape", ["label_2d", "flat"], ["label"]),
+                  h.make_node("ZipMap", ["probs"], ["probability"], domain="ai.onnx.ml", classlabels_strings=names)]
+    else:
+        nodes += [h.make_node("Reshape", ["index_2d", "flat"], ["label"]),
+                  h.make_node("ZipMap", ["probs"], ["probability"], domain="ai.onnx.ml",
+                              classlabels_int64s=list(range(5)))]
+    key, label_type = (T.STRING, T.STRING) if string_labels else (T.INT64, T.INT64)
+    seq_map = h.make_sequence_type_proto(h.make_map_type_proto(key, h.make_tensor_type_proto(T.FLOAT, None)))
     graph = h.make_graph(nodes, "skl2onnx_like", [h.make_tensor_value_info("x", T.FLOAT, [None, 16])],
-                         [h.make_tensor_value_info("label", T.INT64, [None]),
+                         [h.make_tensor_value_info("label", label_type, [None]),
                           h.make_value_info("probability", seq_map)], inits)
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 15), h.make_opsetid("ai.onnx.ml", 1)])
     m.ir_version = 8
@@ -247,6 +258,11 @@ def sklearn_zipmap():
     return m, {"x": rng.random((SAMPLES, 16)).astype(np.float32)}
 
 
-ALL = {f.__name__: f for f in (sklearn_zipmap, if_branches, resize_opset11, upsample_opset9, crnn_bad_declared_shape,
+def sklearn_zipmap_strings():
+    """:func:`sklearn_zipmap` with classes named by strings."""
+    return sklearn_zipmap(string_labels=True)
+
+
+ALL = {f.__name__: f for f in (sklearn_zipmap, sklearn_zipmap_strings, if_branches, resize_opset11, upsample_opset9, crnn_bad_declared_shape,
                                minus_one_dims, fixed_batch_one, state_batch_axis_one, float16_cnn, conv_integer,
                                loop_body_matmul)}

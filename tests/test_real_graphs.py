@@ -134,16 +134,18 @@ def test_already_quantized_model_says_so(tmp_path, capsys):
     assert "already quantized" in (err.err + err.out)
 
 
-def test_classifier_with_only_label_and_zipmap_outputs_reports_its_agreement(tmp_path, capsys):
+@pytest.mark.parametrize("string_labels", [False, True], ids=["int64_labels", "string_labels"])
+def test_classifier_with_only_label_and_zipmap_outputs_reports_its_agreement(tmp_path, capsys, string_labels):
     """No float tensor output (skl2onnx's default): the summary and MLflow still say how the FP8
-    model agrees with the float one, on its labels and on the probabilities inside the maps."""
+    model agrees with the float one, on its labels (int64 or class names) and on the probabilities
+    inside the maps."""
     from mlflow.tracking import MlflowClient
 
-    model, data = real_graphs.sklearn_zipmap()
+    model, data = real_graphs.sklearn_zipmap(string_labels)
     _convert(tmp_path, "skl", model, data, "--quantize")
     summary = capsys.readouterr().out
     line = next(l for l in summary.splitlines() if "outputs vs the float model" in l)
-    assert "integer outputs equal" in line and "cosine" in line, line
+    assert "labels equal" in line and "cosine" in line, line
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("real-graphs").experiment_id])[0]
     assert 0.9 <= run.data.metrics["output_label_agreement"] <= 1.0
