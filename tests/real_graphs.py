@@ -258,11 +258,35 @@ def sklearn_zipmap(string_labels: bool = False):
     return m, {"x": rng.random((SAMPLES, 16)).astype(np.float32)}
 
 
+CATEGORIES = ["red", "green", "blue", "cyan", "gray"]
+
+
+def sklearn_string_input():
+    """A model that reads text: four categorical columns as an ONNX string tensor ``[N, 4]``, each
+    category mapped to a number by LabelEncoder (``ai.onnx.ml``) before an MLP, as skl2onnx
+    exports a pipeline fitted on string features (a text pipeline's StringNormalizer needs the
+    machine's en_US locale in onnxruntime, so a lookup stands in for it). Calibration data: a
+    numpy str array."""
+    rng = np.random.default_rng(12)
+    inits = [nh.from_array(_w(rng, (4, 16)), "w1"), nh.from_array(_w(rng, (16,), 0.1), "b1"),
+             nh.from_array(_w(rng, (16, 3)), "w2")]
+    nodes = [h.make_node("LabelEncoder", ["text"], ["codes"], domain="ai.onnx.ml", keys_strings=CATEGORIES,
+                         values_floats=[0.1, 0.7, -0.4, 1.3, -1.1], default_float=0.0),
+             h.make_node("MatMul", ["codes", "w1"], ["h1"]), h.make_node("Add", ["h1", "b1"], ["h2"]),
+             h.make_node("Relu", ["h2"], ["h3"]), h.make_node("MatMul", ["h3", "w2"], ["y"])]
+    graph = h.make_graph(nodes, "string_features", [h.make_tensor_value_info("text", T.STRING, [None, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [None, 3])], inits)
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 15), h.make_opsetid("ai.onnx.ml", 2)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m, {"text": rng.choice(CATEGORIES, (SAMPLES, 4))}
+
+
 def sklearn_zipmap_strings():
     """:func:`sklearn_zipmap` with classes named by strings."""
     return sklearn_zipmap(string_labels=True)
 
 
-ALL = {f.__name__: f for f in (sklearn_zipmap, sklearn_zipmap_strings, if_branches, resize_opset11, upsample_opset9, crnn_bad_declared_shape,
+ALL = {f.__name__: f for f in (sklearn_zipmap, sklearn_zipmap_strings, sklearn_string_input, if_branches, resize_opset11, upsample_opset9, crnn_bad_declared_shape,
                                minus_one_dims, fixed_batch_one, state_batch_axis_one, float16_cnn, conv_integer,
                                loop_body_matmul)}

@@ -249,3 +249,26 @@ def test_onnx_model_zoo_opset9_graphs_convert_with_default_flags(tmp_path, name)
         stored_fp8 = {t.name for t in fp8.graph.initializer if t.data_type in FP8_TYPES}
         encoded = {n.output[0] for n in fp8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored_fp8}
         assert len(weights & encoded) == linear, f"{name} {flags}: {len(weights & encoded)} of {linear} FP8"
+
+
+def test_string_input_takes_str_calibration_data_and_says_what_else_is_wrong(tmp_path, capsys):
+    """A model with an ONNX string input calibrates on a numpy str array (.npz); numbers for it, or
+    the text in a Parquet file, are one-line errors with exit 2, no output written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, data = real_graphs.sklearn_string_input()
+    src, out = _convert(tmp_path, "text", model, data, "--quantize")
+    assert out.exists()
+    capsys.readouterr()
+    np.savez(tmp_path / "numbers.npz", text=np.zeros((8, 4), np.float32))
+    table = pa.table({"text": [list(row) for row in data["text"]]}).replace_schema_metadata({b"fp8.shape.text": b"[4]"})
+    pq.write_table(table, tmp_path / "text.parquet")
+    for calib, message in ((tmp_path / "numbers.npz", "is float32 but the model takes strings"),
+                           (tmp_path / "text.parquet", "is read from .npz")):
+        bad_out = tmp_path / f"{calib.stem}_fp8.onnx"
+        code = main(["--input_model", str(src), "--output_model", str(bad_out), "--quantize",
+                     "--data_preprocess", str(calib), "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not bad_out.exists()

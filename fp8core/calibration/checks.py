@@ -98,6 +98,11 @@ def check_fits(
         batch_axis = spec[2] if len(spec) > 2 else 0
         sample_shape, data_dtype = source.sample_shape(name), source.dtype(name)
         _check_shape(name, sample_shape, model_shape, batch_axis, batch_size, source.num_samples)
+        if model_dtype.kind == "O" and data_dtype.kind != "U":  # an ONNX string input: text only
+            raise CalibrationDataError(
+                f"calibration input {name!r} is {data_dtype} but the model takes strings; store it "
+                "as a numpy unicode (str) array"
+            )
         if not np.can_cast(data_dtype, model_dtype, casting="same_kind"):
             raise CalibrationDataError(
                 f"calibration input {name!r} is {data_dtype} but the model takes {model_dtype}, "

@@ -192,6 +192,9 @@ def _parse_recorded_shape(recorded: bytes) -> tuple[int, ...] | None:
 def _leaf_column(
     name: str, leaf: pa.DataType, shape: tuple[int, ...], level_sizes: tuple[int, ...] | None
 ) -> _ParquetColumn:
+    if pa.types.is_string(leaf) or pa.types.is_large_string(leaf):
+        return _problem(name, f"holds {leaf} values; text for a model's string input is read from .npz "
+                              "calibration data (np.savez with a str array), not Parquet")
     if not (pa.types.is_integer(leaf) or pa.types.is_floating(leaf) or pa.types.is_boolean(leaf)):
         return _problem(name, f"holds {leaf} values{_NUMERIC_ONLY}")
     return _ParquetColumn(name, shape, np.dtype(leaf.to_pandas_dtype()), None, level_sizes)

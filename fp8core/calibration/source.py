@@ -184,8 +184,8 @@ def _damaged(path: Path, error: BaseException) -> CalibrationDataError:
 def _array_column_info(name: str, array: np.ndarray) -> ColumnInfo:
     if array.ndim == 0:
         return ColumnInfo(name, None, None, "is a single value with no sample axis")
-    if not _is_numeric(array.dtype):
-        return ColumnInfo(name, None, None, f"holds {array.dtype} values{_NUMERIC_ONLY}")
+    if not _is_tensor(array.dtype):
+        return ColumnInfo(name, None, None, f"holds {array.dtype} values{_TENSORS_ONLY}")
     return ColumnInfo(name, tuple(array.shape[1:]), array.dtype)
 
 
@@ -207,10 +207,13 @@ def _common_length(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
 
 
 _NUMERIC_ONLY = "; only bool, integer and float tensors are supported"
+_TENSORS_ONLY = "; only bool, integer, float and str (for a model's string inputs) tensors are supported"
 
 
-def _is_numeric(dtype: np.dtype) -> bool:
-    return dtype.kind in "biuf"
+def _is_tensor(dtype: np.dtype) -> bool:
+    """Arrays fed as they are: numbers, and unicode text for ONNX string inputs (scikit-learn text
+    pipelines exported by skl2onnx take ``StringTensorType``)."""
+    return dtype.kind in "biufU"
 
 
 # --- batching ------------------------------------------------------------------------------
