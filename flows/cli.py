@@ -148,6 +148,10 @@ def _check_paths_before_the_flow(params) -> None:
     if not os.path.isfile(params.input_model):
         load_model(params.input_model)  # raises the ModelError that says what is wrong
     check_output_path(params.output_model)
+    if params.eval_data:
+        from fp8core.evaluate import open_evaluation_data
+
+        open_evaluation_data(params.eval_data)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -7,8 +7,25 @@ import numpy as np
 import onnx
 
 from fp8core.calibration import open_dataset
+from fp8core.errors import FP8Error
 from fp8core.model import Model
 from fp8core.stream import Tap, stream
+
+
+class EvaluationDataError(FP8Error):
+    """--eval_data cannot score the models (no labels)."""
+
+
+def open_evaluation_data(data_path: str, label_column: str = "label"):
+    """The evaluation data, checked to hold the labels: run before any conversion work, so a
+    wrong file fails in one line at the start and not after the conversion."""
+    source = open_dataset(data_path)
+    if label_column not in source.columns:
+        columns = ", ".join(repr(c) for c in source.columns) or "(none)"
+        raise EvaluationDataError(
+            f"evaluation data {data_path} has no {label_column!r} column (its columns: {columns}); add "
+            f"each sample's integer class as a column named {label_column!r}, or leave out --eval_data")
+    return source
 
 
 def evaluate_top1(
@@ -19,9 +36,7 @@ def evaluate_top1(
     batch_size: int = 64,
 ) -> dict:
     """Accuracy of both models (argmax of the first output) and how often they agree."""
-    source = open_dataset(data_path)
-    if label_column not in source.columns:
-        raise ValueError(f"evaluation data {data_path!r} has no {label_column!r} column")
+    source = open_evaluation_data(data_path, label_column)
     original = Tap(float_model, [Model.of(float_model).graph.output[0].name], label="the original model",
                    what="evaluation")
     fp8 = Tap(fp8_model, [Model.of(fp8_model).graph.output[0].name], label="the FP8 model", what="evaluation")

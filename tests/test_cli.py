@@ -319,6 +319,14 @@ def _nan_weight(s: Setup) -> tuple[list[str], Path]:
     return s.convert("--weight_granularity", "per_channel", input_model=path), path
 
 
+def _unlabelled_eval_data(s: Setup) -> tuple[list[str], Path]:
+    path = s.input_model.with_name("unlabelled.npz")
+    table = pq.read_table(EVAL_DATA)
+    np.savez(path, **{name: np.stack(table.column(name).to_numpy(zero_copy_only=False))
+                      for name in table.column_names if name != "label"})
+    return s.convert("--eval_data", str(path)), path
+
+
 # case id -> (builds the argv and names the input file that must stay untouched, words the message must hold)
 BAD_INPUTS = {
     "missing input file": (lambda s: (s.convert(input_model=s.input_model.with_name("missing.onnx")), None),
@@ -342,6 +350,7 @@ BAD_INPUTS = {
     "output is the input": (lambda s: (s.convert(output_model=s.input_model), s.input_model),
                             ["--output_model", "--input_model"]),
     "weight with NaN": (_nan_weight, ["NaN or inf", "fix the model"]),
+    "eval data without labels": (_unlabelled_eval_data, ["unlabelled.npz", "no 'label' column", "--eval_data"]),
 }
 
 
