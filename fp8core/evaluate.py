@@ -3,6 +3,8 @@ models run on the same batches of one stream (:func:`fp8core.stream.stream`)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 
@@ -19,6 +21,8 @@ class EvaluationDataError(FP8Error):
 def open_evaluation_data(data_path: str, label_column: str = "label"):
     """The evaluation data, checked to hold the labels: run before any conversion work, so a
     wrong file fails in one line at the start and not after the conversion."""
+    if not os.path.exists(data_path):
+        raise EvaluationDataError(f"evaluation data {data_path} does not exist; check the --eval_data path")
     source = open_dataset(data_path)
     if label_column not in source.columns:
         columns = ", ".join(repr(c) for c in source.columns) or "(none)"
