@@ -148,6 +148,12 @@ def _check_paths_before_the_flow(params) -> None:
     if not os.path.isfile(params.input_model):
         load_model(params.input_model)  # raises the ModelError that says what is wrong
     check_output_path(params.output_model)
+    for flag, what, path in (("--data_preprocess", "calibration data", params.data_preprocess),
+                             ("--compare_data", "comparison data", params.compare_data)):
+        if path and not os.path.exists(path):
+            from fp8core.calibration import CalibrationDataError
+
+            raise CalibrationDataError(f"{what} {path} does not exist; check the {flag} path")
     if params.eval_data:
         from fp8core.evaluate import open_evaluation_data
 

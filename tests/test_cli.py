@@ -351,6 +351,10 @@ BAD_INPUTS = {
                             ["--output_model", "--input_model"]),
     "weight with NaN": (_nan_weight, ["NaN or inf", "fix the model"]),
     "eval data without labels": (_unlabelled_eval_data, ["unlabelled.npz", "no 'label' column", "--eval_data"]),
+    "missing calibration data": (lambda s: (s.convert("--quantize", "--data_preprocess", "nowhere.npz"), s.input_model),
+                                 ["calibration data nowhere.npz does not exist", "--data_preprocess"]),
+    "missing comparison data": (lambda s: (s.convert("--precision_compare", "--compare_data", "nowhere.parquet"),
+                                           s.input_model), ["comparison data nowhere.parquet", "--compare_data"]),
 }
 
 
