@@ -525,16 +525,12 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
 
     negligible = metric in ("snr", "logit_snr") and all_fp8 < NEGLIGIBLE_SNR
     searched = len(names) >= DOMINANCE_MIN_OPS and all_fp8 > 0 and math.isfinite(all_fp8) and not negligible
-    if searched and one_by_one:
+    # one by one, the groups are the single ops themselves: no 4-sample probe to build
+    few = groups = singles if one_by_one else trials.on_first(min(group_samples, samples))
+    if searched and one_by_one:  # every op into the heap; the loop below takes the largest shares
         for name in names:
             add([name], removed(singles, [name]))
-        taken = [heapq.heappop(waiting) for _ in range(min(DOMINANCE_MAX_KEPT, len(waiting)))]
-        found = {group[0]: float(-negative) for negative, _, group in taken}
-        passed_over = {g[0]: float(-neg) for neg, _, g in sorted(waiting)}
-        return Dominance(metric, share, all_fp8, found, singles.count, singles.probe.samples, singles.probe.samples,
-                         passed_over=passed_over, method="singles")
-    few = groups = trials.on_first(min(group_samples, samples))
-    if searched:
+    elif searched:
         # The group samples must show the noise they split. PP-OCR's classifier is confident on its
         # first 4 samples (noise 0.0015 of the signal against 0.019 on 8): its halves "added" noise
         # there, and its two ops that remove 64% and 58% of the noise on 8 samples were dropped.
@@ -544,16 +540,16 @@ def find_dominant_ops(trials: Trials, candidates: Iterable[str], share: float, m
             split(names)
         else:
             add(names, removed(singles if len(names) == 1 else groups, names))
-        while waiting and len(found) < DOMINANCE_MAX_KEPT:
-            negative, _, group = heapq.heappop(waiting)
-            if len(group) == 1:
-                found[group[0]] = float(-negative)
-            else:
-                split(group)
+    while waiting and len(found) < DOMINANCE_MAX_KEPT:
+        negative, _, group = heapq.heappop(waiting)
+        if len(group) == 1:
+            found[group[0]] = float(-negative)
+        else:
+            split(group)
     passed_over = {g[0]: float(-neg) for neg, _, g in sorted(waiting) if len(g) == 1}
     count = few.count + (singles.count if singles is not few else 0)
     return Dominance(metric, share, all_fp8, found, count, singles.probe.samples, groups.probe.samples,
-                     passed_over=passed_over)
+                     passed_over=passed_over, method="singles" if one_by_one else "groups")
 
 
 def keep_dominant_ops(plans: list[OpPlan], dominance: Dominance) -> list[OpPlan]:
