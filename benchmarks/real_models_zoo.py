@@ -537,7 +537,8 @@ def vad_metric(ref: list, test: list) -> dict:
 def silero_data(model_path: Path) -> Data:
     calib_audio = _vad_audio(1000, 4, 4.0)
     evaluation = _vad_audio(2000, 8, 4.0)
-    calib = _vad_calibration_steps(model_path, calib_audio, 32, with_sr=True)
+    with_sr = "sr" in {i.name for i in make_session(model_path).get_inputs()}
+    calib = _vad_calibration_steps(model_path, calib_audio, 32, with_sr=with_sr)
     return Data(calib, evaluation,
                 "32 streaming steps (chunk+context, FP32 state there) of 4 synthetic speech-like "
                 "clips; eval: 8 other 4 s clips streamed chunk by chunk (~1000 frames)")
@@ -1194,6 +1195,38 @@ MODELS: list[ModelSpec] = [
         copy_from_package("silero_vad", "data/silero_vad.onnx", "silero_vad.onnx"),
         silero_data, lambda r, t: vad_metric(r, t), "decision_agreement",
         {"input": 0, "state": 1, "sr": None}, run=silero_run),
+    ModelSpec(
+        "silero_vad_op15", "VAD (streaming)", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
+        ["opset 15 export of the same VAD: LSTM inside If", "state input [2, batch, 128]", "scalar int64 input sr"],
+        "feeds as silero_vad (input [B, 576], state [2, B, 128], sr 16000); silero-vad's opset-15 file.",
+        copy_from_package("silero_vad", "data/silero_vad_16k_op15.onnx", "silero_vad_op15.onnx"),
+        silero_data, lambda r, t: vad_metric(r, t), "decision_agreement",
+        {"input": 0, "state": 1, "sr": None}, run=silero_run),
+    ModelSpec(
+        "silero_vad_ifless", "VAD (streaming)", "silero-vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx",
+        ["opset 18; one If whose two branches hold the whole network (16k and 8k)",
+         "LSTM written as Gemm + Sigmoid/Tanh inside the branches", "weights as outer-scope initializers"],
+        "feeds as silero_vad (input [B, 576], state [2, B, 128], sr 16000); silero-vad's 'op18_ifless' file.",
+        copy_from_package("silero_vad", "data/silero_vad_op18_ifless.onnx", "silero_vad_ifless.onnx"),
+        silero_data, lambda r, t: vad_metric(r, t), "decision_agreement",
+        {"input": 0, "state": 1, "sr": None}, run=silero_run),
+    ModelSpec(
+        "silero_vad_openvino", "VAD (streaming)", "silero-vad==6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx",
+        ["fixed batch 1: input [1, 576], state [2, 1, 128]", "weights as Constant nodes (no initializers)",
+         "no sr input, no If"],
+        "feeds: input [1, 576], state [2, 1, 128] (no sr); silero-vad's OpenVINO-oriented file.",
+        copy_from_package("silero_vad", "data/silero_vad_openvino_16k.onnx", "silero_vad_openvino.onnx"),
+        silero_data, lambda r, t: vad_metric(r, t), "decision_agreement",
+        {"input": 0, "state": 1}, run=silero_run),
+    ModelSpec(
+        "silero_vad_sequence", "VAD (sequence)", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
+        ["input [sequence_length, 576]: a clip's chunks in one call, LSTM over them",
+         "state h/c [1, 1, 128]", "opset 16"],
+        "feeds as silero_vad_v6_fw (input [T, 576], h and c [1, 1, 128]); silero-vad's sequence file "
+        "(the v5 network).",
+        copy_from_package("silero_vad", "data/silero_vad_16k_sequence.onnx", "silero_vad_sequence.onnx"),
+        fw_vad_data, lambda r, t: vad_metric(r, t), "decision_agreement",
+        {"input": 0, "h": 0, "c": 0}, run=fw_vad_run),
     ModelSpec(
         "silero_vad_v6_fw", "VAD (sequence)", "faster-whisper==1.2.1",
         "faster_whisper/assets/silero_vad_v6.onnx",

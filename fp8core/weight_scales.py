@@ -44,7 +44,7 @@ unblocked forms to the last bit (tests/test_weights.py). ``kld`` by
 one floating-point sum. Any other registered loss: one channel at a time.
 
 The search's round trips round ``x / scale_c`` to the FP8 grid by adding and subtracting a
-multiple of the grid step (:func:`_round_to_grid`: numpy's float32 addition rounds to nearest,
+multiple of the grid step (:func:`fp8core.formats.round_to_grid`: numpy's float32 addition rounds to nearest,
 ties to even, as ``QuantizeLinear`` does): the values of :func:`fp8core.formats.round_trip` for
 every float32 in ``[-max, max]`` (all of them checked, once, in every format), in 5 array
 operations instead of a cast to FP8 and back. The chosen scales are encoded with
@@ -61,7 +61,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fp8core.errors import FP8Error
-from fp8core.formats import FP8Format, decode, encode_to_dtype, get_format, round_trip
+from fp8core.formats import FP8Format, decode, encode_to_dtype, get_format, round_trip, round_trip_into
 from fp8core.graph import node_attr, nodes_by_name
 from fp8core.losses import KldRows, get_loss
 from fp8core.model import Model
@@ -122,34 +122,6 @@ def output_channel_axis(op_type: str, weight_rank: int, trans_b: int = 0) -> int
     if op_type == "MatMul":
         return weight_rank - 1
     raise ValueError(f"{op_type} has no FP8 weight; per-channel scales apply to Conv, MatMul, Gemm")
-
-
-def _round_to_grid(y: np.ndarray, f: FP8Format) -> np.ndarray:
-    """``y`` (float32, within +-max) rounded to the FP8 grid, nearest, ties to even, in place.
-
-    ``c = 1.5 * 2^23 * step``, with ``step = 2^(max(exponent(y), min normal) - mantissa bits)`` the
-    grid step at ``y``: ``y + c`` lies in c's binade, whose float32 spacing is ``step``, so the
-    float32 addition does the FP8 rounding and ``- c`` is exact. c's significand is even, so ties
-    go to even. Equals :func:`fp8core.formats.round_trip` at scale 0 except that -0 may come
-    back +0 (no loss can tell).
-    """
-    e = y.view(np.uint32) & np.uint32(0x7F800000)
-    np.maximum(e, np.uint32((f.min_normal_exponent + 127) << 23), out=e)
-    e += np.uint32(((23 - f.mantissa_bits) << 23) | 0x00400000)
-    c = e.view(np.float32)
-    y += c
-    y -= c
-    return y
-
-
-def _scaled_round_trip(x32: np.ndarray, s: np.ndarray, f: FP8Format, out: np.ndarray) -> np.ndarray:
-    """``round_trip(x, f, Scale.real(s))`` in float32, into ``out`` (:func:`_round_to_grid`)."""
-    lim = np.float32(f.max)
-    np.divide(x32, s, out=out)
-    np.clip(out, -lim, lim, out=out)
-    _round_to_grid(out, f)
-    out *= s
-    return out
 
 
 def _pairwise_leaves(n: int, limit: int):
@@ -229,7 +201,7 @@ def _error_sums(x: np.ndarray, s: np.ndarray, f: FP8Format, loss: str, axis: int
     for key in keys:
         sums[key] = np.empty(s.shape)
     for i, si in enumerate(s):
-        _scaled_round_trip(x32, along(si), f, y)
+        round_trip_into(x32, along(si), f, y)
         if loss == "cos_dist":
             if "q_sq" in keys:
                 np.multiply(y, y, out=e, dtype=np.float64)
@@ -393,7 +365,7 @@ def _channel_loss_table(w: np.ndarray, axis: int, cands: np.ndarray, f: FP8Forma
     table = np.empty((len(cands), rows.shape[0]))
     y = np.empty(x32.shape, np.float32)
     for i, s in enumerate(cands):
-        _scaled_round_trip(x32, s[:, None], f, y)
+        round_trip_into(x32, s[:, None], f, y)
         table[i] = [fn(x32[c], y[c]) for c in range(rows.shape[0])]
     return table
 

@@ -16,10 +16,12 @@ from onnx import helper, numpy_helper
 from flows.cli import main
 from fp8core.calibration import ArraySource
 from fp8core.feature_moments import capture_feature_moments
+from fp8core.formats import FORMATS, get_format, representable_values, round_trip
 from fp8core.gptq import fp8_grid, gptq_round, output_error
 from fp8core.plan import QuantParams, plan_fp8_ops
 from fp8core.rewrite import encode_weights, prepare_model, rewrite_to_fp8
 from fp8core.runtime import make_session
+from fp8core.scale import Scale
 from fp8core.weight_adjust import adjust_weights, linear_ops, moment_requests
 from fp8core.weight_scales import SCALE_STEPS, STEPS_PER_OCTAVE
 
@@ -139,6 +141,32 @@ def test_quantize_with_every_new_flag(tmp_path, capsys):
     assert "weight_adjust.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     rows = {r["op"]: r for r in json.loads(open(client.download_artifacts(run.info.run_id, "weight_adjust.json")).read())["ops"]}
     assert rows["MatMul_7"]["rounding"] == "gptq"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_gptq_grid_is_the_round_trip_bit_for_bit(fmt):
+    """GPTQ's arithmetic grid against :func:`round_trip` (the table, checked against onnxruntime's
+    QuantizeLinear in test_formats.py), compared as bits so -0 and +0 differ: float64 rows (rounded
+    to float32 first, as the encoder does), every FP8 value and the ties between them, values past
+    the largest, +-inf, NaN and tiny negatives; at a power of two, a real scalar and one real scale
+    per column. NaN stays NaN."""
+    f = get_format(fmt)
+    rng = np.random.default_rng(3)
+    v = representable_values(f)
+    ties = (v[1:] + v[:-1]) / 2
+    special = np.array([f.max * 1.04, f.max * 1.2, 1e30, np.inf, -np.inf, np.nan, -1e-30, -0.0, 0.0])
+    base = np.concatenate([v, ties, rng.normal(scale=f.max / 8, size=4000), rng.normal(scale=1e-3, size=2000), special])
+    base = np.concatenate([base, -base])
+    base = base[: base.size // 8 * 8].reshape(-1, 8)
+    per_column = rng.uniform(0.3, 3.0, size=8).astype(np.float32)
+    for scale, m in ((Scale.pow2(0), 1.0), (Scale.pow2(-3), 2.0 ** -3), (Scale.real(0.37), 0.37), (per_column, per_column)):
+        x = base * m
+        expected = round_trip(x, f, scale if isinstance(scale, Scale) else Scale.along(per_column, 1))
+        got = fp8_grid(fmt, scale)(x)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan) and nan.any()  # NaN stays NaN (its sign bit is no value)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
 
 
 def test_gptq_lowers_the_output_error_of_a_generated_layer():

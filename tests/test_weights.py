@@ -9,7 +9,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from fp8core import weight_scales
-from fp8core.formats import FORMATS, get_format, representable_values, round_trip
+from fp8core.formats import FORMATS, get_format, representable_values, round_to_grid, round_trip
 from fp8core.losses import get_loss
 from fp8core.runtime import make_session, reference_session
 from fp8core.search import search_weight
@@ -208,7 +208,7 @@ def test_grid_rounding_of_the_search_equals_the_round_trip(fmt):
     y = np.concatenate([rng.integers(0, top + 1, 1_000_000, dtype=np.uint32).view(np.float32), v, mid, near,
                         np.arange(0, 5000, dtype=np.uint32).view(np.float32)])
     y = np.concatenate([y, -y])
-    np.testing.assert_array_equal(weight_scales._round_to_grid(y.copy(), f), round_trip(y, f, 0))
+    np.testing.assert_array_equal(round_to_grid(y.copy(), f), round_trip(y, f, 0))
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 129, 1000, 70_001, 300_007])
