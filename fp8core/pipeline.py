@@ -953,13 +953,13 @@ def convert(params, log=logger) -> Conversion:
         params = params.with_batch_size(loaded.model.proto)
         model = loaded.model
         plans = done(plan(model, PlanConfig.of(params), log)).plans
-        best_loss, source, moments = {}, None, None
+        best_loss, source, moments, activation_values = {}, None, None, None
         if params.quantize:
             source = done(ingest(model, IngestConfig.of(params), log)).source
             calibrated = done(calibrate(model, plans, source, CalibrateConfig.of(params), log=log))
             plans = done(weight_scales(model, calibrated.plans, WeightScaleConfig.of(params))).plans
             best_loss = done(search_report(calibrated, plans, staging.path)).best_loss
-            moments = calibrated.gptq_moments
+            moments, activation_values = calibrated.gptq_moments, calibrated.activation_values
             del calibrated
         else:  # fast mode: real scales (per_channel / float) searched on the weights by mse (untimed)
             plans = weight_scales(model, plans, WeightScaleConfig.of(params)).plans
@@ -968,7 +968,7 @@ def convert(params, log=logger) -> Conversion:
         for note in adjust.notes:
             log.warning(note)
         if keep.needed:
-            plans = done(fallback(model, plans, keep, best_loss, staging.path, log)).plans
+            plans = done(fallback(model, plans, keep, best_loss, staging.path, log, activation_values)).plans
         if adjust.needed:  # after the fallback: its trials measure round-to-nearest weights
             weights = done(adjust_weights(model, plans, source, adjust, moments, log)).model
         converted = done(to_fp8(loaded, plans, ToFP8Config.of(params), weights))

@@ -292,6 +292,20 @@ def test_the_fallback_measures_each_op_alone_when_its_trials_are_cheap(tmp_path)
         assert costly.tags["dominant_search"] == "groups" and costly.dominance.found == {}
 
 
+def test_the_library_pipeline_chooses_the_dominance_search_as_the_cli_does(tmp_path):
+    """pipeline.convert hands the fallback the calibration's activation values, as the flow does:
+    without them it took group testing where the CLI measured every op alone (another model)."""
+    from fp8core import pipeline
+    from tasks.params import ConvertParams
+
+    x = np.random.default_rng(1).standard_normal((16, SIZE)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    onnx.save(cancelling_branches(), tmp_path / "m.onnx")
+    conversion = pipeline.convert(ConvertParams(input_model=str(tmp_path / "m.onnx"), output_model=str(tmp_path / "o.onnx"),
+                                                quantize=True, data_preprocess=str(tmp_path / "x.npz"), batch_size=8))
+    assert conversion.tags["dominant_search"] == "singles"
+
+
 def test_groups_are_measured_on_samples_that_show_the_noise():
     """The 16-op chain with op 11 dominating, its first 4 calibration samples zero: those show no
     FP8 noise at all, so the groups that narrow the search down are measured on the 8 samples the
