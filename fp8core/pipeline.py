@@ -550,7 +550,7 @@ def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_los
     Charts are written into ``folder``.
     """
     from fp8core.fallback import (DOMINANCE_MAX_KEPT, DOMINANCE_MIN_OPS, DOMINANCE_SINGLES_BUDGET, SENSITIVITY_SAMPLES,
-                                  find_dominant_ops, keep_dominant_ops, keep_most_sensitive, keep_worst_ops,
+                                  dominance_samples, find_dominant_ops, keep_dominant_ops, keep_most_sensitive, keep_worst_ops,
                                   measure_sensitivity)
 
     clock, tags, metrics, artifacts, steps = _Clock(), {}, {}, [], []
@@ -580,10 +580,12 @@ def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_los
                      source)
             tags["num_of_layers_keep_fp16"] = ",".join(kept_fp16) or "none"
         if config.keep_dominant and sum(p.fp8 for p in plans) >= DOMINANCE_MIN_OPS:
-            trials = _trials_on(model, plans, data, config.batch_size, SENSITIVITY_SAMPLES)
+            samples, group_samples = dominance_samples(activation_values)
+            trials = _trials_on(model, plans, data, config.batch_size, samples)
             names = [p.name for p in plans if p.fp8]
             one_by_one = activation_values is not None and len(names) * activation_values <= DOMINANCE_SINGLES_BUDGET
-            dominance = find_dominant_ops(trials, names, config.dominant_share, one_by_one=one_by_one)
+            dominance = find_dominant_ops(trials, names, config.dominant_share, samples=samples,
+                                          group_samples=group_samples, one_by_one=one_by_one)
             if dominance.found:
                 log.info("kept in original precision (each alone carries >= %g of the outputs' FP8 noise): %s "
                          "(%d trials, %s)", config.dominant_share,

@@ -306,6 +306,20 @@ def test_the_library_pipeline_chooses_the_dominance_search_as_the_cli_does(tmp_p
     assert conversion.tags["dominant_search"] == "singles"
 
 
+def test_models_with_large_samples_are_searched_on_fewer_of_them():
+    """A trial runs at most DOMINANCE_TRIAL_VALUES FP8 activation values: small samples keep 8 and
+    4, a 800x608 page (5.1e7 values) 3 and 3, anything larger at least 2."""
+    from fp8core.fallback import DOMINANCE_GROUP_SAMPLES, DOMINANCE_TRIAL_VALUES, SENSITIVITY_SAMPLES, dominance_samples
+
+    assert dominance_samples(None) == dominance_samples(0) == (SENSITIVITY_SAMPLES, DOMINANCE_GROUP_SAMPLES)
+    assert dominance_samples(1.6e7) == (8, 4)
+    assert dominance_samples(5.1e7) == (3, 3)
+    assert dominance_samples(1e12) == (2, 2)
+    for values in np.geomspace(1e3, 1e10, 50):
+        samples, groups = dominance_samples(values)
+        assert groups <= samples and (samples * values <= DOMINANCE_TRIAL_VALUES or samples == 2)
+
+
 def test_groups_are_measured_on_samples_that_show_the_noise():
     """The 16-op chain with op 11 dominating, its first 4 calibration samples zero: those show no
     FP8 noise at all, so the groups that narrow the search down are measured on the 8 samples the
