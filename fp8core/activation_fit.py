@@ -233,6 +233,8 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
                     del batch.values[op.input]
             else:
                 x, fp8_x = batch.paired[op.input], batch.values[reads[op.name]]
+            if x.size == 0:  # inside an If branch this run did not take
+                continue
             for fp8_t, float_t in op.rows.columns(fp8_x, ROWS_PER_PIECE, np.float32, paired=x):
                 moments[op.name].update(fp8_t, float_t)
             del x, fp8_x
@@ -269,7 +271,7 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
     weights and biases fitted before it). ``max_features``: ops with more inputs ``K`` are left
     as they are (round to nearest), their report row says so."""
     model = Model.of(model)
-    ops = linear_ops(model.proto, plans)
+    ops = linear_ops(model.proto, plans, if_bodies=local)  # a branch's values are its own op's inputs
     index = model.index()
     replaced: dict[str, np.ndarray] = {}
     new_bias: dict[str, tuple[str, int, np.ndarray]] = {}

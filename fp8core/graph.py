@@ -336,6 +336,14 @@ class GraphIndex:
                 if node.op_type == "Constant":
                     self._body_constants[node.output[0]] = node
 
+    def for_body(self, body: onnx.GraphProto) -> GraphIndex:
+        """The topology (producer, consumers) of ``body``, a graph inside this one, with this
+        graph's constants: a body reads the weights of its outer scopes."""
+        inner = GraphIndex(body, self.base_dir)
+        inner.initializers = {**self.initializers, **inner.initializers}
+        inner._body_constants = {**self._body_constants, **inner._body_constants}
+        return inner
+
     def constant_node(self, name: str) -> onnx.NodeProto | None:
         node = self.producer.get(name) or self._body_constants.get(name)
         return node if node is not None and node.op_type == "Constant" else None

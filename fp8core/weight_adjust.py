@@ -32,8 +32,8 @@ import onnx
 from onnx import numpy_helper
 
 from fp8core.feature_moments import AUTO_PADS, FeatureMoments, Rows
-from fp8core.graph import (FreshNames, GraphIndex, node_attr, replace_constants, with_initializers, with_value,
-                           without_large_initializers)
+from fp8core.graph import (FreshNames, GraphIndex, node_attr, replace_constants, walk_graphs, with_initializers,
+                           with_value, without_large_initializers)
 from fp8core.gptq import fp8_grid, gptq_round_groups
 from fp8core.plan import OpPlan, QuantParams, RealScaleParams
 from fp8core.scale import Scale
@@ -86,22 +86,40 @@ class LinearOp:
         return w_gkn.transpose(0, 2, 1).reshape(shape)
 
 
-def linear_ops(model: onnx.ModelProto, plans: list[OpPlan]) -> list[LinearOp]:
-    """The FP8 ops GPTQ and bias correction apply to, in graph order (module docstring)."""
-    index = GraphIndex(model.graph)
-    nodes = {n.name: n for n in model.graph.node}
+def linear_ops(model: onnx.ModelProto, plans: list[OpPlan], if_bodies: bool = False) -> list[LinearOp]:
+    """The FP8 ops GPTQ and bias correction apply to, in graph order (module docstring).
+    ``if_bodies``: ops inside the branches of ``If`` nodes too, those whose input the branch
+    computes (a branch value reaches the capture as it is, or empty when the other branch ran:
+    :mod:`fp8core.bodies`; a value of an outer graph is there whichever branch runs); ops inside
+    Loop/Scan bodies, whose values come stacked over iterations, are left out."""
+    root = GraphIndex(model.graph)
+    nodes, indexes, readers = {}, {}, {}
+    for g, path in walk_graphs(model.graph):
+        for n in g.node:
+            for name in n.input:
+                readers[name] = readers.get(name, 0) + 1
+        if path and not (if_bodies and all(holder.op_type == "If" for holder in path)):
+            continue
+        for n in g.node:
+            nodes[n.name] = n
+            indexes[n.name] = (g, bool(path))
+    body_indexes: dict[int, GraphIndex] = {}
     out = []
     for plan in plans:
         if not plan.fp8 or plan.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         node = nodes.get(plan.name)
-        if node is None:  # inside an If/Loop/Scan body: its inputs are not top-level tensors; left as it is
+        if node is None:  # inside a body left out: its inputs are not top-level tensors; left as it is
             continue
+        g, in_body = indexes[plan.name]
+        index = body_indexes.setdefault(id(g), root.for_body(g)) if in_body else root
         weights = [q for q in plan.input("weight") if q.index == 1 and q.params is not None]
         if not weights or index.is_constant(node.input[0]):
             continue
+        if in_body and node.input[0] not in index.producer:  # an outer value: runs that skip the
+            continue  # branch read it too, and its rows would not be this op's
         w = index.constant_tensor(node.input[1])
-        if len(index.consumers[node.input[1]]) != 1:
+        if readers.get(node.input[1], 0) != 1:  # a weight shared with another op (anywhere)
             continue
         op = _conv_op(index, node, w, weights[0].params) if plan.op_type == "Conv" else \
             _matmul_op(index, node, plan.op_type, w, weights[0].params)
@@ -244,11 +262,12 @@ def _with_changes(model: onnx.ModelProto, replaced: dict[str, np.ndarray],
     light, large, added = without_large_initializers(model)
     large = [with_value(t, replaced) for t in large]
     graph = light.graph
-    replace_constants(graph, replaced)
     fresh = FreshNames(graph)
-    for node in graph.node:
-        if node.name in new_bias:
-            name, i, values = new_bias[node.name]
-            node.input[i] = fresh(f"{name}_bias_corrected")
-            graph.initializer.append(numpy_helper.from_array(values, node.input[i]))
+    for g, _ in walk_graphs(graph):  # weights of ops inside If branches are Constants there
+        replace_constants(g, replaced)
+        for node in g.node:
+            if node.name in new_bias:  # a new initializer of the main graph: branches read outer values
+                name, i, values = new_bias[node.name]
+                node.input[i] = fresh(f"{name}_bias_corrected")
+                graph.initializer.append(numpy_helper.from_array(values, node.input[i]))
     return with_initializers(light, large, added)

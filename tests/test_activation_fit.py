@@ -234,3 +234,77 @@ def test_fp8_rows_rounded_here_are_the_fp8_models_own(case):
         assert a.count == b.count > 0
         for name in ("h_fp8", "cross_w", "sum_fp8", "sum_float"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), (op.name, name)
+
+
+def _chain_in_if(depth=4):
+    """``If(max(x) > -1e30)``: the then branch is :func:`chain` (weights as Constant nodes of the
+    branch, as exporters write silero VAD), the else branch a chain of other weights that no
+    sample takes. Both read ``x`` from the main graph."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from fp8core.rewrite import prepare_model
+
+    def branch(seed, prefix):
+        g = chain(depth=depth, seed=seed).graph
+        rename = {t.name: prefix + t.name for t in g.initializer}
+        rename.update({o: prefix + o for n in g.node for o in n.output})
+        nodes = [h.make_node("Constant", [], [rename[t.name]], name=prefix + t.name + "_const", value=t)
+                 for t in g.initializer]
+        for n in g.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.name = prefix + n.name
+            copy.input[:] = [rename.get(i, i) for i in n.input]
+            copy.output[:] = [rename[o] for o in n.output]
+            nodes.append(copy)
+        return h.make_graph(nodes, prefix + "branch", [], [h.make_tensor_value_info(prefix + "y", T.FLOAT, None)])
+
+    nodes = [h.make_node("ReduceMax", ["x"], ["top"], keepdims=0, name="top"),
+             h.make_node("Greater", ["top", "floor"], ["cond"], name="cond"),
+             h.make_node("If", ["cond"], ["y"], name="if", then_branch=branch(0, "t_"), else_branch=branch(1, "e_"))]
+    graph = h.make_graph(nodes, "chain_in_if", [h.make_tensor_value_info("x", T.FLOAT, ["N", K])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])],
+                         [numpy_helper.from_array(np.array(-1e30, np.float32), "floor")])
+    return prepare_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), 21)
+
+
+def test_ops_inside_if_branches_are_fitted_and_the_branch_no_sample_takes_is_left_as_it_is():
+    """silero VAD's whole network sits in the branches of an If on the sample rate: the fit reaches
+    the branch the data takes (its values exposed, empty in runs that took the other), writes
+    its Constants and biases, and leaves the other branch's weights alone."""
+    model = _chain_in_if()
+    plans = plan_fp8_ops(model, activation_params=QuantParams("F143", -5), weight_params=QuantParams("F143", -5))
+    assert {p.name for p in plans if p.fp8} >= {"t_mm_0", "e_mm_0", "t_gemm"}
+    assert {op.name for op in linear_ops(model, plans)} == set()  # GPTQ / bias correction: top level only
+    rng = np.random.default_rng(1)
+    source = ArraySource(Path("c.npz"), {"x": (rng.standard_normal((256, K)) + 1.0).astype(np.float32)})
+    held_out = (rng.standard_normal((1024, K)) + 1.0).astype(np.float32)
+    fitted, report = fit_to_fp8_inputs(model, plans, source, batch_size=64, passes=1, local=True)
+    # t_mm_0 and e_mm_0 read x, a value of the main graph, whichever branch runs: left as they are
+    assert [r["op"] for r in report] == ["t_mm_1", "t_mm_2", "t_mm_3", "t_gemm"]
+    assert all(r["output_error_reduction"] > 0 and "bias_max_shift" in r for r in report)
+    assert _held_out_error(fitted, plans, held_out) < 0.9 * _held_out_error(model, plans, held_out)
+    # each op corrects its own rounding on the rows it reads: the same chain in the main graph
+    # gets the same weights and biases, bit for bit
+    flat = chain(depth=4)
+    flat_fitted, _ = fit_to_fp8_inputs(flat, plan_fp8_ops(flat, activation_params=QuantParams("F143", -5),
+                                                          weight_params=QuantParams("F143", -5)),
+                                       source, batch_size=64, passes=1, local=True)
+    flat_values = {t.name: numpy_helper.to_array(t) for t in flat_fitted.graph.initializer}
+    branch_biases = {t.name: numpy_helper.to_array(t) for t in fitted.graph.initializer if t.name != "floor"}
+    assert sorted(branch_biases) == ["t_b1_bias_corrected", "t_b2_bias_corrected", "t_b3_bias_corrected",
+                                     "t_cg_bias_corrected"]
+    for name, value in branch_biases.items():
+        np.testing.assert_array_equal(value, flat_values[name[2:]])
+
+    def constants(m, prefix):
+        [body] = [a.g for a in m.graph.node[2].attribute if a.name == ("then_branch" if prefix == "t_" else "else_branch")]
+        return {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in body.node if n.op_type == "Constant"}
+    for name, value in constants(model, "e_").items():
+        np.testing.assert_array_equal(constants(fitted, "e_")[name], value)
+    np.testing.assert_array_equal(constants(fitted, "t_")["t_w0"], constants(model, "t_")["t_w0"])
+    for name in ("t_w1", "t_w2", "t_w3", "t_wg"):
+        np.testing.assert_array_equal(constants(fitted, "t_")[name], flat_values[name[2:]])
+        assert not np.array_equal(constants(fitted, "t_")[name], constants(model, "t_")[name])
