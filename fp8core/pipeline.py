@@ -550,8 +550,8 @@ def fallback(model: Model, plans: list[OpPlan], config: FallbackConfig, best_los
     Charts are written into ``folder``.
     """
     from fp8core.fallback import (DOMINANCE_MAX_KEPT, DOMINANCE_MIN_OPS, DOMINANCE_SINGLES_BUDGET, SENSITIVITY_SAMPLES,
-                                  dominance_samples, find_dominant_ops, keep_dominant_ops, keep_most_sensitive, keep_worst_ops,
-                                  measure_sensitivity)
+                                  dominance_samples, find_dominant_ops, keep_dominant_ops, keep_most_sensitive,
+                                  keep_worst_ops, measure_sensitivity)
 
     clock, tags, metrics, artifacts, steps = _Clock(), {}, {}, [], []
     kept_fp16 = dominance = target = None
