@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 weight rounding: nearest; GPTQ on the captured inputs; gptaq: weights and biases fitted "
                         "to the inputs the FP8 model gives them (needs --quantize); auto (default): gptaq with "
                         "--quantize, nearest in fast mode or when the weights are streamed from external data")
+    p.add_argument("--activation_offset", choices=["none", "auto"], default="none",
+                   help="auto (with --quantize): round non-negative activations (ReLU/ReLU6/sigmoid outputs) as x - c "
+                        "and add c back through the op's bias, where it lowers the rounding error (default none)")
     p.add_argument("--bias_correction", action="store_true",
                    help="keep the mean output of MatMul+Add / Gemm on the calibration data (needs --quantize)")
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")
@@ -111,6 +114,7 @@ def _params_from_args(args) -> "ConvertParams":
         scale_kind=args.scale_kind,
         weight_rounding=args.weight_rounding,
         bias_correction=args.bias_correction,
+        activation_offset=args.activation_offset,
         task_runner="dask" if args.dask_address else args.task_runner,
         dask_address=args.dask_address,
         max_workers=args.max_workers,

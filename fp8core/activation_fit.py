@@ -57,7 +57,6 @@ import onnx
 from fp8core.calibration import CalibrationSource
 from fp8core.capture import RUN_SAMPLES
 from fp8core.feature_moments import Rows, moment_options
-from fp8core.formats import round_trip
 from fp8core.gptq import MIN_ROWS_PER_FEATURE, gptq_round_groups, rows_determine
 from fp8core.model import Model
 from fp8core.plan import OpPlan, QuantParams
@@ -228,7 +227,7 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
         for i, op in enumerate(ops):  # rows as the op reads its input
             if float_model is None:
                 x, params = batch.values[op.input], rounding[op.name]
-                fp8_x = x if params is None else round_trip(x, params.format, params.to_scale())
+                fp8_x = x if params is None else params.round_trip(x)
                 if last_reader[op.input] == i:  # each run's values go as soon as they are read
                     del batch.values[op.input]
             else:

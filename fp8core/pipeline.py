@@ -239,11 +239,13 @@ class CalibrateConfig:
     formats: tuple[str, ...] = ("F143", "F152")
     cache_dir: str | None = None  # statistics cache (fp8core.cache); None: always capture
     gptq_moments: bool = False  # GPTQ's input moments ride along on the capture pass (--weight_rounding gptq)
+    activation_offset: bool = False  # non-negative activations rounded as x - c (fp8core.offsets)
 
     @classmethod
     def of(cls, params) -> CalibrateConfig:
         return cls(params.batch_size, params.quantize_loss_type, tuple(params.fp8_formats),
-                   params.statistics_cache_dir, params.weight_rounding == "gptq")
+                   params.statistics_cache_dir, params.weight_rounding == "gptq",
+                   params.activation_offset == "auto")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -337,7 +339,17 @@ def calibrate(model: Model, plans: list[OpPlan], source, config: CalibrateConfig
     with clock("search"):
         results = search(stats, config.loss, tuple(config.formats))
     moments = also[0].moments if also and also[0].complete else None  # not fed: a cache hit, a sharded capture
-    return Calibrated(plans=apply_choices(plans, results), stats=stats, results=results, loss=config.loss,
+    plans = apply_choices(plans, results)
+    if config.activation_offset:
+        from fp8core.offsets import with_offsets
+
+        with clock("search"):
+            plans = with_offsets(model.proto, plans, stats)
+        shifted = sorted({q.tensor for p in plans if p.fp8 for q in p.input("activation") if q.params.offset})
+        log.info("activation offsets: %d of %d FP8 activation inputs rounded as x - c", len(shifted),
+                 len({q.tensor for p in plans if p.fp8 for q in p.input("activation")}))
+        metrics["activation_offset_count"] = float(len(shifted))
+    return Calibrated(plans=plans, stats=stats, results=results, loss=config.loss,
                       source=source, gptq_moments=moments, tags=tags, metrics=metrics, notes=tuple(notes),
                       seconds=clock.seconds)
 

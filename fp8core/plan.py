@@ -11,9 +11,10 @@ import difflib
 import math
 from typing import Literal
 
+import numpy as np
 import onnx
 
-from fp8core.formats import get_format
+from fp8core.formats import get_format, round_trip
 from fp8core.graph import (
     FLOAT_TYPES,
     FP8_OP_TYPES,
@@ -33,22 +34,38 @@ Role = Literal["activation", "weight"]
 
 @dataclasses.dataclass(frozen=True)
 class QuantParams:
-    """An FP8 format and an integer scale: real value = fp8 value * 2**scale."""
+    """An FP8 format, an integer scale and an offset: real value = fp8 value * 2**scale + offset.
+
+    ``offset`` is non-zero only for activations (:mod:`fp8core.offsets`): the graph subtracts it
+    before QuantizeLinear and the op's bias adds it back through the FP8 weight
+    (:mod:`fp8core.rewrite`), so Q/DQ keep zero point 0.
+    """
 
     format: str
     scale: int
+    offset: float = dataclasses.field(default=0.0, kw_only=True)
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format).name)
         object.__setattr__(self, "scale", int(self.scale))
+        object.__setattr__(self, "offset", float(self.offset))
 
     def describe(self) -> dict:
         """What fp8_config.json and the logs show for these params."""
-        return {"format": self.format, "scale": self.scale}
+        return {"format": self.format, "scale": self.scale, **({"offset": self.offset} if self.offset else {})}
 
     def to_scale(self) -> Scale:
         """The scale to encode and decode with: ``2**scale``."""
         return Scale.pow2(self.scale)
+
+    def round_trip(self, x: np.ndarray) -> np.ndarray:
+        """What the FP8 op reads for ``x``, in float32: ``Q/DQ(x - offset) + offset``."""
+        if not self.offset:
+            return round_trip(x, self.format, self.to_scale())
+        c = np.float32(self.offset)
+        shifted = round_trip(np.asarray(x, np.float32) - c, self.format, self.to_scale())
+        shifted += c
+        return shifted
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,9 @@ def format_quantize_log(report: dict) -> str:
         for t in op["tensors"]:
             s = t["statistics"]
             ch = t["chosen"]
-            lines.append(f"  {t['role']} {t['tensor']}: chosen {ch['format']} scale {ch['scale']} loss {_num(t['loss'])}")
+            lines.append(f"  {t['role']} {t['tensor']}: chosen {ch['format']} scale {ch['scale']} loss {_num(t['loss'])}"
+                         + (f"; rounded as x - {ch['offset']:g} (activation offset; the losses are of x itself)"
+                            if ch.get("offset") else ""))
             if "scales" in ch:  # real-valued scales: a summary, the values are in the model
                 r = ch["scales"]
                 lines.append(f"    real scales (axis {ch['axis']}): count {r['count']}  min {_num(r['min'])}  "

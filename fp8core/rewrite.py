@@ -2,6 +2,8 @@
 
 * weight of an FP8 op: FP8 initializer -> DequantizeLinear(2**s) -> op (encoded offline, once);
 * activation input of an FP8 op: QuantizeLinear(2**s, saturate=1) -> DequantizeLinear -> op;
+  with an offset c (:mod:`fp8core.offsets`, non-negative inputs): Sub(x, c) -> Q -> DQ -> op, and
+  the op's bias gains c times its FP8 weight summed over its inputs (MatMul: an Add after it);
 * op outputs keep their float type; every other op is untouched.
 
 Graph form of the activation Q/DQ, chosen for onnxruntime (see fp8core.runtime):
@@ -24,7 +26,8 @@ from onnx import helper, numpy_helper
 
 from fp8core.errors import first_line
 from fp8core.fold import fold_computed_weights
-from fp8core.formats import encode, encode_to_dtype, get_format
+from fp8core import offsets
+from fp8core.formats import decode, encode, encode_to_dtype, get_format
 from fp8core.graph import (
     MIN_FP8_OPSET,
     FreshNames,
@@ -34,6 +37,7 @@ from fp8core.graph import (
     assign_subgraph_node_names,
     keep_only,
     names_read,
+    node_attr,
     replace_all,
     subgraphs,
     with_initializers,
@@ -309,25 +313,76 @@ def rewrite_to_fp8(
         return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"),
                                  **axis)]
 
+    def offset_constant(base: str, value, elem_type: int) -> str:
+        name = fresh(base)
+        new_inits.append(numpy_helper.from_array(
+            np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type)), name))
+        return name
+
     def activation_qdq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
         base = f"{tensor}_{_params_suffix(p)}"
         s_name, q_out, out = fresh(f"{base}_scale"), fresh(f"{base}_q"), fresh(f"{base}_dq")
         new_inits.append(_scale_tensor(s_name, p, elem_type))
-        done[(tensor, p)] = out
         fmt = get_format(p.format)
+        nodes, rounded = [], tensor
+        if p.offset:  # x - c is rounded; the op adds c back through its bias (fold_offset)
+            c = fresh(f"{base}_offset")
+            new_inits.append(numpy_helper.from_array(np.asarray(p.offset, helper.tensor_dtype_to_np_dtype(elem_type)), c))
+            rounded = fresh(f"{base}_shifted")
+            nodes.append(helper.make_node("Sub", [tensor, c], [rounded], name=fresh(f"{base}_Sub")))
         if use_output_dtype:
-            q = helper.make_node("QuantizeLinear", [tensor, s_name], [q_out], name=fresh(f"{base}_QuantizeLinear"),
+            q = helper.make_node("QuantizeLinear", [rounded, s_name], [q_out], name=fresh(f"{base}_QuantizeLinear"),
                                  saturate=1, output_dtype=fmt.onnx_type)
             dq = helper.make_node("DequantizeLinear", [q_out, s_name], [out], name=fresh(f"{base}_DequantizeLinear"))
         else:
             zp = fresh(f"{base}_zero_point")
             new_inits.append(_zero_point(zp, p.format))
-            q = helper.make_node("QuantizeLinear", [tensor, s_name, zp], [q_out], name=fresh(f"{base}_QuantizeLinear"),
+            q = helper.make_node("QuantizeLinear", [rounded, s_name, zp], [q_out], name=fresh(f"{base}_QuantizeLinear"),
                                  saturate=1)
             dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp], [out], name=fresh(f"{base}_DequantizeLinear"))
-        return [q, dq]
+        nodes += [q, dq]
+        if p.offset and switches:  # a switchable model adds c back here, so a kept op reads x itself
+            plus = fresh(f"{base}_dq_plus_offset")
+            nodes.append(helper.make_node("Add", [out, c], [plus], name=fresh(f"{base}_Add")))
+            out = plus
+        done[(tensor, p)] = out
+        return nodes
 
-    def rewritten(body: onnx.GraphProto) -> list[onnx.NodeProto]:
+    def fold_offset(node: onnx.NodeProto, plan: OpPlan, graph_index: GraphIndex) -> list[onnx.NodeProto]:
+        """Make ``node``, which reads ``x - c`` rounded, compute ``op(x)``: ``c * sum_K W`` of its
+        FP8 weight into its constant bias, or an Add after it (fp8core.offsets). Returns the Add."""
+        act = plan.input("activation")[0]
+        weight = plan.input("weight")[0]
+        if not offsets.allowed(node, plan, graph_index):
+            raise ModelError(f"op {node.name!r} cannot take an activation offset (fp8core.offsets.allowed)")
+        q_name, s_name = stored[(weight.tensor, weight.params)]
+        stored_weight = next(t for t in new_inits if t.name == q_name)
+        fp8_bytes = np.frombuffer(stored_weight.raw_data, np.uint8).reshape(tuple(stored_weight.dims))
+        w = decode(fp8_bytes, weight.params.format, weight.params.to_scale())
+        term = offsets.output_term(node, w, act.params.offset)
+        np_type = helper.tensor_dtype_to_np_dtype(plan.elem_type)
+        bias_at = 2 if node.op_type in ("Conv", "Gemm") else None
+        has_bias = bias_at is not None and len(node.input) > bias_at and node.input[bias_at]
+        if bias_at is not None and (not has_bias or graph_index.is_constant(node.input[bias_at])):
+            if node.op_type == "Gemm":
+                term = term / float(node_attr(node, "beta", 1.0))
+            else:
+                term = term.reshape(-1)
+            old = graph_index.constant_value(node.input[bias_at]).astype(np.float64) if has_bias else 0.0
+            name = fresh(f"{node.name}_bias_with_offset")
+            new_inits.append(numpy_helper.from_array(np.asarray(old + term).astype(np_type), name))
+            while len(node.input) <= bias_at:
+                node.input.append("")
+            node.input[bias_at] = name
+            return []
+        name = fresh(f"{node.name}_offset_term")
+        new_inits.append(numpy_helper.from_array(term.astype(np_type), name))
+        before = fresh(f"{node.output[0]}_before_offset")
+        after = helper.make_node("Add", [before, name], [node.output[0]], name=fresh(f"{node.name}_offset_Add"))
+        node.output[0] = before
+        return [after]
+
+    def rewritten(body: onnx.GraphProto, graph_index: GraphIndex) -> list[onnx.NodeProto]:
         """The graph's nodes with Q/DQ inserted before its FP8 ops, bodies of If/Loop/Scan rewritten
         the same way in place (their Q/DQ nodes live in the body; FP8 weights and scales are
         top-level initializers, which bodies can read)."""
@@ -356,14 +411,18 @@ def rewrite_to_fp8(
                         nodes.append(helper.make_node("Where", [switches[node.name], q.tensor, done[key]], [chosen],
                                                       name=fresh(f"{node.name}_keep_switch")))
                         node.input[q.index] = chosen
+                if not switches and any(q.params is not None and q.params.offset for q in plan.inputs):
+                    nodes.append(node)
+                    nodes.extend(fold_offset(node, plan, graph_index))
+                    continue
             elif any(True for _ in subgraphs(node)):
                 node = copy.deepcopy(node)
                 for _, sub in subgraphs(node):
-                    replace_all(sub.node, rewritten(sub))
+                    replace_all(sub.node, rewritten(sub, source.for_body(sub)))
             nodes.append(node)
         return nodes
 
-    nodes = rewritten(graph)
+    nodes = rewritten(graph, source)
 
     # Originals of weights now stored as FP8 go when nothing else reads them, subgraphs included
     # (an If/Loop body may read an outer-scope initializer by name).

@@ -103,6 +103,11 @@ class ConvertParams(BaseModel):
                             "biases fitted to the inputs the FP8 model gives them, then GPTQ (Conv/MatMul/Gemm; needs "
                             "--quantize). auto: gptaq with --quantize, nearest without it or when the weights are "
                             "streamed from external data")
+    activation_offset: Literal["none", "auto"] = Field(
+        "none", description="auto (with --quantize): round a non-negative activation (ReLU, ReLU6, sigmoid outputs) "
+                            "as x - c, c chosen from its statistics where it lowers the rounding error, and add c "
+                            "back through the op's bias (Conv without implicit padding, Gemm, MatMul with a "
+                            "constant weight); none (default): no offsets, the FP8 graph of SPEC section 3")
     bias_correction: bool = Field(
         False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
 
