@@ -4,8 +4,9 @@
 Why. E4M3 has 3 mantissa bits at every magnitude, so its absolute error grows with the value: a
 ReLU6 output near 6 is rounded in steps of 0.5, INT8 over [0, 6] in steps of 0.024. Rounding
 ``x - c`` instead puts the values that carry the error nearer 0, where the steps are finer, while
-``x = 0`` (most of a ReLU output) becomes ``-c``, which is on the FP8 grid, so exact. On
-EfficientNet-Lite0's 46 ReLU6 inputs the rounding error falls by 3-7 dB (32 -> 35-39 dB SQNR).
+``x = 0`` (most of a ReLU output) becomes ``-c``, which is on the FP8 grid, so exact. On the 31
+ReLU6 inputs of EfficientNet-Lite0 that can take one, SQNR rises by 1.7-7.9 dB (median 4.1) from
+31-33 dB (``benchmarks/activation_offset_effect.py``).
 
 How the graph carries it (zero point stays 0, as FP8 hardware wants it): ``Sub(x, c)`` ->
 QuantizeLinear -> DequantizeLinear -> op, and since the op is linear in that input,
