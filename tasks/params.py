@@ -209,7 +209,8 @@ class ConvertParams(BaseModel):
             raise ValueError("--num_of_layers_keep_fp16 ranks ops by measured loss: pass --quantize with "
                              "--data_preprocess, or --compare_data")
         for flag, on in ((f"weight_rounding {self.weight_rounding}", self.weight_rounding in ("gptq", "gptaq")),
-                         ("bias_correction", self.bias_correction)):
+                         ("bias_correction", self.bias_correction),
+                         ("activation_offset auto", self.activation_offset == "auto")):
             if on and not self.quantize:
                 raise ValueError(f"--{flag} uses the captured inputs of each op: add --quantize --data_preprocess PATH")
         if self.quantize and not self.data_preprocess:

@@ -190,3 +190,16 @@ def test_the_cli_flag_writes_offsets_where_they_help_and_the_default_writes_none
     for model in (default, shifted):
         out = make_session(model).run(None, {name: x})[0]
         assert np.corrcoef(out.ravel(), reference.ravel())[0, 1] > 0.99
+
+
+def test_the_flag_without_quantize_is_refused_in_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    from flows.cli import main
+
+    model = Path(__file__).resolve().parents[1] / "data" / "demo_model.onnx"
+    code = main(["--input_model", str(model), "--output_model", str(tmp_path / "m.onnx"),
+                 "--activation_offset", "auto", "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--activation_offset auto" in err and "--quantize" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
