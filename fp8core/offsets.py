@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from fp8core.graph import GraphIndex, node_attr, walk_graphs
-from fp8core.plan import OpPlan, QuantParams, RealScaleParams
+from fp8core.plan import OpPlan, QuantParams
 from fp8core.stats import TensorStats
 
 CANDIDATE_FRACTIONS = tuple(k / 16 for k in range(1, 9))
@@ -107,7 +107,7 @@ def candidates(maximum: float) -> list[float]:
 
 def best_offset(stats: TensorStats, params: QuantParams) -> float:
     """The offset for a tensor with these statistics and FP8 params (module docstring), or 0."""
-    if stats.count == 0 or stats.min < 0 or not stats.max > 0 or isinstance(params, RealScaleParams):
+    if stats.count == 0 or stats.min < 0 or not stats.max > 0:
         return 0.0
     base = estimated_sq_error(stats, params, 0.0)
     best, best_err = 0.0, base * (1.0 - MIN_GAIN)

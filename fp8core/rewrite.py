@@ -289,6 +289,7 @@ def rewrite_to_fp8(
 
     new_inits: list[onnx.TensorProto] = []
     stored: dict[tuple[str, QuantParams], tuple[str, str]] = {}  # FP8 initializer and scale of a weight
+    fp8_tensors: dict[str, onnx.TensorProto] = {}  # FP8 weight initializers by name (an offset reads them back)
 
     def weight_dq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
         real = isinstance(p, RealScaleParams)
@@ -306,6 +307,7 @@ def rewrite_to_fp8(
             scale = _scale_tensor(s_name, p, elem_type)
             new_inits.extend([q, scale])
             stored[(tensor, p)] = (q_name, s_name)
+            fp8_tensors[q_name] = q
         q_name, s_name = stored[(tensor, p)]
         out = fresh(f"{base}_dq")
         done[(tensor, p)] = out
@@ -313,10 +315,11 @@ def rewrite_to_fp8(
         return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=fresh(f"{base}_DequantizeLinear"),
                                  **axis)]
 
-    def offset_constant(base: str, value, elem_type: int) -> str:
+    def new_constant(base: str, value, elem_type: int) -> str:
+        """A fresh initializer holding ``value`` in the op's float type; returns its name."""
         name = fresh(base)
-        new_inits.append(numpy_helper.from_array(
-            np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type)), name))
+        new_inits.append(numpy_helper.from_array(np.asarray(value).astype(helper.tensor_dtype_to_np_dtype(elem_type)),
+                                                 name))
         return name
 
     def activation_qdq(tensor: str, p: QuantParams, elem_type: int, done: dict) -> list[onnx.NodeProto]:
@@ -326,8 +329,7 @@ def rewrite_to_fp8(
         fmt = get_format(p.format)
         nodes, rounded = [], tensor
         if p.offset:  # x - c is rounded; the op adds c back through its bias (fold_offset)
-            c = fresh(f"{base}_offset")
-            new_inits.append(numpy_helper.from_array(np.asarray(p.offset, helper.tensor_dtype_to_np_dtype(elem_type)), c))
+            c = new_constant(f"{base}_offset", p.offset, elem_type)
             rounded = fresh(f"{base}_shifted")
             nodes.append(helper.make_node("Sub", [tensor, c], [rounded], name=fresh(f"{base}_Sub")))
         if use_output_dtype:
@@ -355,12 +357,10 @@ def rewrite_to_fp8(
         weight = plan.input("weight")[0]
         if not offsets.allowed(node, plan, graph_index):
             raise ModelError(f"op {node.name!r} cannot take an activation offset (fp8core.offsets.allowed)")
-        q_name, s_name = stored[(weight.tensor, weight.params)]
-        stored_weight = next(t for t in new_inits if t.name == q_name)
-        fp8_bytes = np.frombuffer(stored_weight.raw_data, np.uint8).reshape(tuple(stored_weight.dims))
+        fp8_weight = fp8_tensors[stored[(weight.tensor, weight.params)][0]]
+        fp8_bytes = np.frombuffer(fp8_weight.raw_data, np.uint8).reshape(tuple(fp8_weight.dims))
         w = decode(fp8_bytes, weight.params.format, weight.params.to_scale())
         term = offsets.output_term(node, w, act.params.offset)
-        np_type = helper.tensor_dtype_to_np_dtype(plan.elem_type)
         bias_at = 2 if node.op_type in ("Conv", "Gemm") else None
         has_bias = bias_at is not None and len(node.input) > bias_at and node.input[bias_at]
         if bias_at is not None and (not has_bias or graph_index.is_constant(node.input[bias_at])):
@@ -369,14 +369,11 @@ def rewrite_to_fp8(
             else:
                 term = term.reshape(-1)
             old = graph_index.constant_value(node.input[bias_at]).astype(np.float64) if has_bias else 0.0
-            name = fresh(f"{node.name}_bias_with_offset")
-            new_inits.append(numpy_helper.from_array(np.asarray(old + term).astype(np_type), name))
             while len(node.input) <= bias_at:
                 node.input.append("")
-            node.input[bias_at] = name
+            node.input[bias_at] = new_constant(f"{node.name}_bias_with_offset", old + term, plan.elem_type)
             return []
-        name = fresh(f"{node.name}_offset_term")
-        new_inits.append(numpy_helper.from_array(term.astype(np_type), name))
+        name = new_constant(f"{node.name}_offset_term", term, plan.elem_type)
         before = fresh(f"{node.output[0]}_before_offset")
         after = helper.make_node("Add", [before, name], [node.output[0]], name=fresh(f"{node.name}_offset_Add"))
         node.output[0] = before
