@@ -199,7 +199,8 @@ def input_rounding(plans: list[OpPlan]) -> dict[str, QuantParams | None]:
 
 def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[LinearOp], weights: dict[str, np.ndarray],
                     reads: dict[str, str], rounding: dict[str, QuantParams | None], source: CalibrationSource,
-                    batch_size: int, progress: Callable[[int, int], None] | None = None) -> dict[str, PairedMoments]:
+                    batch_size: int, progress: Callable[[int, int], None] | None = None,
+                    padding_mask: str | None = None) -> dict[str, PairedMoments]:
     """One pass: each op's target rows and FP8 rows on the same batches, accumulated together.
     ``weights``: each op's float weight as ``[G, K, N]``.
 
@@ -209,7 +210,8 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     rounded here by ``rounding[op]`` (the activation's format and scale; None: not rounded) as
     the op's Q/DQ pair does, bit for bit (:func:`fp8core.formats.round_trip`, checked against
     onnxruntime's QuantizeLinear): the model exposes each input once, not again after its Q/DQ
-    (PP-OCRv4 det, library run: the pass's peak RSS 1.36 -> 1.18 GB)."""
+    (PP-OCRv4 det, library run: the pass's peak RSS 1.36 -> 1.18 GB). ``padding_mask``: the
+    input whose zeros mark padding tokens, whose rows are left out (:mod:`fp8core.padding`)."""
     inputs = list(dict.fromkeys(op.input for op in ops))
     # a pass reads the inputs of a run of ops: the models are cut after the last of them
     if float_model is None:
@@ -224,6 +226,7 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
     # 1.9 GB on a 10 MB OCR model
     for batch in stream(taps[0], source, batch_size=batch_size, paired=taps[1] if len(taps) > 1 else None,
                         run_samples=RUN_SAMPLES, progress=progress):
+        mask = batch.feeds.get(padding_mask) if padding_mask else None
         for i, op in enumerate(ops):  # rows as the op reads its input
             if float_model is None:
                 x, params = batch.values[op.input], rounding[op.name]
@@ -234,8 +237,9 @@ def _paired_moments(float_model: Model | None, fp8_model: Model, ops: list[Linea
                 x, fp8_x = batch.paired[op.input], batch.values[reads[op.name]]
             if x.size == 0:  # inside an If branch this run did not take
                 continue
-            for fp8_t, float_t in op.rows.columns(fp8_x, ROWS_PER_PIECE, np.float32, paired=x):
-                moments[op.name].update(fp8_t, float_t)
+            for fp8_t, float_t in op.rows.columns(fp8_x, ROWS_PER_PIECE, np.float32, paired=x, mask=mask):
+                if fp8_t.shape[2]:  # not a batch of padding only
+                    moments[op.name].update(fp8_t, float_t)
             del x, fp8_x
     return moments
 
@@ -261,14 +265,16 @@ def _chunks(ops: list[LinearOp], passes: int, sizes: dict[str, int], budget: int
 def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
                       batch_size: int, passes: int = PASSES, gptq: bool = True, local: bool = False,
                       progress: Callable[[int, int], None] | None = None, budget: int = MOMENT_BUDGET,
-                      max_features: int | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+                      max_features: int | None = None, padding_mask: str | None = None,
+                      ) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` whose FP8 linear ops carry weights (on the FP8 grid) and biases fitted
     to the inputs the FP8 model gives them (module docstring), and one report row per op.
     ``gptq=False`` rounds ``W*`` to nearest instead of by GPTQ. ``progress(done, total)``: data
     batches streamed, over every pass. At least ``passes`` passes, more where one would hold
     more than ``budget`` bytes of running sums (a later pass's FP8 model then carries the
     weights and biases fitted before it). ``max_features``: ops with more inputs ``K`` are left
-    as they are (round to nearest), their report row says so."""
+    as they are (round to nearest), their report row says so. ``padding_mask``: the input marking
+    padding tokens, whose rows the fit leaves out (:mod:`fp8core.padding`; None: every row)."""
     model = Model.of(model)
     ops = linear_ops(model.proto, plans, if_bodies=local)  # a branch's values are its own op's inputs
     index = model.index()
@@ -289,7 +295,7 @@ def fit_to_fp8_inputs(model: Model | onnx.ModelProto, plans: list[OpPlan], sourc
         weights = {op.name: np.ascontiguousarray(op.to_groups(index.constant_value(op.weight).astype(np.float32)))
                    for op in chunk}
         moments = _paired_moments(None if local else model, model.derive(fp8), chunk, weights, reads, rounding,
-                                  source, batch_size, told)
+                                  source, batch_size, told, padding_mask)
         del fp8, weights
         for op in chunk:
             m = moments.pop(op.name)

@@ -33,6 +33,7 @@ import onnx
 
 from fp8core.calibration import CalibrationSource
 from fp8core.model import Model
+from fp8core.padding import kept_rows
 from fp8core.runtime import session_options
 from fp8core.stream import accumulate, stream
 
@@ -66,11 +67,13 @@ class Rows:
                 f"p={self.pads} {self.auto_pad} g={self.group}")
 
     def columns(self, x: np.ndarray, max_rows: int | None = None, dtype=np.float64,
-                paired: np.ndarray | None = None) -> Iterator[np.ndarray]:
+                paired: np.ndarray | None = None, mask: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """The rows of a captured batch ``x`` as columns: ``[1, G, K, R]`` pieces of ``dtype``, each
         group's ``X^T`` (one piece per sample for Conv; with ``max_rows``, at most that many of a
         sample's rows, at evenly spaced positions). With ``paired`` (a tensor of ``x``'s shape)
         ``[2, G, K, R]``: ``x``'s then ``paired``'s, at the same positions, gathered together.
+        ``mask``: the batch's padding mask (:mod:`fp8core.padding`); MatMul/Gemm rows that are its
+        tokens are kept where it is non-zero.
 
         Transposed because that is how im2col gathers without a copy: a Conv's ``[G, R, K]`` rows
         (K = C / G taps) cost more to transpose than to multiply; every consumer multiplies
@@ -78,6 +81,9 @@ class Rows:
         tensors = [np.asarray(x)] + ([] if paired is None else [np.asarray(paired)])
         if self.kernel is None:
             rows = [np.moveaxis(t, self.feature_axis, -1).reshape(-1, t.shape[self.feature_axis]) for t in tensors]
+            keep = kept_rows(mask, np.delete(np.array(tensors[0].shape), self.feature_axis))
+            if keep is not None:
+                rows = [r[keep] for r in rows]
             yield np.stack(rows).astype(dtype, copy=False).transpose(0, 2, 1)[:, None]
             return
         for samples in zip(*tensors):

@@ -207,10 +207,11 @@ def plan(model: Model, config: PlanConfig = PlanConfig(), log=logger) -> Planned
 class IngestConfig:
     data: str
     batch_size: int
+    padding_mask: str = "auto"  # checked here, before any long work; used by the weight fit
 
     @classmethod
     def of(cls, params) -> IngestConfig:
-        return cls(params.data_preprocess, params.batch_size)
+        return cls(params.data_preprocess, params.batch_size, params.padding_mask)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -221,15 +222,18 @@ class Ingested(StageResult):
 def ingest(model: Model, config: IngestConfig, log=logger) -> Ingested:
     """Open the calibration data and check it against the model before any long work."""
     from fp8core.calibration import model_input_specs, open_dataset, validate_against_model
+    from fp8core.padding import padding_mask_input
 
     clock = _Clock()
     with clock("ingest"):
+        mask = padding_mask_input(model.proto, config.padding_mask)
         source = open_dataset(config.data)
         summary = validate_against_model(source, model_input_specs(model), config.batch_size)
     log.info("calibration data %s: %d samples, fingerprint %s", config.data, summary.num_samples,
              source.fingerprint()[:12])
     return Ingested(source=source, seconds=clock.seconds,
-                    tags={"calibration_fingerprint": source.fingerprint(), "calibration_samples": source.num_samples})
+                    tags={"calibration_fingerprint": source.fingerprint(), "calibration_samples": source.num_samples,
+                          "padding_mask": mask or "none"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,6 +683,7 @@ class AdjustConfig:
     bias_correction: bool = False
     notes: tuple[str, ...] = ()
     max_features: int | None = None  # gptaq: ops with more inputs stay at nearest (auto's limit)
+    padding_mask: str = "auto"  # gptaq: the input marking padding tokens (fp8core.padding), auto or none
 
     @classmethod
     def of(cls, params, streamed: bool = False) -> AdjustConfig:
@@ -689,7 +694,7 @@ class AdjustConfig:
             notes = ("weights rounded to nearest: the model's weights are streamed from its external data; "
                      "--weight_rounding gptaq fits them to the FP8 model's inputs with every weight in memory",)
         limit = AUTO_FIT_MAX_FEATURES if params.weight_rounding == "auto" else None
-        return cls(params.batch_size, rounding, params.bias_correction, notes, limit)
+        return cls(params.batch_size, rounding, params.bias_correction, notes, limit, params.padding_mask)
 
     @property
     def needed(self) -> bool:
@@ -722,6 +727,7 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     from fp8core.activation_fit import fit_to_fp8_inputs
     from fp8core.bias_shift import correct_mean_shift
     from fp8core.feature_moments import capture_feature_moments
+    from fp8core.padding import padding_mask_input
     from fp8core.weight_adjust import adjust_weights as gptq_weights, linear_ops, moment_requests
 
     clock = _Clock()
@@ -729,10 +735,14 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
         gptq = config.weight_rounding == "gptq"
         proto, report = model.proto, []
         if config.weight_rounding == "gptaq":
+            mask = padding_mask_input(model.proto, config.padding_mask)
+            if mask:
+                log.info("weight fit: rows of padding tokens (%s == 0) left out", mask)
             # one pass, each op fitted to its own input rounding in the FP8 model: a fit to the float
             # model's inputs in a few passes over-compensates (EfficientNet-Lite0: top-1 0.01)
             proto, report = fit_to_fp8_inputs(model, plans, source, config.batch_size, passes=1, local=True,
-                                              progress=progress, max_features=config.max_features)
+                                              progress=progress, max_features=config.max_features,
+                                              padding_mask=mask)
         if gptq:
             requests = moment_requests(linear_ops(proto, plans), True, False)
             if moments is None or not all(key in moments for key in requests):

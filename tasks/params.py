@@ -108,6 +108,10 @@ class ConvertParams(BaseModel):
                             "as x - c, c chosen from its statistics where it lowers the rounding error, and add c "
                             "back through the op's bias (Conv without implicit padding, Gemm, MatMul with a "
                             "constant weight); none (default): no offsets, the FP8 graph of SPEC section 3")
+    padding_mask: str = Field(
+        "auto", min_length=1,
+        description="the model input whose zeros mark padding tokens, whose rows the weight fit (gptaq) leaves "
+                    "out; auto: a rank-2 input named *attention_mask or *input_mask; none: every row")
     bias_correction: bool = Field(
         False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
 
@@ -213,6 +217,9 @@ class ConvertParams(BaseModel):
                          ("activation_offset auto", self.activation_offset == "auto")):
             if on and not self.quantize:
                 raise ValueError(f"--{flag} uses the captured inputs of each op: add --quantize --data_preprocess PATH")
+        if self.padding_mask not in ("auto", "none") and not self.quantize:
+            raise ValueError(f"--padding_mask {self.padding_mask} marks padding rows for the weight fit on calibration "
+                             "data: add --quantize --data_preprocess PATH")
         if self.quantize and not self.data_preprocess:
             raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")
         if self.task_runner == "dask" and not self.dask_address:
