@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (with --quantize): round non-negative activations (ReLU/ReLU6/sigmoid outputs) as x - c "
                         "and add c back through the op's bias, where it lowers the rounding error (default none)")
     p.add_argument("--padding_mask", metavar="auto|none|INPUT", default="auto",
-                   help="the input whose zeros mark padding tokens: the weight fit leaves their rows out (default "
-                        "auto: a [batch, tokens] input named *attention_mask or *input_mask; none: fit every row)")
+                   help="the input whose zeros mark padding tokens: the weight fit, GPTQ and bias correction leave their "
+                        "rows out (default auto: a [batch, tokens] input named *attention_mask or *input_mask; none: fit every row)")
     p.add_argument("--bias_correction", action="store_true",
                    help="keep the mean output of MatMul+Add / Gemm on the calibration data (needs --quantize)")
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")

@@ -39,10 +39,10 @@ from fp8core.weight_scales import dequantized_weight
 
 
 def correct_mean_shift(model: Model | onnx.ModelProto, plans: list[OpPlan], source: CalibrationSource,
-                       batch_size: int) -> tuple[onnx.ModelProto, list[dict]]:
+                       batch_size: int, padding_mask: str | None = None) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` whose FP8 ops' biases remove the mean shift each op adds itself in
     the FP8 model (module docstring), and one report row per corrected op; ``model`` itself when
-    no FP8 op has a bias."""
+    no FP8 op has a bias. ``padding_mask``: rows of padding tokens are left out of the means."""
     handle = Model.of(model)
     model = handle.proto
     targets = [op for op in linear_ops(model, plans) if op.bias]
@@ -52,7 +52,7 @@ def correct_mean_shift(model: Model | onnx.ModelProto, plans: list[OpPlan], sour
     reads = {n.name: n.input[0] for n in fp8.graph.node if n.input}  # each op's (dequantized) activation
     pairs = {op.name: (dataclasses.replace(op.rows, tensor=reads[op.name]), op.rows) for op in targets}
     requests = {rows.key: (rows, False) for pair in pairs.values() for rows in pair}
-    moments = capture_feature_moments(fp8, requests, source, batch_size)
+    moments = capture_feature_moments(fp8, requests, source, batch_size, padding_mask)
     del fp8
 
     index = handle.index()

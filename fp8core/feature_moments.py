@@ -145,8 +145,9 @@ class FeatureMoments:
     total: np.ndarray | None = None  # [G, K]
     gram: np.ndarray | None = None  # [G, K, K]
 
-    def update(self, value: np.ndarray) -> None:
-        for [xt] in self.rows.columns(value):  # [G, K, R]
+    def update(self, value: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add a captured batch; ``mask``: its padding mask (:mod:`fp8core.padding`)."""
+        for [xt] in self.rows.columns(value, mask=mask):  # [G, K, R]
             if self.total is None:
                 g, k, _ = xt.shape
                 self.total = np.zeros((g, k))
@@ -162,6 +163,9 @@ class FeatureMoments:
         return self.total / max(self.count, 1)
 
 
+MASK = "\0padding mask"  # the pending runs' masks, beside their tensors (no tensor has this name)
+
+
 class MomentAccumulator:
     """:class:`FeatureMoments` of several requests from one stream (:mod:`fp8core.stream`).
 
@@ -175,8 +179,9 @@ class MomentAccumulator:
     its own, :func:`capture_feature_moments`).
     """
 
-    def __init__(self, requests: dict[str, tuple[Rows, bool]]):
+    def __init__(self, requests: dict[str, tuple[Rows, bool]], padding_mask: str | None = None):
         self.moments = {key: FeatureMoments(rows, gram) for key, (rows, gram) in requests.items()}
+        self.padding_mask = padding_mask  # the input whose zeros mark rows left out (fp8core.padding)
         self.tensors = list(dict.fromkeys(rows.tensor for rows, _ in requests.values()))
         self.exact = True
         self.runs = 0
@@ -193,6 +198,7 @@ class MomentAccumulator:
         self.runs += 1
         whole = batch.last and not self._pending  # the data batch in one run
         values = {name: batch[name] for name in self.tensors}
+        mask = batch.feeds.get(self.padding_mask) if self.padding_mask else None
         for m in self.moments.values():
             if m.rows.kernel is not None:
                 m.update(values[m.rows.tensor])
@@ -204,13 +210,15 @@ class MomentAccumulator:
                 self._pending.clear()
                 return
             self._pending.setdefault(name, []).append(x)
+        if mask is not None:
+            self._pending.setdefault(MASK, []).append(mask)
         if batch.last:
             joined = {name: (parts[0] if len(parts) == 1 else np.concatenate(parts))
                       for name, parts in self._pending.items()}
             self._pending.clear()
             for m in self.moments.values():
                 if m.rows.kernel is None:
-                    m.update(joined[m.rows.tensor])
+                    m.update(joined[m.rows.tensor], joined.get(MASK))
         for name in self.tensors:
             batch.take(name)
 
@@ -221,10 +229,11 @@ def moment_options():
 
 
 def capture_feature_moments(model: Model | onnx.ModelProto, requests: dict[str, tuple[Rows, bool]],
-                            source: CalibrationSource, batch_size: int) -> dict[str, FeatureMoments]:
+                            source: CalibrationSource, batch_size: int,
+                            padding_mask: str | None = None) -> dict[str, FeatureMoments]:
     """``requests`` maps a key (:attr:`Rows.key`) to (rows, whether to accumulate Gram matrices);
-    one pass over ``source``, each data batch in one run."""
-    acc = MomentAccumulator(requests)
+    one pass over ``source``, each data batch in one run; rows of padding tokens left out."""
+    acc = MomentAccumulator(requests, padding_mask)
     if not acc.tensors:
         return acc.moments
     accumulate(stream(model, source, acc.tensors, batch_size, options=moment_options()), [acc])

@@ -244,12 +244,13 @@ class CalibrateConfig:
     cache_dir: str | None = None  # statistics cache (fp8core.cache); None: always capture
     gptq_moments: bool = False  # GPTQ's input moments ride along on the capture pass (--weight_rounding gptq)
     activation_offset: bool = False  # non-negative activations rounded as x - c (fp8core.offsets)
+    padding_mask: str = "auto"  # GPTQ's moments leave out padding tokens' rows (fp8core.padding)
 
     @classmethod
     def of(cls, params) -> CalibrateConfig:
         return cls(params.batch_size, params.quantize_loss_type, tuple(params.fp8_formats),
                    params.statistics_cache_dir, params.weight_rounding == "gptq",
-                   params.activation_offset == "auto")
+                   params.activation_offset == "auto", params.padding_mask)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -324,7 +325,10 @@ def calibrate(model: Model, plans: list[OpPlan], source, config: CalibrateConfig
         if config.gptq_moments:  # no second pass over the data for GPTQ when this one is a whole pass
             from fp8core.feature_moments import MomentAccumulator, gptq_requests
 
-            also.append(MomentAccumulator(gptq_requests(model, plans)))
+            from fp8core.padding import padding_mask_input
+
+            also.append(MomentAccumulator(gptq_requests(model, plans),
+                                          padding_mask_input(model.proto, config.padding_mask)))
         stats = {}
         if tensors:
             stats, outcome, key = _cached_capture(model, tensors, source, config, capture, log, notes, also)
@@ -734,10 +738,10 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     with clock("adjust_weights"):
         gptq = config.weight_rounding == "gptq"
         proto, report = model.proto, []
+        mask = padding_mask_input(model.proto, config.padding_mask)
+        if mask:
+            log.info("weight adjustments: rows of padding tokens (%s == 0) left out", mask)
         if config.weight_rounding == "gptaq":
-            mask = padding_mask_input(model.proto, config.padding_mask)
-            if mask:
-                log.info("weight fit: rows of padding tokens (%s == 0) left out", mask)
             # one pass, each op fitted to its own input rounding in the FP8 model: a fit to the float
             # model's inputs in a few passes over-compensates (EfficientNet-Lite0: top-1 0.01)
             proto, report = fit_to_fp8_inputs(model, plans, source, config.batch_size, passes=1, local=True,
@@ -746,11 +750,11 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
         if gptq:
             requests = moment_requests(linear_ops(proto, plans), True, False)
             if moments is None or not all(key in moments for key in requests):
-                moments = capture_feature_moments(proto, requests, source, config.batch_size)
+                moments = capture_feature_moments(proto, requests, source, config.batch_size, mask)
             proto, report = gptq_weights(proto, plans, moments, True, False)
         if config.bias_correction:
             # after GPTQ: the shift of the weights as they will be stored
-            proto, shifts = correct_mean_shift(model.derive(proto), plans, source, config.batch_size)
+            proto, shifts = correct_mean_shift(model.derive(proto), plans, source, config.batch_size, mask)
             by_op = {row["op"]: row for row in report}
             for row in shifts:
                 by_op.setdefault(row["op"], {"op": row["op"]}).update(row)

@@ -110,8 +110,8 @@ class ConvertParams(BaseModel):
                             "constant weight); none (default): no offsets, the FP8 graph of SPEC section 3")
     padding_mask: str = Field(
         "auto", min_length=1,
-        description="the model input whose zeros mark padding tokens, whose rows the weight fit (gptaq) leaves "
-                    "out; auto: a rank-2 input named *attention_mask or *input_mask; none: every row")
+        description="the model input whose zeros mark padding tokens, whose rows the weight adjustments (the gptaq fit, "
+                    "GPTQ, bias correction) leave out; auto: a rank-2 input named *attention_mask or *input_mask; none: every row")
     bias_correction: bool = Field(
         False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
 
@@ -218,7 +218,7 @@ class ConvertParams(BaseModel):
             if on and not self.quantize:
                 raise ValueError(f"--{flag} uses the captured inputs of each op: add --quantize --data_preprocess PATH")
         if self.padding_mask not in ("auto", "none") and not self.quantize:
-            raise ValueError(f"--padding_mask {self.padding_mask} marks padding rows for the weight fit on calibration "
+            raise ValueError(f"--padding_mask {self.padding_mask} marks padding rows for the weight adjustments on calibration "
                              "data: add --quantize --data_preprocess PATH")
         if self.quantize and not self.data_preprocess:
             raise ValueError("--quantize needs calibration data: pass --data_preprocess PATH")

@@ -15,7 +15,7 @@ from fp8core.activation_fit import fit_to_fp8_inputs
 from fp8core.calibration import open_dataset
 from fp8core.feature_moments import Rows
 from fp8core.padding import PaddingMaskError, kept_rows, padding_mask_input
-from fp8core.pipeline import CalibrateConfig, calibrate, load, plan
+from fp8core.pipeline import AdjustConfig, CalibrateConfig, adjust_weights, calibrate, load, plan
 
 T, K, N = 6, 16, 12
 
@@ -26,9 +26,11 @@ def encoder(mask_name: str = "attention_mask") -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (K, 2 * K)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(0, 0.3, (2 * K, N)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (2 * K,)).astype(np.float32), "b1"),
              numpy_helper.from_array(np.array([-1], np.int64), "last"),
              numpy_helper.from_array(np.array([1], np.int64), "tokens")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="MatMul_1"),
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["hw"], name="MatMul_1"),
+             helper.make_node("Add", ["hw", "b1"], ["h"], name="Add_1"),
              helper.make_node("Relu", ["h"], ["r"], name="Relu_1"),
              helper.make_node("MatMul", ["r", "w2"], ["z"], name="MatMul_2"),
              helper.make_node("Cast", [mask_name], ["m"], to=TensorProto.FLOAT),
@@ -88,17 +90,28 @@ def test_rows_of_padding_tokens_are_dropped_from_matmul_columns_only():
     np.testing.assert_array_equal(np.concatenate(list(conv.columns(x, mask=mask)), axis=0), plain)
 
 
-def _fit(tmp_path: Path, pad_value: float, mask: str | None) -> tuple[list, list[dict]]:
+def _calibrated(tmp_path: Path):
     onnx.save(encoder(), tmp_path / "enc.onnx")
     model = load(str(tmp_path / "enc.onnx")).model  # prepared as the CLI does (opset 21)
-    plans = plan(model).plans
     clean = tmp_path / "clean.npz"
     np.savez(clean, **padded_data(0.0))
-    plans = calibrate(model, plans, open_dataset(clean), CalibrateConfig(batch_size=8)).plans  # same scales
-    data = tmp_path / f"pad_{pad_value}.npz"
-    np.savez(data, **padded_data(pad_value))
-    proto, report = fit_to_fp8_inputs(model, plans, open_dataset(data), 8, passes=1, local=True, padding_mask=mask)
-    return [numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in ("w1", "w2")], report
+    return model, calibrate(model, plan(model).plans, open_dataset(clean), CalibrateConfig(batch_size=8)).plans
+
+
+def _data(tmp_path: Path, pad_value: float):
+    np.savez(tmp_path / f"pad_{pad_value}.npz", **padded_data(pad_value))
+    return open_dataset(tmp_path / f"pad_{pad_value}.npz")
+
+
+def _weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.startswith(("w", "b"))}
+
+
+def _fit(tmp_path: Path, pad_value: float, mask: str | None) -> tuple[list, list[dict]]:
+    model, plans = _calibrated(tmp_path)  # the same scales whatever the padding holds
+    proto, report = fit_to_fp8_inputs(model, plans, _data(tmp_path, pad_value), 8, passes=1, local=True,
+                                      padding_mask=mask)
+    return list(_weights(proto).values()), report
 
 
 def test_fitted_weights_ignore_what_padded_positions_hold(tmp_path):
@@ -140,3 +153,19 @@ def test_a_named_mask_without_quantize_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "--padding_mask attention_mask" in err and "--quantize" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_gptq_moments_and_bias_correction_ignore_padded_positions_too(tmp_path, rounding):
+    model, plans = _calibrated(tmp_path)
+
+    def adjusted(pad_value: float, mask: str) -> dict[str, np.ndarray]:
+        config = AdjustConfig(batch_size=8, weight_rounding=rounding, bias_correction=True, padding_mask=mask)
+        return _weights(adjust_weights(model, plans, _data(tmp_path, pad_value), config).model.proto)
+
+    a, b = adjusted(0.0, "auto"), adjusted(7.5, "auto")
+    assert a.keys() == b.keys() and any(n != "b1" and n.startswith("b1") for n in a)  # a corrected bias
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    a, b = adjusted(0.0, "none"), adjusted(7.5, "none")
+    assert any(not np.array_equal(a[n], b[n]) for n in a)
