@@ -709,9 +709,13 @@ class AdjustConfig:
 class Adjusted(StageResult):
     model: Model  # a float model with GPTQ weights / corrected biases, to encode
     report: list[dict]  # one row per op
+    what: str = ""  # the techniques that ran, for the closing summary ("GPTAQ fit", "bias correction")
+    padding_mask: str | None = None  # the input whose padding rows were left out
 
     def summary(self) -> dict:
-        return {"weight_adjust": self.report} if self.report else {}
+        if not self.report:
+            return {}
+        return {"weight_adjust": self.report, "weight_adjust_what": self.what, "padding_mask": self.padding_mask}
 
 
 ADJUST_METRICS = ("output_sq_error_nearest", "output_sq_error_gptq", "own_mean_shift_max", "output_error_reduction")
@@ -760,15 +764,16 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
                 by_op.setdefault(row["op"], {"op": row["op"]}).update(row)
             report = list(by_op.values())
     left = [row["op"] for row in report if "fit" in row]
-    log.info("weight adjustments: %d ops (%s)%s", len(report) - len(left),
-             ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
-                                       ("bias correction", config.bias_correction)) if on),
-             f"; {len(left)} with more than {config.max_features} inputs left at nearest" if left else "")
+    what = ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
+                                     ("bias correction", config.bias_correction)) if on)
+    what = f"{what} on {len(report) - len(left)} ops" + (
+        f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "")
+    log.info("weight adjustments: %s", what)
     metrics = {f"{key}/{row['op']}": row[key] for row in report for key in ADJUST_METRICS if key in row}
     artifact = Artifact.json({"weight_rounding": config.weight_rounding, "bias_correction": config.bias_correction,
                               "ops": report}, "weight_adjust.json")
-    return Adjusted(model=model.derive(proto), report=report, metrics=metrics, artifacts=(artifact,),
-                    tags={"weight_rounding_used": config.weight_rounding}, seconds=clock.seconds)
+    return Adjusted(model=model.derive(proto), report=report, what=what, padding_mask=mask, metrics=metrics,
+                    artifacts=(artifact,), tags={"weight_rounding_used": config.weight_rounding}, seconds=clock.seconds)
 
 
 # --------------------------------------------------------------------------------------------

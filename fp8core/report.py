@@ -46,6 +46,10 @@ def summary_lines(result: dict) -> list[str]:
             f"  accuracy on {ev['samples']} labelled samples: FP32 {ev['accuracy_fp32']:.4f}, "
             f"FP8 {ev['accuracy_fp8']:.4f} (top-1 agreement {ev['agreement']:.4f})"
         )
+    if result.get("weight_adjust_what"):
+        mask = result.get("padding_mask")
+        lines.append(f"  weights: {result['weight_adjust_what']}"
+                     + (f"; rows of padding tokens ({mask} == 0) left out" if mask else ""))
     if result.get("kept_fp16") is not None:
         lines.append(f"  --num_of_layers_keep_fp16 kept: {', '.join(result['kept_fp16']) or 'none'}")
     if result.get("kept_dominant"):

@@ -169,3 +169,16 @@ def test_gptq_moments_and_bias_correction_ignore_padded_positions_too(tmp_path, 
         np.testing.assert_array_equal(a[name], b[name])
     a, b = adjusted(0.0, "none"), adjusted(7.5, "none")
     assert any(not np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_the_closing_summary_says_the_padding_rows_were_left_out(tmp_path, capsys):
+    from flows.cli import main
+
+    model, data = tmp_path / "enc.onnx", tmp_path / "calib.npz"
+    onnx.save(encoder(), model)
+    np.savez(data, **padded_data(0.0))
+    code = main(["--input_model", str(model), "--output_model", str(tmp_path / "m.onnx"), "--quantize",
+                 "--data_preprocess", str(data), "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "weights: GPTAQ fit on 2 ops; rows of padding tokens (attention_mask == 0) left out" in out
