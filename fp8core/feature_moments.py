@@ -163,9 +163,6 @@ class FeatureMoments:
         return self.total / max(self.count, 1)
 
 
-MASK = "\0padding mask"  # the pending runs' masks, beside their tensors (no tensor has this name)
-
-
 class MomentAccumulator:
     """:class:`FeatureMoments` of several requests from one stream (:mod:`fp8core.stream`).
 
@@ -186,6 +183,7 @@ class MomentAccumulator:
         self.exact = True
         self.runs = 0
         self._pending: dict[str, list[np.ndarray]] = {}  # MatMul/Gemm tensors: this data batch's runs so far
+        self._pending_masks: list[np.ndarray] = []  # and those runs' padding masks
 
     @property
     def complete(self) -> bool:
@@ -208,19 +206,26 @@ class MomentAccumulator:
             if not whole and (x.ndim == 0 or x.shape[0] != batch.count):
                 self.exact = False
                 self._pending.clear()
+                self._pending_masks.clear()
                 return
             self._pending.setdefault(name, []).append(x)
-        if mask is not None:
-            self._pending.setdefault(MASK, []).append(mask)
+        if mask is not None and rows_tensors:
+            self._pending_masks.append(mask)
         if batch.last:
-            joined = {name: (parts[0] if len(parts) == 1 else np.concatenate(parts))
-                      for name, parts in self._pending.items()}
+            joined = {name: _joined(parts) for name, parts in self._pending.items()}
+            masks = _joined(self._pending_masks) if self._pending_masks else None
             self._pending.clear()
+            self._pending_masks.clear()
             for m in self.moments.values():
                 if m.rows.kernel is None:
-                    m.update(joined[m.rows.tensor], joined.get(MASK))
+                    m.update(joined[m.rows.tensor], masks)
         for name in self.tensors:
             batch.take(name)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """A data batch's runs put back together along the sample axis."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def moment_options():

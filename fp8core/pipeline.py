@@ -207,7 +207,7 @@ def plan(model: Model, config: PlanConfig = PlanConfig(), log=logger) -> Planned
 class IngestConfig:
     data: str
     batch_size: int
-    padding_mask: str = "auto"  # checked here, before any long work; used by the weight fit
+    padding_mask: str = "auto"  # checked here, before any long work; used by the weight adjustments
 
     @classmethod
     def of(cls, params) -> IngestConfig:
@@ -687,7 +687,7 @@ class AdjustConfig:
     bias_correction: bool = False
     notes: tuple[str, ...] = ()
     max_features: int | None = None  # gptaq: ops with more inputs stay at nearest (auto's limit)
-    padding_mask: str = "auto"  # gptaq: the input marking padding tokens (fp8core.padding), auto or none
+    padding_mask: str = "auto"  # the input marking padding tokens (fp8core.padding): auto, none or a name
 
     @classmethod
     def of(cls, params, streamed: bool = False) -> AdjustConfig:
