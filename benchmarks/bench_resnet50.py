@@ -569,6 +569,9 @@ def comparisons(runs: dict) -> list[dict]:
     return rows
 
 
+LEAN_MODE = "quantize --keep_dominant_share 0 --weight_rounding nearest"
+
+
 def target_checks(runs: dict, capture: dict | None = None) -> list[dict]:
     ours = runs.get(run_key("ours", "quantize", 50))
     ort = runs.get(run_key("ort", "distribution", 50))
@@ -578,14 +581,24 @@ def target_checks(runs: dict, capture: dict | None = None) -> list[dict]:
         ratio = at50["current"]["capture_over_inference"]
         checks.append({"target": "capture <= 3x one FP32 inference pass (issue 10)", "value": ratio,
                        "met": ratio <= CAPTURE_TARGETS["capture_over_inference_max"]})
+    # The issue-10 targets were set on a --quantize of capture and search alone (29.3 s then);
+    # the default has since added the dominance search and the gptaq weight fit (issue 11), so
+    # both are checked: the default, and that pipeline (the two turned off).
+    lean = runs.get(run_key("ours", LEAN_MODE, 50))
+    for label, run in (("", lean), (" (default flags)", ours)):
+        if not run or run.get("exit_code") != 0:
+            continue
+        what = f"--quantize{label}" if label else f"--quantize, capture and search only ({LEAN_MODE[len('quantize '):]})"
+        checks += [
+            {"target": f"whole {what} <= 20 s (issue 10, quiet machine)", "value": run["wall_s"],
+             "met": run["wall_s"] <= CAPTURE_TARGETS["our_wall_s_max"]},
+            {"target": f"whole {what} peak RSS <= 1 GB (issue 10; largest process "
+                       f"{run.get('max_rss_process_mb', 0) / 1024:.3f} GB)",
+             "value": round(run["peak_rss_mb"] / 1024, 3),
+             "met": run["peak_rss_mb"] <= CAPTURE_TARGETS["our_peak_rss_gb_max"] * 1024},
+        ]
     if not ours or ours.get("exit_code") != 0:
         return checks + [{"target": "all", "status": "not measured: no successful --quantize run at 50 samples"}]
-    checks += [
-        {"target": "whole --quantize <= 20 s (issue 10, quiet machine)", "value": ours["wall_s"],
-         "met": ours["wall_s"] <= CAPTURE_TARGETS["our_wall_s_max"]},
-        {"target": "whole --quantize peak RSS <= 1 GB (issue 10)", "value": round(ours["peak_rss_mb"] / 1024, 3),
-         "met": ours["peak_rss_mb"] <= CAPTURE_TARGETS["our_peak_rss_gb_max"] * 1024},
-    ]
     checks_issue = [
         ("wall time <= 60 s", ours["wall_s"], ours["wall_s"] <= TARGETS["our_wall_s_max"]),
         ("peak RSS <= 2.5 GB", ours["peak_rss_mb"] / 1024, ours["peak_rss_mb"] <= TARGETS["our_peak_rss_gb_max"] * 1024),

@@ -244,11 +244,14 @@ def run_model(spec: zoo.ModelSpec, args, workdir: Path) -> dict:
     if args.losses:
         jobs += [(f"quantize_{loss}", fp8_convert_cmd(model, wd / f"out_q_{loss}.onnx", calib_path, loss))
                  for loss in LOSSES]
-    if not (args.skip_ort or args.only_variants):
-        for mode in ("fp8", "int8"):
-            jobs.append((f"ort_{mode}", [sys.executable, str(Path(__file__).resolve()), "--ort-quantize",
-                                          mode, str(model), str(calib_path), str(wd / f"out_ort_{mode}.onnx"),
-                                          json.dumps(spec.batch_axes)]))
+    ort_modes = ([] if args.skip_ort else args.ort_modes.split(",") if args.ort_modes
+                 else [] if args.only_variants else ["fp8", "int8"])
+    for mode in ort_modes:
+        if mode not in ("fp8", "int8"):
+            raise SystemExit(f"--ort-modes: unknown mode {mode!r}; use fp8, int8 or both, comma-separated")
+        jobs.append((f"ort_{mode}", [sys.executable, str(Path(__file__).resolve()), "--ort-quantize",
+                                      mode, str(model), str(calib_path), str(wd / f"out_ort_{mode}.onnx"),
+                                      json.dumps(spec.batch_axes)]))
     outputs.update({"fast": "out_fast.onnx", "quantize": "out_q.onnx", "ort_fp8": "out_ort_fp8.onnx",
                     "ort_int8": "out_ort_int8.onnx", **{f"quantize_{l}": f"out_q_{l}.onnx" for l in LOSSES}})
     for key, cmd in jobs:
@@ -455,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="comma-separated names (default: all): "
                    + ",".join(m.name for m in zoo.MODELS))
     p.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's FP8/INT8 quantizers")
+    p.add_argument("--ort-modes", default=None,
+                   help="which of onnxruntime's quantizers to run: fp8,int8 (default both; none with "
+                        "--only-variants unless given)")
     p.add_argument("--losses", action="store_true",
                    help="also --quantize with each --quantize_loss_type " + ",".join(LOSSES))
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',

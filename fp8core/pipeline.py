@@ -688,6 +688,7 @@ class AdjustConfig:
     notes: tuple[str, ...] = ()
     max_features: int | None = None  # gptaq: ops with more inputs stay at nearest (auto's limit)
     padding_mask: str = "auto"  # the input marking padding tokens (fp8core.padding): auto, none or a name
+    fit_samples: int | None = None  # gptaq: at most this many calibration samples, evenly spaced (None: all)
 
     @classmethod
     def of(cls, params, streamed: bool = False) -> AdjustConfig:
@@ -698,7 +699,8 @@ class AdjustConfig:
             notes = ("weights rounded to nearest: the model's weights are streamed from its external data; "
                      "--weight_rounding gptaq fits them to the FP8 model's inputs with every weight in memory",)
         limit = AUTO_FIT_MAX_FEATURES if params.weight_rounding == "auto" else None
-        return cls(params.batch_size, rounding, params.bias_correction, notes, limit, params.padding_mask)
+        return cls(params.batch_size, rounding, params.bias_correction, notes, limit, params.padding_mask,
+                   params.weight_fit_samples)
 
     @property
     def needed(self) -> bool:
@@ -734,6 +736,7 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     """
     from fp8core.activation_fit import fit_to_fp8_inputs
     from fp8core.bias_shift import correct_mean_shift
+    from fp8core.calibration import evenly_spaced
     from fp8core.feature_moments import capture_feature_moments
     from fp8core.padding import padding_mask_input
     from fp8core.weight_adjust import adjust_weights as gptq_weights, linear_ops, moment_requests
@@ -745,10 +748,16 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
         mask = padding_mask_input(model.proto, config.padding_mask)
         if mask:
             log.info("weight adjustments: rows of padding tokens (%s == 0) left out", mask)
+        fit_source = source
         if config.weight_rounding == "gptaq":
+            # the fit's cost grows with the samples (one FP8 run and K x K products per op each)
+            fit_source = evenly_spaced(source, config.fit_samples) if config.fit_samples else source
+            if fit_source is not source:
+                log.info("weight fit: %d of the %d calibration samples, evenly spaced (--weight_fit_samples)",
+                         fit_source.num_samples, source.num_samples)
             # one pass, each op fitted to its own input rounding in the FP8 model: a fit to the float
             # model's inputs in a few passes over-compensates (EfficientNet-Lite0: top-1 0.01)
-            proto, report = fit_to_fp8_inputs(model, plans, source, config.batch_size, passes=1, local=True,
+            proto, report = fit_to_fp8_inputs(model, plans, fit_source, config.batch_size, passes=1, local=True,
                                               progress=progress, max_features=config.max_features,
                                               padding_mask=mask)
         if gptq:
@@ -767,7 +776,8 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     what = ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
                                      ("bias correction", config.bias_correction)) if on)
     what = f"{what} on {len(report) - len(left)} ops" + (
-        f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "")
+        f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "") + (
+        f" ({fit_source.num_samples} of {source.num_samples} calibration samples)" if fit_source is not source else "")
     log.info("weight adjustments: %s", what)
     metrics = {f"{key}/{row['op']}": row[key] for row in report for key in ADJUST_METRICS if key in row}
     artifact = Artifact.json({"weight_rounding": config.weight_rounding, "bias_correction": config.bias_correction,

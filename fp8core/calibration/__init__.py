@@ -25,15 +25,15 @@ sample's tensor, already preprocessed (what is stored is what the model receives
 Every user-facing problem raises :class:`CalibrationDataError` with a one-line message naming the
 file, input or sample and how to fix it.
 
-Modules: ``source`` (columns, sources, batching, the error), ``parquet`` (read and write),
+Modules: ``source`` (columns, sources, batching, an evenly spaced subset, the error), ``parquet`` (read and write),
 ``npz``, ``safe_pickle``, ``opening`` (:func:`open_dataset`), ``checks`` (data against the model).
 """
 
 from __future__ import annotations
 
 from fp8core.calibration.source import (
-    ArraySource, CalibrationDataError, CalibrationSource, ColumnInfo, NPZ_SUFFIXES,
-    PARQUET_SUFFIXES, PICKLE_SUFFIXES, SHAPE_METADATA_PREFIX, available_memory_bytes,
+    ArraySource, CalibrationDataError, CalibrationSource, ColumnInfo, EvenlySpaced, NPZ_SUFFIXES,
+    PARQUET_SUFFIXES, PICKLE_SUFFIXES, SHAPE_METADATA_PREFIX, available_memory_bytes, evenly_spaced,
 )
 from fp8core.calibration.parquet import ParquetSource, write_parquet
 from fp8core.calibration.opening import open_dataset
@@ -42,4 +42,4 @@ from fp8core.calibration.checks import (
     validate_against_model,
 )
 
-__all__ = ['ArraySource', 'CalibrationDataError', 'CalibrationSource', 'ColumnInfo', 'Dim', 'InputSummary', 'ModelInputSpec', 'NPZ_SUFFIXES', 'PARQUET_SUFFIXES', 'PICKLE_SUFFIXES', 'ParquetSource', 'SHAPE_METADATA_PREFIX', 'ValidationSummary', 'available_memory_bytes', 'check_fits', 'model_input_specs', 'open_dataset', 'validate_against_model', 'write_parquet']
+__all__ = ['ArraySource', 'CalibrationDataError', 'CalibrationSource', 'ColumnInfo', 'Dim', 'EvenlySpaced', 'evenly_spaced', 'InputSummary', 'ModelInputSpec', 'NPZ_SUFFIXES', 'PARQUET_SUFFIXES', 'PICKLE_SUFFIXES', 'ParquetSource', 'SHAPE_METADATA_PREFIX', 'ValidationSummary', 'available_memory_bytes', 'check_fits', 'model_input_specs', 'open_dataset', 'validate_against_model', 'write_parquet']

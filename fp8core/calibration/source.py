@@ -148,6 +148,44 @@ class ArraySource(CalibrationSource):
             yield {name: self._arrays[name][start : start + batch_size].copy() for name in names}
 
 
+class EvenlySpaced(CalibrationSource):
+    """``count`` samples of ``source`` spread evenly over it (samples ``i * N // count``), in order.
+
+    A subset that still sees the whole data set: files are often ordered (by class, by recording),
+    and the first ``count`` samples would see one end of it. Read through ``source``'s own batches."""
+
+    def __init__(self, source: CalibrationSource, count: int):
+        n = source.num_samples
+        self.source = source
+        self.indices = np.arange(count, dtype=np.int64) * n // count if 0 < count < n else np.arange(n)
+        super().__init__(source.path, [source.column_info(c) for c in source.columns], len(self.indices))
+
+    def _files(self) -> list[Path]:
+        return self.source._files()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            key = f"{self.source.fingerprint()} evenly spaced {self.num_samples} of {self.source.num_samples}"
+            self._fingerprint = hashlib.sha256(key.encode()).hexdigest()
+        return self._fingerprint
+
+    def _iter_chunks(self, names: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        if not names:
+            return
+        start = 0
+        for chunk in self.source.iter_batches(batch_size, names):
+            rows = len(chunk[names[0]])
+            keep = self.indices[(self.indices >= start) & (self.indices < start + rows)] - start
+            start += rows
+            if len(keep):
+                yield {name: chunk[name][keep] for name in names}
+
+
+def evenly_spaced(source: CalibrationSource, count: int) -> CalibrationSource:
+    """At most ``count`` samples of ``source`` (:class:`EvenlySpaced`); ``source`` itself if it has no more."""
+    return source if source.num_samples <= count else EvenlySpaced(source, count)
+
+
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), else free physical pages; 2**63 if unknown."""
     try:

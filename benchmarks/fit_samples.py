@@ -1,0 +1,76 @@
+"""How many calibration samples the default weight fit needs (``--weight_fit_samples``).
+
+EfficientNet-Lite0 (the real-model suite's export) calibrated on 128 crops (16 of each of 8
+photos), converted with default flags through the library pipeline (``fp8core.pipeline.convert``,
+the CLI's stages and bytes) with the gptaq fit reading 16, 32, 64 (the default) and all 128 of them,
+evenly spaced; the statistics and the dominance search read the same data every time, so only the
+fit differs. Each FP8 model is scored against FP32 on the crops of the 13 photos outside the
+calibration set (top-1 agreement, mean KL, logit SNR), and the fit's own seconds are recorded.
+
+    python benchmarks/fit_samples.py   # after pip install -e ".[bench]"
+
+Writes ``benchmarks/results/fit_samples_effnet.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+RESULTS = HERE / "results"
+FIT_SAMPLES = (16, 32, 64, 128)
+
+
+def main() -> int:
+    import accuracy_models as am
+    import real_models_zoo as zoo
+    from activation_offset_effect import run_all, scores
+    from fp8core import pipeline
+    from tasks.params import ConvertParams
+
+    model = str(zoo.build_efficientnet(zoo.default_cache_dir()))
+    photos = list(am.CALIBRATION_PHOTOS)
+    others = [p for p in am.all_photo_names() if p not in photos]
+    calibration = am.image_set(photos + others[:4], 2 * am.CALIBRATION_CROPS_PER_PHOTO)[0]
+    held_out = am.image_set(others[4:], am.EVALUATION_CROPS_PER_PHOTO)[0]
+    reference = run_all(model, held_out)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "calib.npz", input=np.ascontiguousarray(calibration))
+        for samples in FIT_SAMPLES:
+            out = Path(tmp) / f"fit{samples}" / "m.onnx"
+            out.parent.mkdir()
+            conversion = pipeline.convert(ConvertParams(
+                input_model=model, output_model=str(out), quantize=True, data_preprocess=str(Path(tmp) / "calib.npz"),
+                weight_fit_samples=samples, cache_dir=str(Path(tmp) / "cache")))
+            row = {"fit_samples": samples, "calibration": len(calibration), "scored_on": len(held_out),
+                   "fit_seconds": round(conversion.seconds.get("adjust_weights", 0.0), 1),
+                   "kept": [p.name for p in conversion.plans if not p.fp8],
+                   **scores(reference, run_all(str(out), held_out))}
+            rows.append(row)
+            print(row, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fit_samples_effnet.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["# EfficientNet-Lite0: the weight fit on fewer calibration samples", "",
+             "`python benchmarks/fit_samples.py` (its docstring says how): default `--quantize` on 128 crops of 8 photos, "
+             "`--weight_fit_samples` varied; each FP8 model against FP32 on the crops of 13 other photos.", "",
+             "| --weight_fit_samples | calibration samples | scored on (crops) | top-1 agreement | KL | logit SNR | fit s | kept |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['fit_samples']} | {r['calibration']} | {r['scored_on']} | {r['top1']:.3f} | {r['kl']:.3f} | "
+                     f"{r['logit_snr_db']:.2f} dB | {r['fit_seconds']} | {len(r['kept'])} |")
+    (RESULTS / "fit_samples_effnet.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
