@@ -10,8 +10,10 @@ the 340 evaluation crops of 17 other photos (top-1 agreement, top-5 containment 
 label, mean KL of the softmax, logit SNR), beside onnxruntime's INT8 QDQ model (per-channel
 QInt8 weights, QUInt8 MinMax activations, the suite's anchor) and the same FP8 models unchanged.
 
-Also, per activation input, the SQNR of its values on 64 evaluation crops rounded each way
-(E4M3 with the scale the search chose; UINT8 MinMax): how much each format loses per tensor.
+Then the swap on one kind of activation input at a time (by the op reading it: depthwise Convs,
+1x1 Convs reading a ReLU6, 1x1 Convs reading the signed residual stream, the classifier): which
+inputs the format matters for. Also, per activation input, the SQNR of its values on 64
+evaluation crops rounded each way (E4M3 with the scale the search chose; UINT8 MinMax).
 
     python benchmarks/activation_format_effect.py   # after pip install -e ".[bench]"
 
@@ -70,18 +72,48 @@ def uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return scale, np.uint8(np.clip(np.round(-lo / scale), 0, 255))
 
 
-def with_uint8_activations(fp8_path: str, ranges: dict, out: str) -> None:
-    """The FP8 model with every activation Q/DQ pair rounding to UINT8 with these ranges."""
+def _readers(graph) -> dict[str, list]:
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
+def consumer_kinds(fp8_path: str, ranges: dict) -> dict[str, str]:
+    """Each activation input's kind, by the op reading it: ``depthwise`` (a grouped Conv),
+    ``pointwise, input >= 0`` (a 1x1 Conv reading a ReLU6: the projections), ``pointwise,
+    signed input`` (the expansions reading the residual stream) or ``other`` (the classifier)."""
+    import onnx
+
+    m = onnx.load(fp8_path)
+    readers = _readers(m.graph)
+    kinds = {}
+    for q in activation_q_nodes(m):
+        dq = readers[q.output[0]][0]
+        op = readers[dq.output[0]][0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+        if op.op_type == "Conv" and attrs.get("group", 1) > 1:
+            kinds[q.input[0]] = "depthwise"
+        elif op.op_type == "Conv" and list(attrs.get("kernel_shape", [])) == [1, 1]:
+            kinds[q.input[0]] = "pointwise, input >= 0" if ranges[q.input[0]][0] >= 0 else "pointwise, signed input"
+        else:
+            kinds[q.input[0]] = "other"
+    return kinds
+
+
+def with_uint8_activations(fp8_path: str, ranges: dict, out: str, only: set[str] | None = None) -> None:
+    """The FP8 model with every activation Q/DQ pair (or those of the tensors ``only``) rounding to
+    UINT8 with these ranges."""
     import onnx
     from onnx import numpy_helper
 
     m = onnx.load(fp8_path)
     g = m.graph
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(g)
     for k, q in enumerate(activation_q_nodes(m)):
+        if only is not None and q.input[0] not in only:
+            continue
         scale, zero = uint8_params(*ranges[q.input[0]])
         s_name, z_name = f"uint8_scale_{k}", f"uint8_zero_point_{k}"
         g.initializer.extend([numpy_helper.from_array(np.asarray(scale), s_name),
@@ -172,6 +204,16 @@ def main() -> int:
                 print(rows[-1], flush=True)
             if rounding == "auto":
                 sqnr = tensor_sqnr(str(out), model, ranges, evaluation[:SQNR_CROPS])
+                kinds = consumer_kinds(str(out), ranges)
+                for row in sqnr:
+                    row["kind"] = kinds[row["tensor"]]
+                for kind in sorted(set(kinds.values())):  # which inputs the format matters for
+                    only = {t for t, k in kinds.items() if k == kind}
+                    part = str(out.with_name(f"uint8_{len(rows)}.onnx"))
+                    with_uint8_activations(str(out), ranges, part, only)
+                    rows.append({"model": f"{label}, UINT8 on the {len(only)} {kind} inputs only", "kept": kept,
+                                 "activation_inputs": len(only), "evaluation": scores(reference, run_all(part, evaluation))})
+                    print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "activation_format_effnet.json").write_text(json.dumps({"runs": rows, "tensors": sqnr}, indent=1) + "\n")
     lines = ["# EfficientNet-Lite0: FP8 weights with FP8 or UINT8 activations", "",
@@ -188,7 +230,12 @@ def main() -> int:
                       f"SQNR rounded to the FP8 format the search chose {np.min(e4):.1f}-{np.max(e4):.1f} dB "
                       f"(median {np.median(e4):.1f}); to UINT8 MinMax {np.min(u8):.1f}-{np.max(u8):.1f} dB "
                       f"(median {np.median(u8):.1f}); UINT8 ahead on {int(np.sum(u8 > e4))} of {len(sqnr)}, "
-                      f"by a median {np.median(u8 - e4):.1f} dB."]
+                      f"by a median {np.median(u8 - e4):.1f} dB.", "",
+                  "| inputs read by | count | E4M3 SQNR median | UINT8 SQNR median |", "|---|---:|---:|---:|"]
+        for kind in sorted({t["kind"] for t in sqnr}):
+            part = [t for t in sqnr if t["kind"] == kind]
+            lines.append(f"| {kind} | {len(part)} | {np.median([t['e4m3_sqnr_db'] for t in part]):.1f} dB | "
+                         f"{np.median([t['uint8_sqnr_db'] for t in part]):.1f} dB |")
     (RESULTS / "activation_format_effnet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -517,7 +517,8 @@ def environment() -> dict:
     git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
     commit = git("rev-parse", "--short", "HEAD")
     # Uncommitted engine files mean the numbers belong to a work tree, not to the commit.
-    uncommitted = git("status", "--porcelain", "--", "../fp8core", "../flows", "../tasks").splitlines()
+    uncommitted = subprocess.run(["git", "status", "--porcelain", "--", "../fp8core", "../flows", "../tasks"], cwd=HERE,
+                                 capture_output=True, text=True).stdout.splitlines()  # not stripped: " M path"
     return {
         "python": platform.python_version(), "platform": platform.platform(),
         "cpus": os.cpu_count(), "memory_gb": round(machine_memory_mb() / 1024, 1),

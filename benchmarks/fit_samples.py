@@ -1,19 +1,23 @@
 """How many calibration samples the default weight fit needs (``--weight_fit_samples``).
 
-EfficientNet-Lite0 (the real-model suite's export) calibrated on 128 crops (16 of each of 8
-photos), converted with default flags through the library pipeline (``fp8core.pipeline.convert``,
-the CLI's stages and bytes) with the gptaq fit reading 16, 32, 64 (the default) and all 128 of them,
-evenly spaced; the statistics and the dominance search read the same data every time, so only the
-fit differs. Each FP8 model is scored against FP32 on the crops of the 13 photos outside the
-calibration set (top-1 agreement, mean KL, logit SNR), and the fit's own seconds are recorded.
+EfficientNet-Lite0 (the real-model suite's export) calibrated on ``8 x --crops`` crops of 8
+photos, converted with default flags through the library pipeline (``fp8core.pipeline.convert``,
+the CLI's stages and bytes) with the gptaq fit reading each ``--fit`` count of them, evenly spaced;
+the statistics and the dominance search read the same data every time, so only the fit differs.
+Each FP8 model is scored against FP32 on the crops of the 13 photos outside the calibration set
+(top-1 agreement, mean KL, logit SNR), and the fit's own seconds are recorded.
 
-    python benchmarks/fit_samples.py   # after pip install -e ".[bench]"
+    python benchmarks/fit_samples.py                                   # 128 crops: fit 16, 32, 64, 128
+    python benchmarks/fit_samples.py --crops 32 --fit 64,128,256       # 256 crops
 
-Writes ``benchmarks/results/fit_samples_effnet.md`` and ``.json``.
+after ``pip install -e ".[bench]"``. Each calibration size's rows replace that size's rows in
+
+``benchmarks/results/fit_samples_effnet.json``; ``.md`` shows every size.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -26,10 +30,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 RESULTS = HERE / "results"
-FIT_SAMPLES = (16, 32, 64, 128)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--crops", type=int, default=16, help="calibration crops per photo (8 photos)")
+    p.add_argument("--fit", default="16,32,64,128", help="--weight_fit_samples values, comma-separated")
+    args = p.parse_args(argv)
     import accuracy_models as am
     import real_models_zoo as zoo
     from activation_offset_effect import run_all, scores
@@ -39,13 +46,13 @@ def main() -> int:
     model = str(zoo.build_efficientnet(zoo.default_cache_dir()))
     photos = list(am.CALIBRATION_PHOTOS)
     others = [p for p in am.all_photo_names() if p not in photos]
-    calibration = am.image_set(photos + others[:4], 2 * am.CALIBRATION_CROPS_PER_PHOTO)[0]
+    calibration = am.image_set(photos + others[:4], args.crops)[0]
     held_out = am.image_set(others[4:], am.EVALUATION_CROPS_PER_PHOTO)[0]
     reference = run_all(model, held_out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "calib.npz", input=np.ascontiguousarray(calibration))
-        for samples in FIT_SAMPLES:
+        for samples in (int(n) for n in args.fit.split(",")):
             out = Path(tmp) / f"fit{samples}" / "m.onnx"
             out.parent.mkdir()
             conversion = pipeline.convert(ConvertParams(
@@ -58,10 +65,15 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fit_samples_effnet.json").write_text(json.dumps(rows, indent=1) + "\n")
+    path = RESULTS / "fit_samples_effnet.json"
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    rows = sorted([r for r in earlier if r["calibration"] != len(calibration)] + rows,
+                  key=lambda r: (r["calibration"], r["fit_samples"]))
+    path.write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# EfficientNet-Lite0: the weight fit on fewer calibration samples", "",
-             "`python benchmarks/fit_samples.py` (its docstring says how): default `--quantize` on 128 crops of 8 photos, "
-             "`--weight_fit_samples` varied; each FP8 model against FP32 on the crops of 13 other photos.", "",
+             "`python benchmarks/fit_samples.py [--crops N --fit ...]` (its docstring says how): default `--quantize` on "
+             "8 photos x N crops, `--weight_fit_samples` varied; each FP8 model against FP32 on the crops of 13 other "
+             "photos.", "",
              "| --weight_fit_samples | calibration samples | scored on (crops) | top-1 agreement | KL | logit SNR | fit s | kept |",
              "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding_mask", metavar="auto|none|INPUT", default="auto",
                    help="the input whose zeros mark padding tokens: the weight fit, GPTQ and bias correction leave their "
                         "rows out (default auto: a [batch, tokens] input named *attention_mask or *input_mask; none: fit every row)")
-    p.add_argument("--weight_fit_samples", type=int, metavar="N", default=64,
+    p.add_argument("--weight_fit_samples", type=int, metavar="N", default=128,
                    help="the gptaq weight fit reads at most N calibration samples, evenly spaced over the data "
-                        "(default 64; the statistics read them all)")
+                        "(default 128; the statistics read them all)")
     p.add_argument("--bias_correction", action="store_true",
                    help="keep the mean output of MatMul+Add / Gemm on the calibration data (needs --quantize)")
     p.add_argument("--precision_compare", action="store_true", help="compare FP8 and original op by op: precision_compare.log/.json/.png")

@@ -113,7 +113,7 @@ class ConvertParams(BaseModel):
         description="the model input whose zeros mark padding tokens, whose rows the weight adjustments (the gptaq fit, "
                     "GPTQ, bias correction) leave out; auto: a rank-2 input named *attention_mask or *input_mask; none: every row")
     weight_fit_samples: int = Field(
-        64, ge=1, description="the gptaq weight fit reads at most this many calibration samples, evenly spaced over "
+        128, ge=1, description="the gptaq weight fit reads at most this many calibration samples, evenly spaced over "
                               "the data (the statistics read them all)")
     bias_correction: bool = Field(
         False, description="shift MatMul+Add / Gemm biases so the mean output on the calibration data is unchanged (needs --quantize)")
