@@ -776,8 +776,8 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
     what = ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
                                      ("bias correction", config.bias_correction)) if on)
     what = f"{what} on {len(report) - len(left)} ops" + (
-        f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "") + (
-        f" ({fit_source.num_samples} of {source.num_samples} calibration samples)" if fit_source is not source else "")
+        f" over {fit_source.num_samples} of the {source.num_samples} calibration samples" if fit_source is not source
+        else "") + (f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "")
     log.info("weight adjustments: %s", what)
     metrics = {f"{key}/{row['op']}": row[key] for row in report for key in ADJUST_METRICS if key in row}
     artifact = Artifact.json({"weight_rounding": config.weight_rounding, "bias_correction": config.bias_correction,

@@ -74,5 +74,5 @@ def test_the_fit_on_a_capped_source_is_the_fit_on_those_samples_and_the_summary_
     assert any(not np.array_equal(v, _weights(uncapped.model.proto)[k]) for k, v in _weights(capped.model.proto).items())
     tokens = int(data["attention_mask"][picked].sum())
     assert [row["rows"] for row in capped.report] == [tokens, tokens]  # the padding rule still holds
-    assert capped.what.endswith("(12 of 40 calibration samples)")
+    assert capped.what == f"GPTAQ fit on {len(capped.report)} ops over 12 of the 40 calibration samples"
     assert "calibration samples" not in uncapped.what and "calibration samples" not in fit(every, 40).what
