@@ -10,7 +10,8 @@ Each FP8 model is scored against FP32 on the crops of the 13 photos outside the 
     python benchmarks/fit_samples.py                                   # 128 crops: fit 16, 32, 64, 128
     python benchmarks/fit_samples.py --crops 32 --fit 64,128,256       # 256 crops
 
-after ``pip install -e ".[bench]"``. Each calibration size's rows replace that size's rows in
+after ``pip install -e ".[bench]"``; ``--int8`` adds onnxruntime's INT8 QDQ model calibrated on the
+same crops (``--fit none``: only that). Each row replaces the row of the same size and count in
 
 ``benchmarks/results/fit_samples_effnet.json``; ``.md`` shows every size.
 """
@@ -35,7 +36,9 @@ RESULTS = HERE / "results"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--crops", type=int, default=16, help="calibration crops per photo (8 photos)")
-    p.add_argument("--fit", default="16,32,64,128", help="--weight_fit_samples values, comma-separated")
+    p.add_argument("--fit", default="16,32,64,128", help="--weight_fit_samples values, comma-separated (none: skip)")
+    p.add_argument("--int8", action="store_true",
+                   help="also onnxruntime's INT8 QDQ (the real-model suite's anchor) on the same calibration crops")
     args = p.parse_args(argv)
     import accuracy_models as am
     import real_models_zoo as zoo
@@ -52,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "calib.npz", input=np.ascontiguousarray(calibration))
-        for samples in (int(n) for n in args.fit.split(",")):
+        if args.int8:
+            import real_models
+
+            int8 = str(Path(tmp) / "ort_int8.onnx")
+            real_models.ort_quantize_main(["int8", model, str(Path(tmp) / "calib.npz"), int8, json.dumps({"input": 0})])
+            rows.append({"fit_samples": "onnxruntime INT8", "calibration": len(calibration), "scored_on": len(held_out),
+                         "fit_seconds": "-", "kept": [], **scores(reference, run_all(int8, held_out))})
+            print(rows[-1], flush=True)
+        for samples in (int(n) for n in args.fit.split(",") if n != "none"):
             out = Path(tmp) / f"fit{samples}" / "m.onnx"
             out.parent.mkdir()
             conversion = pipeline.convert(ConvertParams(
@@ -67,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "fit_samples_effnet.json"
     earlier = json.loads(path.read_text()) if path.exists() else []
-    rows = sorted([r for r in earlier if r["calibration"] != len(calibration)] + rows,
-                  key=lambda r: (r["calibration"], r["fit_samples"]))
+    replaced = {(len(calibration), r["fit_samples"]) for r in rows}
+    rows = sorted([r for r in earlier if (r["calibration"], r["fit_samples"]) not in replaced] + rows,
+                  key=lambda r: (r["calibration"], str(r["fit_samples"]).zfill(8)))
     path.write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# EfficientNet-Lite0: the weight fit on fewer calibration samples", "",
              "`python benchmarks/fit_samples.py [--crops N --fit ...]` (its docstring says how): default `--quantize` on "
