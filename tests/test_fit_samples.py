@@ -76,3 +76,26 @@ def test_the_fit_on_a_capped_source_is_the_fit_on_those_samples_and_the_summary_
     assert [row["rows"] for row in capped.report] == [tokens, tokens]  # the padding rule still holds
     assert capped.what == f"GPTAQ fit on {len(capped.report)} ops over 12 of the 40 calibration samples"
     assert "calibration samples" not in uncapped.what and "calibration samples" not in fit(every, 40).what
+
+
+def test_the_cli_flag_reaches_the_fit_and_the_run_records_it(tmp_path, capsys):
+    import mlflow
+
+    from flows.cli import main
+
+    model, data = tmp_path / "enc.onnx", tmp_path / "calib.npz"
+    onnx.save(encoder(), model)
+    np.savez(data, **padded_data(0.0, samples=40))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["--input_model", str(model), "--output_model", str(tmp_path / "m.onnx"), "--quantize",
+                 "--data_preprocess", str(data), "--weight_fit_samples", "10", "--mlflow_tracking_uri", uri])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "weights: GPTAQ fit on 2 ops over 10 of the 40 calibration samples; rows of padding tokens" in out
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("fp8-convert").experiment_id])[0]
+    assert run.data.params["weight_fit_samples"] == "10"
+    assert main(["--input_model", str(model), "--quantize", "--data_preprocess", str(data),
+                 "--weight_fit_samples", "0", "--mlflow_tracking_uri", uri]) != 0
+    err = capsys.readouterr()
+    assert "--weight_fit_samples" in err.err + err.out and "Traceback" not in err.err + err.out
