@@ -773,11 +773,13 @@ def adjust_weights(model: Model, plans: list[OpPlan], source, config: AdjustConf
                 by_op.setdefault(row["op"], {"op": row["op"]}).update(row)
             report = list(by_op.values())
     left = [row["op"] for row in report if "fit" in row]
-    what = ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
-                                     ("bias correction", config.bias_correction)) if on)
-    what = f"{what} on {len(report) - len(left)} ops" + (
-        f" over {fit_source.num_samples} of the {source.num_samples} calibration samples" if fit_source is not source
-        else "") + (f" ({len(left)} with more than {config.max_features} inputs left at nearest)" if left else "")
+    techniques = ", ".join(f for f, on in (("GPTQ", gptq), ("GPTAQ fit", config.weight_rounding == "gptaq"),
+                                           ("bias correction", config.bias_correction)) if on)
+    what = f"{techniques} on {len(report) - len(left)} ops"
+    if fit_source is not source:
+        what += f" over {fit_source.num_samples} of the {source.num_samples} calibration samples"
+    if left:
+        what += f" ({len(left)} with more than {config.max_features} inputs left at nearest)"
     log.info("weight adjustments: %s", what)
     metrics = {f"{key}/{row['op']}": row[key] for row in report for key in ADJUST_METRICS if key in row}
     artifact = Artifact.json({"weight_rounding": config.weight_rounding, "bias_correction": config.bias_correction,

@@ -175,7 +175,8 @@ class EvenlySpaced(CalibrationSource):
         start = 0
         for chunk in self.source.iter_batches(batch_size, names):
             rows = len(chunk[names[0]])
-            keep = self.indices[(self.indices >= start) & (self.indices < start + rows)] - start
+            first, end = np.searchsorted(self.indices, [start, start + rows])  # the indices are sorted
+            keep = self.indices[first:end] - start
             start += rows
             if len(keep):
                 yield {name: chunk[name][keep] for name in names}
